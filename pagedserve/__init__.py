@@ -1,0 +1,1 @@
+"""pagedserve: distributed LLM serving on PagedAttention."""

@@ -1,0 +1,40 @@
+"""Domain errors shared by every service. Domain code raises these; each gRPC servicer maps them to
+status codes in exactly one place (``pagedserve.grpc_util.abort_for``). Nothing here imports grpc."""
+
+from __future__ import annotations
+
+
+class PagedServeError(Exception):
+    """Base class. ``code`` names the gRPC status the edge reports."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(PagedServeError):
+    """A request field is out of range. ``field`` names it, e.g. ``params.top_p``."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ResourceExhausted(PagedServeError):
+    """Overload: the queue is full, or a request can never fit in the KV pool."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PagedServeError):
+    """No healthy worker (or scheduler) can take the request right now."""
+
+    code = "UNAVAILABLE"
+
+
+class NotFound(PagedServeError):
+    code = "NOT_FOUND"
+
+
+class DeadlineExceeded(PagedServeError):
+    code = "DEADLINE_EXCEEDED"

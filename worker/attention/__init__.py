@@ -1,0 +1,1 @@
+"""One attention interface, two backends: a torch reference (CPU, and the test oracle) and Triton."""
