@@ -1,0 +1,178 @@
+"""Sampling parameters: defaults and validation, in one place for every entry point.
+
+``resolve_sampling_params`` turns what a client sent into what the scheduler and workers run: a copy
+with every optional field set (except ``seed`` and ``logprobs``, whose absence means "random" and
+"no logprobs") and every range checked. Invariant: resolving an already resolved message returns an
+equal message, so downstream services may re-check without changing anything. Nothing here imports
+grpc; failures raise ``InvalidArgument`` naming the field (``params.top_p``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pagedserve.errors import InvalidArgument
+from protos.pagedserve.v1 import common_pb2
+
+DEFAULT_MAX_TOKENS = 256
+MAX_LOGPROBS = 20
+MAX_N = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+PENALTY_RANGE = (-2.0, 2.0)
+
+_FLOAT_DEFAULTS = {"top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "length_penalty": 1.0}
+
+
+def make_sampling_params(**kwargs: Any) -> common_pb2.SamplingParams:
+    """Builds a ``SamplingParams`` from keyword arguments named as the proto fields.
+
+    ``stop`` may be one string. Unknown names raise ``TypeError``; ranges are checked later by
+    ``resolve_sampling_params``."""
+    fields = common_pb2.SamplingParams.DESCRIPTOR.fields_by_name
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+    if isinstance(kwargs.get("stop"), str):
+        kwargs["stop"] = [kwargs["stop"]]
+    return common_pb2.SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def resolve_sampling_params(
+    params: common_pb2.SamplingParams,
+    *,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    max_tokens_limit: int,
+    vocab_size: int | None = None,
+) -> common_pb2.SamplingParams:
+    """Returns a validated copy of ``params`` with defaults filled in; ``params`` is not changed.
+
+    ``max_tokens`` defaults to ``DEFAULT_MAX_TOKENS`` clipped to what the context and the limit
+    leave after the prompt. Raises ``InvalidArgument`` naming the first bad field."""
+    out = common_pb2.SamplingParams()
+    out.CopyFrom(params)
+    _check_finite(out)
+    _resolve_length(out, num_prompt_tokens, max_model_len, max_tokens_limit)
+    _resolve_sampling(out)
+    _resolve_penalties(out)
+    _resolve_counts(out)
+    _resolve_stops(out, vocab_size)
+    if out.beam_width > 1:
+        _check_beam_search(out)
+    out.skip_special_tokens = True  # proto3 bool cannot say "unset"; the router's default wins
+    return out
+
+
+# --- internal helpers, one concern each -----------------------------------------------------------
+
+
+def _fail(name: str, message: str) -> InvalidArgument:
+    return InvalidArgument(f"params.{name}", message)
+
+
+def _check_finite(p: common_pb2.SamplingParams) -> None:
+    for name in ("temperature", *_FLOAT_DEFAULTS):
+        if p.HasField(name) and not math.isfinite(getattr(p, name)):
+            raise _fail(name, "must be a finite number")
+
+
+def _resolve_length(
+    p: common_pb2.SamplingParams, num_prompt_tokens: int, max_model_len: int, max_tokens_limit: int
+) -> None:
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise InvalidArgument(
+            "prompt", f"{num_prompt_tokens} prompt tokens leave no room in the "
+            f"{max_model_len}-token context; shorten the prompt"
+        )
+    if not p.HasField("max_tokens"):
+        p.max_tokens = min(DEFAULT_MAX_TOKENS, room, max_tokens_limit)
+    if p.max_tokens < 1:
+        raise _fail("max_tokens", f"must be at least 1, got {p.max_tokens}")
+    if p.max_tokens > max_tokens_limit:
+        raise _fail("max_tokens", f"must be at most {max_tokens_limit}, got {p.max_tokens}")
+    if p.max_tokens > room:
+        raise _fail("max_tokens", f"{num_prompt_tokens} prompt tokens + {p.max_tokens} exceed "
+                    f"the {max_model_len}-token context; ask for at most {room}")
+    if not p.HasField("min_tokens"):
+        p.min_tokens = 0
+    if not 0 <= p.min_tokens <= p.max_tokens:
+        raise _fail("min_tokens", f"must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}")
+
+
+def _resolve_sampling(p: common_pb2.SamplingParams) -> None:
+    if not p.HasField("temperature"):
+        p.temperature = 0.0 if p.beam_width > 1 else 1.0
+    if p.temperature < 0:
+        raise _fail("temperature", f"must be >= 0 (0 = greedy), got {p.temperature}")
+    for name, value in _FLOAT_DEFAULTS.items():
+        if not p.HasField(name):
+            setattr(p, name, value)
+    if not 0 < p.top_p <= 1:
+        raise _fail("top_p", f"must be in (0, 1], got {p.top_p}")
+    if not p.HasField("top_k") or p.top_k == 0:
+        p.top_k = -1  # 0 and -1 both mean "disabled"; downstream sees one spelling
+    if p.top_k < -1:
+        raise _fail("top_k", f"must be -1 (disabled) or >= 1, got {p.top_k}")
+    if not 0 <= p.min_p <= 1:
+        raise _fail("min_p", f"must be in [0, 1], got {p.min_p}")
+
+
+def _resolve_penalties(p: common_pb2.SamplingParams) -> None:
+    if p.repetition_penalty <= 0:
+        raise _fail("repetition_penalty", f"must be > 0 (1 = off), got {p.repetition_penalty}")
+    low, high = PENALTY_RANGE
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not low <= getattr(p, name) <= high:
+            raise _fail(name, f"must be in [{low:g}, {high:g}], got {getattr(p, name)}")
+
+
+def _resolve_counts(p: common_pb2.SamplingParams) -> None:
+    if p.HasField("logprobs") and not 0 <= p.logprobs <= MAX_LOGPROBS:
+        raise _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
+    if not p.HasField("n"):
+        p.n = 1
+    if not 1 <= p.n <= MAX_N:
+        raise _fail("n", f"must be in [1, {MAX_N}], got {p.n}")
+    if not p.HasField("beam_width"):
+        p.beam_width = 1
+    if p.beam_width < 1:
+        raise _fail("beam_width", f"must be >= 1 (1 = no beam search), got {p.beam_width}")
+    if p.beam_width > 1 and p.n > p.beam_width:
+        raise _fail("n", f"must be <= beam_width={p.beam_width}, got {p.n}")
+    if not p.HasField("best_of"):
+        p.best_of = p.beam_width if p.beam_width > 1 else p.n
+    if p.best_of < p.n:
+        raise _fail("best_of", f"must be >= n={p.n}, got {p.best_of}")
+    if p.best_of > MAX_N:
+        raise _fail("best_of", f"must be at most {MAX_N}, got {p.best_of}")
+    if p.beam_width == 1 and p.temperature == 0 and p.best_of > 1:
+        name = "n" if p.n > 1 else "best_of"
+        raise _fail(name, "greedy sampling (temperature 0) gives one answer; set temperature > 0")
+
+
+def _resolve_stops(p: common_pb2.SamplingParams, vocab_size: int | None) -> None:
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise _fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+    for i, stop in enumerate(p.stop):
+        if not stop or len(stop) > MAX_STOP_STRING_CHARS:
+            raise _fail(f"stop[{i}]", f"must be 1 to {MAX_STOP_STRING_CHARS} characters")
+    for i, token_id in enumerate(p.stop_token_ids):
+        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            raise _fail(f"stop_token_ids[{i}]", f"{token_id} is not a token id of this model")
+
+
+def _check_beam_search(p: common_pb2.SamplingParams) -> None:
+    """Beam search is deterministic: it ranks beams by cumulative logprob and samples nothing."""
+    conflicts = (("temperature", p.temperature != 0, "must be 0 or unset with beam search"),
+                 ("top_p", p.top_p != 1, "must be 1 or unset with beam search"),
+                 ("top_k", p.top_k != -1, "must be -1 or unset with beam search"),
+                 ("min_p", p.min_p != 0, "must be 0 or unset with beam search"),
+                 ("n", p.n > p.beam_width, f"must be <= beam_width={p.beam_width}"),
+                 ("best_of", p.best_of != p.beam_width, "must equal beam_width or be unset"))
+    for name, bad, message in conflicts:
+        if bad:
+            raise _fail(name, message)

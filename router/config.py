@@ -1,0 +1,82 @@
+"""Router configuration: one frozen dataclass, built once from CLI > environment > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "PAGEDSERVE_ROUTER_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the router listens. ``port`` 0 picks a free port (tests)."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    grace_s: float = 5.0
+    metrics_port: int = 0  # 0 = no Prometheus endpoint
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("port and metrics_port must be in [0, 65535]")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``model`` is the tokenizer source (HF directory or .gguf; None = the packaged SmolLM2).
+    ``request_timeout_s`` caps a request with no client deadline (0 = no cap)."""
+
+    model: str | None = None
+    scheduler_address: str = "127.0.0.1:50052"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    max_tokens_limit: int = 4096
+    request_timeout_s: float = 600.0
+    startup_timeout_s: float = 60.0
+    served_model_name: str | None = None  # default: the scheduler's model name
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_limit < 1:
+            raise ValueError("max_tokens_limit must be >= 1")
+        if self.request_timeout_s < 0 or self.startup_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be >= 0 and startup_timeout_s > 0")
+        if not self.scheduler_address:
+            raise ValueError("scheduler_address must be set (host:port)")
+
+
+def _env(name: str, default: str | None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the router's flags; each falls back to ``PAGEDSERVE_ROUTER_<NAME>``, then the default."""
+    d, s = RouterConfig(), ServerConfig()
+    group = parser.add_argument_group("router")
+    group.add_argument("--model", default=_env("MODEL", d.model),
+                       help="tokenizer source: HF directory or .gguf (default: packaged SmolLM2)")
+    group.add_argument("--scheduler-address", default=_env("SCHEDULER_ADDRESS", d.scheduler_address))
+    group.add_argument("--host", default=_env("HOST", s.host))
+    group.add_argument("--port", type=int, default=int(_env("PORT", str(s.port)) or s.port))
+    group.add_argument("--metrics-port", type=int,
+                       default=int(_env("METRICS_PORT", str(s.metrics_port)) or 0))
+    group.add_argument("--grace-s", type=float, default=float(_env("GRACE_S", str(s.grace_s)) or 0))
+    group.add_argument("--max-tokens-limit", type=int,
+                       default=int(_env("MAX_TOKENS_LIMIT", str(d.max_tokens_limit)) or 1))
+    group.add_argument("--request-timeout-s", type=float,
+                       default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)) or 0))
+    group.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
+
+
+def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        model=args.model,
+        scheduler_address=args.scheduler_address,
+        server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace_s,
+                            metrics_port=args.metrics_port),
+        max_tokens_limit=args.max_tokens_limit,
+        request_timeout_s=args.request_timeout_s,
+        served_model_name=args.served_model_name,
+    )

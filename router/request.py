@@ -1,0 +1,118 @@
+"""Checks a ``GenerateRequest`` and turns it into what the scheduler runs: prompt ids + resolved params.
+
+Everything a client can get wrong is found here, before the scheduler sees the request, and raised
+as ``InvalidArgument`` naming the field (``prompt.text``, ``params.top_p``, ``model``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from pagedserve.errors import InvalidArgument
+from pagedserve.sampling import resolve_sampling_params
+from protos.pagedserve.v1 import common_pb2, generation_pb2
+from router.tokenizer import Tokenizer
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the scheduler serves, learned once at start (``Scheduler.GetModelInfo``).
+
+    ``max_num_tokens_per_request`` is what the smallest worker's KV pool can ever hold (0 = no
+    limit reported); a request beyond it could never run, so it is refused like a too-long one."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    max_num_tokens_per_request: int = 0
+
+    @property
+    def context_len(self) -> int:
+        limits = [self.max_model_len, self.max_num_tokens_per_request]
+        return min(n for n in limits if n > 0)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: common_pb2.SamplingParams
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def prepare_request(
+    request: generation_pb2.GenerateRequest,
+    tokenizer: Tokenizer,
+    model: ServedModel,
+    *,
+    max_tokens_limit: int,
+) -> PreparedRequest:
+    """Validates ``request``; returns its request id (made if empty), prompt ids and params."""
+    _check_model(request.model, model)
+    request_id = _request_id(request.request_id)
+    prompt_ids = prompt_token_ids(request, tokenizer, model.vocab_size)
+    params = resolve_sampling_params(
+        request.params, num_prompt_tokens=len(prompt_ids), max_model_len=model.context_len,
+        max_tokens_limit=max_tokens_limit, vocab_size=model.vocab_size,
+    )
+    return PreparedRequest(request_id, prompt_ids, params)
+
+
+def prompt_token_ids(
+    request: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+) -> list[int]:
+    """The prompt's ids: ``text`` is tokenized as is, ``chat`` through the chat template,
+    ``token_ids`` are checked against the vocabulary."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidArgument("prompt", "set one of prompt.text, prompt.chat, prompt.token_ids")
+    if kind == "text":
+        if not request.text:
+            raise InvalidArgument("prompt.text", "must not be empty")
+        return tokenizer.encode(request.text, add_special_tokens=True)
+    if kind == "chat":
+        return tokenizer.encode_chat(_chat_messages(request.chat, tokenizer))
+    return _checked_token_ids(list(request.token_ids.ids), vocab_size)
+
+
+def _check_model(requested: str, model: ServedModel) -> None:
+    if requested and requested != model.name:
+        raise InvalidArgument("model", f"{requested!r} is not served here; this router serves "
+                              f"{model.name!r}")
+
+
+def _request_id(requested: str) -> str:
+    if len(requested) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+    return requested or uuid.uuid4().hex
+
+
+def _chat_messages(chat: generation_pb2.ChatMessages, tokenizer: Tokenizer) -> list[dict[str, str]]:
+    if not tokenizer.has_chat_template:
+        raise InvalidArgument("prompt.chat", "the model has no chat template; send prompt.text")
+    if not chat.messages:
+        raise InvalidArgument("prompt.chat.messages", "must not be empty")
+    for i, message in enumerate(chat.messages):
+        if not message.role:
+            raise InvalidArgument(f"prompt.chat.messages[{i}].role", "must not be empty")
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+def _checked_token_ids(token_ids: list[int], vocab_size: int) -> list[int]:
+    if not token_ids:
+        raise InvalidArgument("prompt.token_ids", "must not be empty")
+    for i, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidArgument(f"prompt.token_ids[{i}]",
+                                  f"{token_id} is not in [0, vocab_size={vocab_size})")
+    return token_ids

@@ -1,0 +1,95 @@
+"""Builds and runs the router's gRPC server: Generation, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health
+
+from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.models import resolve_model_path
+from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
+from router.config import RouterConfig
+from router.metrics import start_router_metrics
+from router.request import ServedModel
+from router.scheduler_client import SchedulerClient
+from router.servicer import GenerationServicer
+from router.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+@dataclass
+class RouterServer:
+    """A started router: the grpc server plus what ``stop`` must release."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    scheduler: SchedulerClient
+    grace_s: float
+
+    async def stop(self) -> None:
+        """Health goes NOT_SERVING first so load balancers drain, then in-flight calls get
+        ``grace_s`` to finish before they are cancelled."""
+        await set_serving(self.health, [SERVICE_NAME], False)
+        await self.server.stop(self.grace_s)
+        await self.scheduler.close()
+
+
+def served_model(info: scheduler_pb2.SchedulerModelInfo, name: str | None) -> ServedModel:
+    return ServedModel(
+        name=name or info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+        block_size=info.block_size, eos_token_ids=tuple(info.eos_token_ids),
+        max_num_tokens_per_request=info.max_num_tokens_per_request,
+    )
+
+
+async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) -> RouterServer:
+    """Loads the tokenizer (unless given), asks the scheduler what it serves, starts serving."""
+    if tokenizer is None:
+        tokenizer = await asyncio.to_thread(load_tokenizer, resolve_model_path(cfg.model))
+    scheduler = SchedulerClient(cfg.scheduler_address)
+    info = await scheduler.model_info(cfg.startup_timeout_s)
+    model = served_model(info, cfg.served_model_name)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        GenerationServicer(tokenizer, scheduler, model, max_tokens_limit=cfg.max_tokens_limit,
+                           request_timeout_s=cfg.request_timeout_s),
+        server,
+    )
+    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
+    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    await server.start()
+    await set_serving(health_servicer, [SERVICE_NAME], True)
+    logger.info("router serving %s on port %d (scheduler %s, context %d)",
+                model.name, port, cfg.scheduler_address, model.context_len)
+    return RouterServer(server, port, health_servicer, scheduler, cfg.server.grace_s)
+
+
+async def build_server(
+    cfg: RouterConfig, tokenizer: Tokenizer | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """``(server, port)``, started; bind port 0 in tests. Use ``start_router`` to also get
+    graceful ``stop``."""
+    router = await start_router(cfg, tokenizer)
+    return router.server, router.port
+
+
+async def serve(cfg: RouterConfig) -> None:
+    """Runs until SIGTERM/SIGINT, then stops gracefully."""
+    start_router_metrics(cfg.server.metrics_port, cfg.server.host)
+    router = await start_router(cfg)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logger.info("router stopping (grace %.1fs)", cfg.server.grace_s)
+    await router.stop()

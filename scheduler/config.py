@@ -1,0 +1,92 @@
+"""Scheduler configuration: one frozen dataclass built from small sub-configs (CLI > env > defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    max_num_seqs: int = 256  # running sequences per worker
+    max_waiting_requests: int = 1024  # beyond this, Submit is refused with RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("--max-num-batched-tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("--max-num-seqs must be >= 1")
+        if self.max_waiting_requests < 1:
+            raise ValueError("--max-waiting-requests must be >= 1")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # recompute | swap
+    watermark: float = 0.01  # fraction of blocks kept free at admission, against thrashing
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError("--preemption-mode must be 'recompute' or 'swap'")
+        if not 0.0 <= self.watermark < 0.5:
+            raise ValueError("--watermark must be in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    worker_addresses: tuple[str, ...] = ()
+    kvstore_url: str = "memory://"
+    log_interval_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not (self.kvstore_url.startswith("memory://") or self.kvstore_url.startswith("redis://")):
+            raise ValueError("--kvstore must be memory:// or redis://HOST:PORT/DB")
+
+
+def add_scheduler_arguments(parser: argparse.ArgumentParser, with_server: bool = True) -> None:
+    env = os.environ.get
+    g = parser.add_argument_group("scheduler")
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=int(env("PAGEDSERVE_MAX_NUM_BATCHED_TOKENS", "2048")))
+    g.add_argument("--max-num-seqs", type=int, default=int(env("PAGEDSERVE_MAX_NUM_SEQS", "256")))
+    g.add_argument("--max-waiting-requests", type=int,
+                   default=int(env("PAGEDSERVE_MAX_WAITING_REQUESTS", "1024")))
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   default=env("PAGEDSERVE_NO_PREFIX_CACHING", "") == "1")
+    g.add_argument("--preemption-mode", choices=["recompute", "swap"],
+                   default=env("PAGEDSERVE_PREEMPTION_MODE", "recompute"))
+    g.add_argument("--watermark", type=float, default=float(env("PAGEDSERVE_WATERMARK", "0.01")))
+    g.add_argument("--kvstore", default=env("PAGEDSERVE_KVSTORE", "memory://"),
+                   help="prefix index: memory:// (embedded) or redis://HOST:PORT/DB")
+    if with_server:
+        g.add_argument("--worker", action="append", default=[], dest="workers",
+                       help="worker address HOST:PORT (repeat for several)")
+        g.add_argument("--host", default=env("PAGEDSERVE_HOST", "127.0.0.1"))
+        g.add_argument("--port", type=int, default=int(env("PAGEDSERVE_SCHEDULER_PORT", "50052")))
+        g.add_argument("--metrics-port", type=int, default=None)
+
+
+def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(
+        batching=BatchingConfig(args.max_num_batched_tokens, args.max_num_seqs,
+                                args.max_waiting_requests),
+        cache=CacheConfig(not args.no_prefix_caching, args.preemption_mode, args.watermark),
+        server=ServerConfig(getattr(args, "host", "127.0.0.1"), getattr(args, "port", 0),
+                            getattr(args, "metrics_port", None)),
+        worker_addresses=tuple(getattr(args, "workers", ()) or ()),
+        kvstore_url=args.kvstore,
+    )

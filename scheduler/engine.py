@@ -1,0 +1,383 @@
+"""The scheduler's engine: requests in, token streams out, one step loop per worker.
+
+Everything here runs on one asyncio event loop, so scheduler state needs no locks; only the
+worker's computation leaves the loop (a thread for in-process workers, an RPC for remote ones).
+Per worker, the loop is: schedule -> build the delta -> ``handle.step`` -> process sampled tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass, field
+
+from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
+from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.placement import choose_worker
+from scheduler.policy import StepPlan, WorkerScheduler
+from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
+from scheduler.step_builder import build_step_request
+from scheduler.stop import check_stop
+from scheduler.worker_handle import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class RequestStream:
+    """The outputs of one request, in order; ends after every sequence has finished."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def put(self, response: scheduler_pb2.SubmitResponse) -> None:
+        self._queue.put_nowait(response)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self._queue.put_nowait(error if error is not None else _END)
+
+    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclass
+class WorkerState:
+    """One worker as the scheduler sees it: its handle, its metadata pools and its queues."""
+
+    handle: WorkerHandle
+    info: worker_pb2.WorkerInfo
+    sched: WorkerScheduler
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    healthy: bool = True
+    task: asyncio.Task | None = None
+    num_steps: int = 0
+
+    @property
+    def kv(self) -> KVCacheManager:
+        return self.sched.kv
+
+
+@dataclass
+class _Request:
+    group: SequenceGroup
+    stream: RequestStream
+    worker: WorkerState
+
+
+class Engine:
+    def __init__(self, config: SchedulerConfig, handles: Seq[WorkerHandle]) -> None:
+        if not handles:
+            raise ValueError("the scheduler needs at least one worker")
+        self.config = config
+        self.handles = list(handles)
+        self.workers: list[WorkerState] = []
+        self.requests: dict[str, _Request] = {}
+        self.seqs: dict[int, tuple[Sequence, _Request]] = {}
+        self._seq_ids = itertools.count(1)
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count(1)
+        self.model_info = scheduler_pb2.SchedulerModelInfo()
+        self.num_finished_requests = 0
+        self.num_generated_tokens = 0
+        self.listeners: list = []  # callables(event: str, **fields) for metrics
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        infos = await asyncio.gather(*(h.info() for h in self.handles))
+        for handle, info in zip(self.handles, infos):
+            await handle.reset()
+            self.workers.append(self._new_worker_state(handle, info))
+        first = infos[0]
+        for info in infos[1:]:
+            if info.model != first.model or info.block_size != first.block_size:
+                raise ValueError(f"worker {info.worker_id} serves a different model or block size")
+        self.model_info = scheduler_pb2.SchedulerModelInfo(
+            model=first.model,
+            max_model_len=first.max_model_len,
+            vocab_size=first.vocab_size,
+            block_size=first.block_size,
+            max_num_tokens_per_request=max(i.num_gpu_blocks for i in infos) * first.block_size,
+            eos_token_ids=first.eos_token_ids,
+        )
+        for ws in self.workers:
+            ws.task = asyncio.create_task(self._worker_loop(ws), name=f"step-loop-{ws.handle.name}")
+
+    async def stop(self) -> None:
+        for ws in self.workers:
+            if ws.task is not None:
+                ws.task.cancel()
+        await asyncio.gather(*(ws.task for ws in self.workers if ws.task), return_exceptions=True)
+        for req in list(self.requests.values()):
+            self._finish_request(req, error=Unavailable("scheduler shutting down"))
+        for handle in self.handles:
+            await handle.close()
+
+    def _new_worker_state(self, handle: WorkerHandle, info: worker_pb2.WorkerInfo) -> WorkerState:
+        kv = KVCacheManager(
+            num_gpu_blocks=info.num_gpu_blocks,
+            num_cpu_blocks=info.num_cpu_blocks,
+            block_size=info.block_size,
+            enable_caching=self.config.cache.enable_prefix_caching,
+            watermark=self.config.cache.watermark,
+            hash_extra=info.model.encode(),
+        )
+        sched = WorkerScheduler(kv, self.config.batching, self.config.cache, self._seq_ids)
+        return WorkerState(handle=handle, info=info, sched=sched)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: common_pb2.SamplingParams,
+        generated_token_ids: Seq[int] = (),
+    ) -> RequestStream:
+        """Queues a request (or a continuation of one) and returns its output stream.
+        ``params`` must be resolved (``pagedserve.sampling.resolve_sampling_params``)."""
+        self._validate(request_id, prompt_token_ids, params, generated_token_ids)
+        group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
+        ws = self._place(group)
+        stream = RequestStream(request_id)
+        req = _Request(group, stream, ws)
+        self.requests[request_id] = req
+        for seq in group.seqs:
+            self.seqs[seq.seq_id] = (seq, req)
+        ws.sched.add(group)
+        ws.wakeup.set()
+        logger.debug("request %s: %d prompt tokens on %s", request_id, len(prompt_token_ids),
+                     ws.handle.name)
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Frees every block of the request; its stream ends. ``False`` if it was not running."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.group.seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED_ABORTED
+        self._finish_request(req)
+        logger.debug("request %s aborted", request_id)
+        return True
+
+    def _validate(self, request_id: str, prompt: Seq[int], params: common_pb2.SamplingParams,
+                  generated: Seq[int]) -> None:
+        info = self.model_info
+        if not request_id:
+            raise InvalidArgument("request_id", "must not be empty")
+        if request_id in self.requests:
+            raise InvalidArgument("request_id", f"{request_id!r} is already running")
+        if not prompt:
+            raise InvalidArgument("prompt_token_ids", "must not be empty")
+        if any(t < 0 or t >= info.vocab_size for t in prompt):
+            raise InvalidArgument("prompt_token_ids", f"ids must be in [0, {info.vocab_size})")
+        if params.max_tokens < 1:
+            raise InvalidArgument("params.max_tokens", "must be >= 1")
+        total = len(prompt) + params.max_tokens
+        if total > info.max_model_len:
+            raise InvalidArgument("params.max_tokens",
+                                  f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                                  f"exceeds the model's context of {info.max_model_len}")
+        samples = max(params.n, params.best_of, params.beam_width, 1)
+        bs = info.block_size
+        needed = -(-len(prompt) // bs) + samples * (-(-(len(generated) + params.max_tokens) // bs) + 1)
+        capacity = info.max_num_tokens_per_request // bs
+        if -(-len(prompt) // bs) > capacity or needed > capacity:
+            raise ResourceExhausted(
+                f"request needs up to {needed} KV blocks but the largest worker pool holds "
+                f"{capacity}: shorten the prompt, lower max_tokens or n, or add KV memory")
+        waiting = sum(len(ws.sched.waiting) for ws in self.workers)
+        if waiting >= self.config.batching.max_waiting_requests:
+            raise ResourceExhausted(f"{waiting} requests already waiting; retry later")
+
+    def _new_group(self, request_id: str, prompt: Seq[int], params: common_pb2.SamplingParams,
+                   generated: Seq[int]) -> SequenceGroup:
+        seq = Sequence(
+            seq_id=next(self._seq_ids), index=0, token_ids=[*prompt, *generated],
+            num_prompt_tokens=len(prompt), num_streamed_tokens=len(generated),
+        )
+        samples = max(params.n, params.best_of, 1)
+        group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
+                              num_samples=samples, forked=samples == 1)
+        return group
+
+    def _place(self, group: SequenceGroup) -> WorkerState:
+        healthy = [ws for ws in self.workers if ws.healthy]
+        if not healthy:
+            raise Unavailable("no healthy worker")
+        ws, reason = choose_worker(healthy, group.seqs[0].token_ids)
+        for listener in self.listeners:
+            listener("placement", reason=reason, worker=ws.handle.name)
+        group.worker_id = ws.handle.name
+        return ws
+
+    # ---- the step loop -----------------------------------------------------------------------
+    async def _worker_loop(self, ws: WorkerState) -> None:
+        while True:
+            if not ws.sched.has_work or not ws.healthy:
+                ws.wakeup.clear()
+                await ws.wakeup.wait()
+                continue
+            try:
+                await self._step(ws)
+            except PagedServeError as exc:
+                logger.error("worker %s failed: %s", ws.handle.name, exc)
+                await self._fail_worker(ws)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not silently stall every request on this worker
+                logger.exception("step on worker %s failed", ws.handle.name)
+                await self._fail_worker(ws)
+
+    async def _step(self, ws: WorkerState) -> None:
+        started = time.perf_counter()
+        plan = ws.sched.schedule()
+        dropped, ws.sched.dropped_seq_ids = ws.sched.dropped_seq_ids, []
+        if plan.is_empty and not dropped:
+            ws.wakeup.clear()
+            await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
+            return
+        for item in plan.scheduled:  # forks made by this plan join the index
+            if item.seq.seq_id not in self.seqs:
+                self.seqs[item.seq.seq_id] = (item.seq, self.requests[item.group.request_id])
+        request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id)
+        response = await ws.handle.step(request)
+        ws.num_steps += 1
+        self._process(ws, plan, response)
+        for listener in self.listeners:
+            listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
+                     num_tokens=plan.num_tokens, preempted=plan.preempted,
+                     forward_seconds=response.forward_seconds)
+
+    def _seq_by_id(self, seq_id: int) -> Sequence | None:
+        entry = self.seqs.get(seq_id)
+        return entry[0] if entry is not None else None
+
+    def _process(self, ws: WorkerState, plan: StepPlan, response: worker_pb2.StepResponse) -> None:
+        outputs: dict[str, list[scheduler_pb2.SeqOutput]] = {}
+        for item in plan.scheduled:
+            if not item.seq.is_finished:
+                ws.kv.cache_full_blocks(item.seq)
+        for sampled in response.sampled:
+            entry = self.seqs.get(sampled.seq_id)
+            if entry is None:  # aborted while the step ran
+                continue
+            seq, req = entry
+            out = self._append_token(seq, req, sampled)
+            outputs.setdefault(req.group.request_id, []).append(out)
+        for request_id, outs in outputs.items():
+            req = self.requests[request_id]
+            req.stream.put(scheduler_pb2.SubmitResponse(outputs=outs))
+            if req.group.is_finished:
+                self._finish_request(req)
+
+    def _append_token(self, seq: Sequence, req: _Request,
+                      sampled: worker_pb2.SampledToken) -> scheduler_pb2.SeqOutput:
+        params = req.group.params
+        seq.token_ids.append(sampled.token_id)
+        seq.cumulative_logprob += sampled.logprob
+        out = scheduler_pb2.SeqOutput(
+            index=seq.index, token_ids=[sampled.token_id], num_cached_tokens=seq.num_cached_tokens,
+            num_prompt_tokens=seq.num_prompt_tokens, cumulative_logprob=seq.cumulative_logprob,
+        )
+        if params.logprobs > 0:
+            out.logprobs.append(common_pb2.TokenLogprobs(
+                token_id=sampled.token_id, logprob=sampled.logprob, top=sampled.top))
+        self.num_generated_tokens += 1
+        status = check_stop(seq, params, self.model_info.eos_token_ids,
+                            self.model_info.max_model_len)
+        if status is not None:
+            seq.status = status
+            out.finish_reason = status.finish_reason
+            req.worker.sched.release(seq)
+        return out
+
+    def _finish_request(self, req: _Request, error: BaseException | None = None) -> None:
+        """The one exit path for a request: finished, aborted, failed. Frees every block."""
+        self.requests.pop(req.group.request_id, None)
+        for seq in req.group.seqs:
+            self.seqs.pop(seq.seq_id, None)
+        req.worker.sched.remove(req.group)
+        req.worker.wakeup.set()  # the worker must hear about dropped sequences
+        if error is None:
+            self.num_finished_requests += 1
+        req.stream.close(error)
+
+    # ---- failures ----------------------------------------------------------------------------
+    async def _fail_worker(self, ws: WorkerState) -> None:
+        """A worker that fails a step loses only KV memory: its requests move elsewhere as
+        continuations (prompt + generated tokens, recomputed); clients see no gap."""
+        ws.healthy = False
+        groups = ws.sched.groups()
+        ws.sched = self._new_worker_state(ws.handle, ws.info).sched
+        for group in groups:
+            req = self.requests.get(group.request_id)
+            if req is None:
+                continue
+            for seq in group.seqs:
+                seq.blocks = []
+                if not seq.is_finished:
+                    seq.reset_for_recompute()
+            healthy = [w for w in self.workers if w.healthy]
+            if not healthy:
+                self._finish_request(req, error=Unavailable("no healthy worker left"))
+                continue
+            target, _ = choose_worker(healthy, group.seqs[0].token_ids)
+            req.worker = target
+            target.sched.add(group)
+            target.wakeup.set()
+        asyncio.get_running_loop().create_task(self._reconnect(ws))
+
+    async def _reconnect(self, ws: WorkerState, interval: float = 2.0) -> None:
+        while not ws.healthy:
+            await asyncio.sleep(interval)
+            try:
+                info = await ws.handle.info()
+                await ws.handle.reset()
+            except PagedServeError:
+                continue
+            fresh = self._new_worker_state(ws.handle, info)
+            ws.info, ws.sched, ws.healthy = info, fresh.sched, True
+            logger.info("worker %s is back with %d blocks", ws.handle.name, info.num_gpu_blocks)
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        stats = scheduler_pb2.SchedulerStats(
+            num_finished_requests=self.num_finished_requests,
+            num_generated_tokens=self.num_generated_tokens,
+        )
+        for ws in self.workers:
+            kv = ws.kv
+            stats.num_running += len(ws.sched.running)
+            stats.num_waiting += len(ws.sched.waiting)
+            stats.num_swapped += len(ws.sched.swapped)
+            stats.num_steps += ws.num_steps
+            stats.num_preemptions += sum(ws.sched.num_preemptions.values())
+            stats.prefix_query_tokens += kv.num_query_tokens
+            stats.prefix_hit_tokens += kv.num_hit_tokens
+            stats.workers.append(scheduler_pb2.WorkerStats(
+                worker_id=ws.handle.name,
+                num_blocks=kv.gpu.num_blocks,
+                num_free_blocks=kv.gpu.num_free_blocks,
+                num_cached_blocks=kv.gpu.num_cached_free_blocks,
+                num_swap_blocks=kv.cpu.num_blocks if kv.has_swap else 0,
+                num_free_swap_blocks=kv.cpu.num_free_blocks if kv.has_swap else 0,
+                healthy=ws.healthy,
+            ))
+        return stats

@@ -1,0 +1,199 @@
+"""KV-cache metadata of one worker: block tables, sharing, copy-on-write, prefix caching, swap.
+
+Owns a GPU ``BlockPool`` and a CPU swap ``BlockPool`` (the worker owns the memory behind them).
+Every write target is made exclusive first: a block referenced by more than one sequence is copied
+(copy-on-write) before a sequence writes into it, and the copy is returned as an op for the worker
+to run in the same step, before the forward pass. So a block with ``ref_cnt > 1`` is never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from scheduler.block_hash import hash_block
+from scheduler.block_pool import Block, BlockPool
+from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclass
+class PrefixHit:
+    blocks: list[Block] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+@dataclass
+class CacheEvents:
+    """Prefix-index changes since the last drain, written behind to the kvstore in batches."""
+
+    stored: list[tuple[bytes, int, tuple[int, ...]]] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        num_gpu_blocks: int,
+        num_cpu_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        watermark: float = 0.01,
+        hash_extra: bytes = b"",
+    ) -> None:
+        self.block_size = block_size
+        self.gpu = BlockPool(num_gpu_blocks, enable_caching)
+        self.cpu = BlockPool(max(num_cpu_blocks, 1), enable_caching=False)
+        self.has_swap = num_cpu_blocks > 0
+        self.enable_caching = enable_caching
+        self.watermark_blocks = int(watermark * num_gpu_blocks)
+        self.hash_extra = hash_extra
+        self.events = CacheEvents()
+        self.num_query_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ---- queries -----------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.gpu.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup_prefix(self, token_ids: list[int], max_tokens: int) -> PrefixHit:
+        """Longest run of cached full blocks covering at most ``max_tokens`` of ``token_ids``."""
+        hit = PrefixHit()
+        if not self.enable_caching:
+            return hit
+        parent: bytes | None = None
+        bs = self.block_size
+        for start in range(0, max_tokens - bs + 1, bs):
+            tokens = tuple(token_ids[start : start + bs])
+            parent = hash_block(parent, tokens, self.hash_extra)
+            block = self.gpu.lookup(parent, tokens)
+            if block is None:
+                break
+            hit.blocks.append(block)
+            hit.hashes.append(parent)
+        return hit
+
+    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks ``append_slots`` would allocate: table growth plus copy-on-write copies."""
+        end = seq.num_computed_tokens + num_new_tokens
+        grow = max(0, self.blocks_for(end) - len(seq.blocks))
+        return grow + sum(1 for b in self._written_existing(seq, num_new_tokens) if b.ref_cnt > 1)
+
+    def can_admit(self, num_blocks: int) -> bool:
+        return self.gpu.num_free_blocks - num_blocks >= self.watermark_blocks
+
+    # ---- mutations ---------------------------------------------------------------------------
+    def admit(self, seq: Sequence, hit: PrefixHit) -> None:
+        """Starts ``seq`` on the cached prefix ``hit`` (its blocks gain a reference)."""
+        self.gpu.touch(hit.blocks)
+        seq.blocks = list(hit.blocks)
+        seq.block_hashes = list(hit.hashes)
+        seq.num_computed_tokens = seq.num_cached_tokens = hit.num_blocks * self.block_size
+        self.num_query_tokens += seq.num_tokens
+        self.num_hit_tokens += seq.num_cached_tokens
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Makes room to write tokens ``[num_computed, +num_new_tokens)``: grows the table and
+        copies shared blocks that will be written. Returns the copy ops, or ``None`` (and changes
+        nothing) when the pool is short."""
+        if self.num_new_blocks(seq, num_new_tokens) > self.gpu.num_free_blocks:
+            return None
+        copies: list[tuple[int, int]] = []
+        first = seq.num_computed_tokens // self.block_size
+        last = min(len(seq.blocks), self.blocks_for(seq.num_computed_tokens + num_new_tokens))
+        for i in range(first, last):
+            old = seq.blocks[i]
+            if old.ref_cnt > 1:
+                (new,) = self.gpu.allocate(1) or ()
+                copies.append((old.block_id, new.block_id))
+                self.gpu.free([old])
+                seq.blocks[i] = new
+                seq.replace_table = True
+        grow = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.blocks)
+        if grow > 0:
+            new_blocks = self.gpu.allocate(grow)
+            assert new_blocks is not None
+            seq.blocks.extend(new_blocks)
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares every block of ``parent`` (one more reference each)."""
+        self.gpu.touch(parent.blocks)
+        child.blocks = list(parent.blocks)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Releases the sequence's blocks tail-first (the end of a chain is evicted first)."""
+        pool = self.cpu if seq.status == SequenceStatus.SWAPPED else self.gpu
+        pool.free(list(reversed(seq.blocks)))
+        seq.blocks = []
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publishes every block of ``seq`` that is full and computed under its chain hash."""
+        if not self.enable_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.blocks))
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(parent, tokens, self.hash_extra)
+            seq.block_hashes.append(parent)
+            block = seq.blocks[i]
+            if block.block_hash is None and parent not in self.gpu.cached:
+                self.gpu.cache_block(block, parent, tokens)
+                self.events.stored.append((parent, block.block_id, tokens))
+
+    # ---- swapping ----------------------------------------------------------------------------
+    def can_swap_out(self, group: SequenceGroup) -> bool:
+        return self.has_swap and len(self._distinct_blocks(group)) <= self.cpu.num_free_blocks
+
+    def swap_out(self, group: SequenceGroup) -> list[tuple[int, int]]:
+        """GPU -> CPU for every block of the group's live sequences; shared blocks move once."""
+        return self._move(group, src=self.gpu, dst=self.cpu)
+
+    def can_swap_in(self, group: SequenceGroup) -> bool:
+        needed = len(self._distinct_blocks(group)) + len(group.live_seqs)  # + one to grow each
+        return self.can_admit(needed)
+
+    def swap_in(self, group: SequenceGroup) -> list[tuple[int, int]]:
+        return self._move(group, src=self.cpu, dst=self.gpu)
+
+    def drain_events(self) -> CacheEvents:
+        events, self.events = self.events, CacheEvents()
+        evicted = self.gpu.drain_evicted()
+        events.removed.extend(evicted)
+        return events
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _written_existing(self, seq: Sequence, num_new_tokens: int) -> Iterable[Block]:
+        first = seq.num_computed_tokens // self.block_size
+        last = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return seq.blocks[first : min(last, len(seq.blocks))]
+
+    def _distinct_blocks(self, group: SequenceGroup) -> dict[int, Block]:
+        return {b.block_id: b for s in group.live_seqs for b in s.blocks}
+
+    def _move(self, group: SequenceGroup, src: BlockPool, dst: BlockPool) -> list[tuple[int, int]]:
+        old_blocks = self._distinct_blocks(group)
+        new_blocks = dst.allocate(len(old_blocks))
+        assert new_blocks is not None, "caller checks can_swap_*"
+        mapping = {bid: new for bid, new in zip(old_blocks, new_blocks)}
+        for new in new_blocks:  # references are re-counted below, one per user in the group
+            new.ref_cnt = 0
+        for seq in group.live_seqs:
+            for block in seq.blocks:
+                mapping[block.block_id].ref_cnt += 1
+            src.free(list(reversed(seq.blocks)))
+            seq.blocks = [mapping[b.block_id] for b in seq.blocks]
+            seq.replace_table = True
+        return [(bid, new.block_id) for bid, new in mapping.items()]

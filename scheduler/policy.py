@@ -1,0 +1,262 @@
+"""Continuous (iteration-level) batching for one worker: FCFS admission under a token budget,
+chunked prefill, and all-or-nothing preemption of the latest-arrived group.
+
+Each step, in order:
+1. ``_schedule_running``: every running group gets its next tokens (a prefill chunk or one decode
+   token per live sequence). When blocks run short, the latest-arrived running group is preempted
+   (swapped to CPU or dropped for recompute) until the earlier one fits.
+2. ``_schedule_swapped``: if nothing was preempted this step, swapped groups come back in order.
+3. ``_schedule_waiting``: if nothing is swapped out, waiting groups are admitted FCFS (longest
+   cached prefix reused) while the budget, ``max_num_seqs`` and the watermark allow.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.config import BatchingConfig, CacheConfig
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    group: SequenceGroup
+    seq: Sequence
+    num_new_tokens: int
+    sample: bool
+
+
+@dataclass
+class StepPlan:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[tuple[SequenceGroup, str]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.scheduled or self.copies or self.swap_out or self.swap_in)
+
+
+class WorkerScheduler:
+    """Owns the queues of one worker. ``seq_ids`` is shared by all workers' schedulers."""
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        batching: BatchingConfig,
+        cache: CacheConfig,
+        seq_ids: itertools.count,
+    ) -> None:
+        self.kv = kv
+        self.batching = batching
+        self.cache = cache
+        self.seq_ids = seq_ids
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
+        self.dropped_seq_ids: list[int] = []  # to tell the worker at the next step
+        self.num_preemptions = {"swap": 0, "recompute": 0}
+
+    # ---- queue management --------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped or self.dropped_seq_ids)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def add(self, group: SequenceGroup) -> None:
+        _insert_by_arrival(self.waiting, group)
+
+    def groups(self) -> list[SequenceGroup]:
+        return [*self.running, *self.swapped, *self.waiting]
+
+    def remove(self, group: SequenceGroup) -> None:
+        """Takes ``group`` out of whichever queue holds it and frees all its blocks."""
+        for queue in (self.running, self.swapped, self.waiting):
+            if group in queue:
+                queue.remove(group)
+        for seq in group.seqs:
+            self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Frees a sequence's blocks and tells the worker to forget it."""
+        if seq.blocks:
+            self.kv.free(seq)
+        if seq.on_worker:
+            self.dropped_seq_ids.append(seq.seq_id)
+            seq.on_worker = False
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.batching.max_num_batched_tokens
+        budget = self._schedule_running(plan, budget)
+        if not plan.preempted:
+            budget = self._schedule_swapped(plan, budget)
+        if not self.swapped:
+            self._schedule_waiting(plan, budget)
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        queue = sorted(self.running, key=lambda g: g.arrival_order)
+        self.running = []
+        while queue:
+            group = queue.pop(0)
+            while not self._try_schedule(group, plan, budget):
+                victim = queue.pop() if queue else group
+                self._preempt(victim, plan)
+                if victim is group:
+                    break
+            else:
+                self.running.append(group)
+                budget -= self._tokens_of(plan, group)
+        return budget
+
+    def _schedule_swapped(self, plan: StepPlan, budget: int) -> int:
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            if not self.kv.can_swap_in(group):
+                break
+            self.swapped.popleft()
+            for seq in group.live_seqs:
+                seq.status = SequenceStatus.RUNNING
+            plan.swap_in.extend(self.kv.swap_in(group))
+            # Short of room for its next chunk, it stays resident and runs from the next step.
+            self._try_schedule(group, plan, budget)
+            self.running.append(group)
+            budget -= self._tokens_of(plan, group)
+        return budget
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        num_seqs = sum(len(g.live_seqs) for g in self.running)
+        while self.waiting and budget > 0 and num_seqs < self.batching.max_num_seqs:
+            group = self.waiting[0]
+            if not self._admit(group, budget):
+                break
+            self.waiting.popleft()
+            self._try_schedule(group, plan, budget)  # admission checked the first chunk's room
+            self.running.append(group)
+            budget -= self._tokens_of(plan, group)
+            num_seqs += len(group.live_seqs)
+
+    def _admit(self, group: SequenceGroup, budget: int) -> bool:
+        """Starts every live sequence of ``group`` on its longest cached prefix, if the first
+        chunk of each fits above the watermark. Changes nothing when it returns ``False``."""
+        plans = []
+        needed = 0
+        for seq in group.live_seqs:
+            target = self._prompt_target(group) if seq is group.seqs[0] else seq.num_tokens
+            hit = self.kv.lookup_prefix(seq.token_ids, min(target, seq.num_tokens - 1))
+            cached = hit.num_blocks * self.kv.block_size
+            chunk = min(target - cached, budget)
+            needed += self.kv.blocks_for(cached + chunk) - hit.num_blocks
+            needed += sum(1 for b in hit.blocks if b.ref_cnt == 0)  # touching takes them off free
+            plans.append((seq, hit))
+        if not self.kv.can_admit(needed):
+            return False
+        for seq, hit in plans:
+            self.kv.admit(seq, hit)
+            seq.status = SequenceStatus.RUNNING
+        return True
+
+    # ---- per-group planning ------------------------------------------------------------------
+    def _prompt_target(self, group: SequenceGroup) -> int:
+        """Tokens the first sequence computes alone. Parallel samples stop one short: the last
+        prompt token is computed by each fork, so each samples its own first token."""
+        seq = group.seqs[0]
+        return seq.num_tokens - 1 if (group.num_samples > 1 and not group.forked) else seq.num_tokens
+
+    def _try_schedule(self, group: SequenceGroup, plan: StepPlan, budget: int) -> bool:
+        """Plans the group's work this step; ``False`` (nothing changed) when blocks are short.
+        A group with no budget left is kept running but does no work this step."""
+        if group.num_samples > 1 and not group.forked:
+            seq = group.seqs[0]
+            if seq.num_computed_tokens >= seq.num_tokens - 1:
+                self._fork_samples(group)
+        work = self._group_work(group, budget)
+        if sum(self.kv.num_new_blocks(s, n) for s, n, _ in work) > self.kv.num_free_blocks:
+            return False
+        for seq, num_new, sample in work:
+            copies = self.kv.append_slots(seq, num_new)
+            assert copies is not None
+            plan.copies.extend(copies)
+            plan.scheduled.append(ScheduledSeq(group, seq, num_new, sample))
+        return True
+
+    def _group_work(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int, bool]]:
+        work = []
+        if not group.forked and group.num_samples > 1:
+            seq = group.seqs[0]
+            num_new = min(self._prompt_target(group) - seq.num_computed_tokens, budget)
+            return [(seq, num_new, False)] if num_new > 0 else []
+        for seq in group.live_seqs:
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new <= 0:
+                break
+            sample = seq.num_computed_tokens + num_new == seq.num_tokens
+            work.append((seq, num_new, sample))
+            budget -= num_new
+        return work
+
+    def _fork_samples(self, group: SequenceGroup) -> None:
+        parent = group.seqs[0]
+        for index in range(1, group.num_samples):
+            child = Sequence(
+                seq_id=next(self.seq_ids),
+                index=index,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                status=SequenceStatus.RUNNING,
+                num_streamed_tokens=parent.num_streamed_tokens,
+            )
+            self.kv.fork(parent, child)
+            child.parent_seq_id = parent.seq_id if parent.on_worker else None
+            group.seqs.append(child)
+        group.forked = True
+
+    @staticmethod
+    def _tokens_of(plan: StepPlan, group: SequenceGroup) -> int:
+        return sum(s.num_new_tokens for s in plan.scheduled if s.group is group)
+
+    # ---- preemption --------------------------------------------------------------------------
+    def _preempt(self, group: SequenceGroup, plan: StepPlan) -> None:
+        """All-or-nothing. Multi-sequence groups prefer swap (recompute would lose sharing)."""
+        mode = self.cache.preemption_mode
+        if len(group.live_seqs) > 1 and self.kv.has_swap:
+            mode = "swap"
+        if mode == "swap" and not self.kv.can_swap_out(group):
+            mode = "recompute"
+        if mode == "swap":
+            plan.swap_out.extend(self.kv.swap_out(group))
+            for seq in group.live_seqs:
+                seq.status = SequenceStatus.SWAPPED
+            _insert_by_arrival(self.swapped, group)
+        else:
+            self._drop_for_recompute(group)
+            _insert_by_arrival(self.waiting, group)
+        plan.preempted.append((group, mode))
+        self.num_preemptions[mode] += 1
+
+    def _drop_for_recompute(self, group: SequenceGroup) -> None:
+        """Drops the KV of every sequence; their tokens stay and are recomputed on readmission."""
+        for seq in group.seqs:
+            self.release(seq)
+            if not seq.is_finished:
+                seq.reset_for_recompute()
+
+
+def _insert_by_arrival(queue: deque[SequenceGroup], group: SequenceGroup) -> None:
+    keys = [g.arrival_order for g in queue]
+    queue.insert(bisect.bisect(keys, group.arrival_order), group)

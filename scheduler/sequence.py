@@ -1,0 +1,127 @@
+"""Sequences and sequence groups: a few counters plus a block table; the rest is derived.
+
+A *sequence group* is one request: its prompt and the ``n`` (or ``best_of``, or ``beam_width``)
+sequences generated from it, which share the prompt's blocks. Token positions of a sequence::
+
+    [ prompt (num_prompt_tokens) | output ... ]
+    [ computed (num_computed_tokens) | not yet computed ]     # computed = K/V in the cache
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from protos.pagedserve.v1 import common_pb2
+from scheduler.block_pool import Block
+
+
+class SequenceStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    SWAPPED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> int:
+        return {
+            SequenceStatus.FINISHED_STOPPED: common_pb2.FINISH_REASON_STOP,
+            SequenceStatus.FINISHED_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+            SequenceStatus.FINISHED_ABORTED: common_pb2.FINISH_REASON_ABORT,
+        }.get(self, common_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One token stream. ``blocks`` is its block table (physical blocks, in logical order).
+
+    Worker-sync fields record what the worker already knows, so each step sends only deltas:
+    ``num_tokens_on_worker`` tokens and ``num_blocks_on_worker`` table entries.
+    """
+
+    seq_id: int
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    blocks: list[Block] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    # Worker sync state.
+    on_worker: bool = False
+    parent_seq_id: int | None = None  # set for a fork the worker has not seen yet
+    num_tokens_on_worker: int = 0
+    num_blocks_on_worker: int = 0
+    replace_table: bool = False
+    num_streamed_tokens: int = 0  # output tokens already sent to the client
+    # Prefix-hash chain of this sequence's full blocks (grows as blocks fill).
+    block_hashes: list[bytes] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def reset_for_recompute(self) -> None:
+        """After recompute preemption: the KV is gone, the tokens stay."""
+        self.blocks = []
+        self.num_computed_tokens = 0
+        self.on_worker = False
+        self.parent_seq_id = None
+        self.num_tokens_on_worker = 0
+        self.num_blocks_on_worker = 0
+        self.replace_table = False
+        self.status = SequenceStatus.WAITING
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request. ``seqs`` starts with a single sequence that computes the prompt; parallel
+    samples are forked from it when only the last prompt token is left (they share the prompt's
+    blocks), beam candidates fork as beams branch."""
+
+    request_id: str
+    seqs: list[Sequence]
+    params: common_pb2.SamplingParams
+    arrival_order: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    worker_id: str = ""
+    num_samples: int = 1  # sequences to run: best_of (>= n); 1 for beam search's start
+    forked: bool = False
+    beam: object | None = None  # scheduler.beam_search.BeamState when beam search
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs) and (self.forked or self.num_samples == 1)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seqs[0].num_prompt_tokens

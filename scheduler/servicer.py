@@ -1,0 +1,64 @@
+"""Thin adapter: the Scheduler gRPC service over ``Engine``. Errors map to codes in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pagedserve.errors import PagedServeError
+from pagedserve.grpc_util import abort_for
+from pagedserve.sampling import resolve_sampling_params
+from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Submit(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+        info = self.engine.model_info
+        try:
+            params = resolve_sampling_params(
+                request.params,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                max_model_len=info.max_model_len,
+                max_tokens_limit=info.max_model_len,
+            )
+            stream = self.engine.submit(request.request_id, request.prompt_token_ids, params,
+                                        request.generated_token_ids)
+        except PagedServeError as exc:
+            await abort_for(context, exc)
+            return
+        finished = False
+        try:
+            async for response in stream:
+                yield response
+            finished = True
+        except PagedServeError as exc:
+            await abort_for(context, exc)
+        finally:
+            # Cancel, deadline, error and normal end share this path: every block is freed.
+            if not finished:
+                self.engine.abort(request.request_id)
+
+    async def Abort(
+        self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.AbortResponse:
+        return scheduler_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def GetStats(
+        self, request: scheduler_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SchedulerStats:
+        return self.engine.stats()
+
+    async def GetModelInfo(
+        self, request: scheduler_pb2.SchedulerModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SchedulerModelInfo:
+        return self.engine.model_info

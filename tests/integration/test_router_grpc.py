@@ -1,0 +1,210 @@
+"""A real router (grpc.aio on 127.0.0.1:0) in front of a scripted fake Scheduler gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from pagedserve.client import AsyncClient
+from pagedserve.models import default_model_path
+from protos.pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from router.config import RouterConfig, ServerConfig
+from router.server import start_router
+from router.tokenizer import Tokenizer, load_tokenizer
+
+MAX_MODEL_LEN = 256
+Script = Callable[[scheduler_pb2.SubmitRequest], list[scheduler_pb2.SeqOutput]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_tokenizer(default_model_path())
+
+
+@dataclass
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Streams canned outputs, one SubmitResponse per SeqOutput, ``delay_s`` apart.
+    Records what it was sent and whether each call was cancelled by the router."""
+
+    outputs: list[scheduler_pb2.SeqOutput] = field(default_factory=list)
+    delay_s: float = 0.0
+    error: grpc.StatusCode | None = None
+    requests: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
+    time_remaining: list[float | None] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def Submit(self, request, context):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        self.time_remaining.append(context.time_remaining())
+        if self.error is not None:
+            await context.abort(self.error, "queue full")
+        try:
+            for output in self.outputs:
+                await asyncio.sleep(self.delay_s)
+                yield scheduler_pb2.SubmitResponse(outputs=[output])
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return scheduler_pb2.SchedulerModelInfo(
+            model="smollm2", max_model_len=MAX_MODEL_LEN, vocab_size=49152, block_size=16,
+            eos_token_ids=[2],
+        )
+
+
+@contextlib.asynccontextmanager
+async def cluster(tokenizer: Tokenizer, fake: FakeScheduler) -> AsyncIterator[AsyncClient]:
+    scheduler = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, scheduler)
+    scheduler_port = scheduler.add_insecure_port("127.0.0.1:0")
+    await scheduler.start()
+    cfg = RouterConfig(scheduler_address=f"127.0.0.1:{scheduler_port}",
+                       server=ServerConfig(host="127.0.0.1", port=0, grace_s=0.1),
+                       max_tokens_limit=128, request_timeout_s=30, startup_timeout_s=5)
+    router = await start_router(cfg, tokenizer)
+    try:
+        async with AsyncClient(f"127.0.0.1:{router.port}") as client:
+            yield client
+    finally:
+        await router.stop()
+        await scheduler.stop(0)
+
+
+def token_outputs(ids: list[int], finish: int = common_pb2.FINISH_REASON_UNSPECIFIED,
+                  index: int = 0) -> list[scheduler_pb2.SeqOutput]:
+    outputs = [scheduler_pb2.SeqOutput(index=index, token_ids=[i], num_prompt_tokens=3)
+               for i in ids]
+    if finish:
+        outputs[-1].finish_reason = finish  # type: ignore[assignment]
+        outputs[-1].num_cached_tokens = 2
+    return outputs
+
+
+def test_text_streams_and_final_message_has_usage(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(" Hello, wörld 👋!") + [2]
+
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(ids, common_pb2.FINISH_REASON_STOP))
+        async with cluster(tokenizer, fake) as client:
+            messages = [m async for m in client.generate("Hi there", max_tokens=20,
+                                                         request_id="r1", timeout=10)]
+            assert await client.generate_text("Hi there", max_tokens=20) == " Hello, wörld 👋!"
+        assert "".join(m.text for m in messages) == " Hello, wörld 👋!"
+        assert [i for m in messages for i in m.token_ids] == ids
+        assert all(m.request_id == "r1" for m in messages)
+        last = messages[-1]
+        assert last.finish_reason == common_pb2.FINISH_REASON_STOP
+        assert (last.usage.completion_tokens, last.usage.cached_tokens) == (len(ids), 2)
+        sent = fake.requests[0]
+        assert list(sent.prompt_token_ids) == tokenizer.encode("Hi there")
+        assert sent.params.max_tokens == 20 and sent.params.temperature == 1.0
+        remaining = fake.time_remaining[0]  # deadline passed downstream (grpc rounds it up a little)
+        assert remaining is not None and 0 < remaining <= 10.5
+
+    asyncio.run(main())
+
+
+def test_chat_prompt_goes_through_the_template(tokenizer: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs([2], common_pb2.FINISH_REASON_STOP))
+        async with cluster(tokenizer, fake) as client:
+            await client.generate_text(messages=messages)
+            tokenized = await client.tokenize(messages=messages)
+            info = await client.model_info()
+        assert list(fake.requests[0].prompt_token_ids) == tokenizer.encode_chat(messages)
+        assert list(tokenized.token_ids) == tokenizer.encode_chat(messages)
+        assert tokenized.tokens[0] == "<|im_start|>"
+        assert fake.requests[0].request_id  # the router made one
+        assert (info.model, info.max_model_len, info.has_chat_template) == (
+            "smollm2", MAX_MODEL_LEN, True)
+
+    asyncio.run(main())
+
+
+def test_stop_string_cancels_the_upstream_submit(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("one two three four five six seven eight nine ten" * 5)
+
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(ids), delay_s=0.02)
+        async with cluster(tokenizer, fake) as client:
+            messages = [m async for m in client.generate("count", stop=["three"], timeout=10)]
+            await asyncio.wait_for(fake.cancelled.wait(), 5)
+        assert "".join(m.text for m in messages) == "one two "
+        assert messages[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+    asyncio.run(main())
+
+
+def test_client_cancel_propagates_to_the_scheduler(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(" word" * 100)
+
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(ids), delay_s=0.02)
+        async with cluster(tokenizer, fake) as client:
+            async for message in client.generate("go", max_tokens=120):
+                assert message.text == " word"
+                break  # closing the generator cancels the call
+            await asyncio.wait_for(fake.cancelled.wait(), 5)
+
+    asyncio.run(main())
+
+
+def test_client_deadline_cancels_upstream_and_reports_deadline(tokenizer: Tokenizer) -> None:
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(tokenizer.encode(" x" * 100)), delay_s=0.05)
+        async with cluster(tokenizer, fake) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in client.generate("go", max_tokens=120, timeout=0.5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.wait_for(fake.cancelled.wait(), 5)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("field", "kwargs"), [
+    ("prompt.text", {"prompt": ""}),
+    ("prompt.token_ids[1]", {"token_ids": [5, 49152]}),
+    ("prompt.chat.messages", {"messages": []}),
+    ("model", {"prompt": "x", "model": "gpt-5"}),
+    ("params.temperature", {"prompt": "x", "temperature": -1.0}),
+    ("params.top_p", {"prompt": "x", "top_p": 0.0}),
+    ("params.max_tokens", {"prompt": "x", "max_tokens": 129}),
+    ("params.logprobs", {"prompt": "x", "logprobs": 21}),
+    ("params.stop_token_ids[0]", {"prompt": "x", "stop_token_ids": [60000]}),
+    ("prompt", {"prompt": "word " * 300}),
+])
+def test_bad_input_is_invalid_argument_naming_the_field(
+    tokenizer: Tokenizer, field: str, kwargs: dict[str, object]
+) -> None:
+    async def main() -> None:
+        fake = FakeScheduler()
+        async with cluster(tokenizer, fake) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in client.generate(**kwargs):  # type: ignore[arg-type]
+                    pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith(f"{field}:")
+        assert not fake.requests  # refused before the scheduler saw it
+
+    asyncio.run(main())
+
+
+def test_upstream_resource_exhausted_is_passed_through(tokenizer: Tokenizer) -> None:
+    async def main() -> None:
+        fake = FakeScheduler(error=grpc.StatusCode.RESOURCE_EXHAUSTED)
+        async with cluster(tokenizer, fake) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate_text("x")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in (info.value.details() or "")
+
+    asyncio.run(main())

@@ -1,0 +1,88 @@
+"""A real grpc.aio worker server on 127.0.0.1:0 behaves like the in-process Worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.grpc_util import CHANNEL_OPTIONS
+from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.support.tiny_llama import tiny_llama_dir
+from tests.support.worker_driver import StepDriver
+from tests.support.worker_factory import cpu_worker, cpu_worker_config
+from worker.server import SERVICE_NAME, start_worker_server
+
+PROMPTS = [[5, 9, 14, 200, 31], [77, 3, 4]]
+PARAMS = common_pb2.SamplingParams(temperature=0.8, top_k=20, seed=42, logprobs=3)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _served_session(path) -> tuple[worker_pb2.WorkerInfo, list, str, list]:
+    started = await start_worker_server(cpu_worker_config(path, block_size=4),
+                                        cpu_worker(path, block_size=4))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{started.port}", options=CHANNEL_OPTIONS)
+    try:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        info = await stub.GetInfo(worker_pb2.WorkerInfoRequest(), timeout=10)
+        health = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+        requests, responses = await _drive_over_grpc(stub)
+        bad = await _bad_step_code(stub)
+        await stub.Reset(worker_pb2.ResetRequest(), timeout=10)
+        return info, responses, health_pb2.HealthCheckResponse.ServingStatus.Name(status.status), [
+            requests, bad]
+    finally:
+        await channel.close()
+        await started.stop()
+
+
+async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list]:
+    """Records the step requests an in-thread driver would send, sending them over gRPC."""
+    responses: list[worker_pb2.StepResponse] = []
+    loop = asyncio.get_running_loop()
+
+    async def call(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        return await stub.Step(req, timeout=30)  # the call object must be made on the loop
+
+    def step(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        resp = asyncio.run_coroutine_threadsafe(call(req), loop).result()
+        responses.append(resp)
+        return resp
+
+    driver = StepDriver(step, num_blocks=64, block_size=4, seed=3)
+    await asyncio.to_thread(driver.generate, PROMPTS, 6, PARAMS)
+    return driver.requests, responses
+
+
+async def _bad_step_code(stub: worker_pb2_grpc.WorkerStub) -> grpc.StatusCode:
+    req = worker_pb2.StepRequest(scheduled=[worker_pb2.ScheduledSequence(seq_id=999, num_new_tokens=1)])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Step(req, timeout=10)
+    return err.value.code()
+
+
+def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
+    path = tiny_llama_dir()
+    info, responses, health, (requests, bad_code) = _run(_served_session(path))
+
+    assert health == "SERVING"
+    assert info.worker_id == "test-worker" and info.block_size == 4
+    assert info.num_gpu_blocks == 64 and info.vocab_size == 512
+    assert list(info.eos_token_ids) == [0] and info.attention_backend == "torch"
+    assert info.device == "cpu"
+    assert bad_code == grpc.StatusCode.NOT_FOUND
+
+    local = cpu_worker(path, block_size=4)
+    local_responses = [local.step(req) for req in requests]
+    sampled = [[(t.seq_id, t.token_id) for t in r.sampled] for r in responses]
+    assert sampled == [[(t.seq_id, t.token_id) for t in r.sampled] for r in local_responses]
+    assert sum(len(s) for s in sampled) == 6 * len(PROMPTS)
+    first = responses[0].sampled[0]
+    assert len(first.top) == 3 and first.logprob <= 0.0
+    assert responses[0].forward_seconds > 0.0

@@ -1,0 +1,119 @@
+"""A worker double for scheduler unit tests: no model, but real bookkeeping of KV *content*.
+
+Every cache slot records which content it holds: the hash of the sequence's tokens up to and
+including that position (a token's real K/V depend on exactly that). When a step computes a token
+the double reads every earlier position of the sequence *through its block table* and checks the
+slot holds the right content, so a wrong block table, a missed copy-on-write, a bad swap or a stale
+prefix-cache hit fails loudly. The "model" samples ``hash(all tokens, seed) % vocab``: deterministic,
+so a scheduler run under memory pressure must give exactly the tokens of an unconstrained run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from protos.pagedserve.v1 import worker_pb2
+
+
+def content(tokens: list[int]) -> bytes:
+    return hashlib.blake2b(repr(tokens).encode(), digest_size=8).digest()
+
+
+def next_token(tokens: list[int], seed: int | None, vocab_size: int) -> int:
+    h = hashlib.blake2b(repr((tokens, seed)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % vocab_size
+
+
+class ShadowWorker:
+    def __init__(self, num_gpu_blocks: int = 64, num_cpu_blocks: int = 64, block_size: int = 4,
+                 vocab_size: int = 100, max_model_len: int = 4096, eos: int = 0,
+                 name: str = "shadow") -> None:
+        self.block_size = block_size
+        self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
+        self.vocab_size, self.max_model_len, self.eos, self.name = vocab_size, max_model_len, eos, name
+        self.gpu: dict[int, bytes] = {}
+        self.cpu: dict[int, bytes] = {}
+        self.seqs: dict[int, dict] = {}
+        self.num_steps = 0
+        self.num_computed_tokens = 0
+        self.fail_next_step = False
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id=self.name, model="shadow", num_gpu_blocks=self.num_gpu_blocks,
+            num_cpu_blocks=self.num_cpu_blocks, block_size=self.block_size,
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+            eos_token_ids=[self.eos], device="cpu", attention_backend="shadow")
+
+    def reset(self) -> None:
+        self.seqs.clear()
+
+    def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected worker failure")
+        self.num_steps += 1
+        for seq_id in req.finished_seq_ids:
+            del self.seqs[seq_id]
+        for new in req.new_seqs:
+            assert new.seq_id not in self.seqs, f"seq {new.seq_id} sent twice"
+            tokens = list(self.seqs[new.parent_seq_id]["tokens"]) if new.HasField("parent_seq_id") else []
+            tokens.extend(new.token_ids)
+            seed = new.params.seed if new.params.HasField("seed") else None
+            self.seqs[new.seq_id] = {"tokens": tokens, "table": [], "seed": seed}
+        self._move(req.swap_out, self.gpu, self.cpu)
+        self._move(req.swap_in, self.cpu, self.gpu)
+        self._move(req.copies, self.gpu, self.gpu)
+        resp = worker_pb2.StepResponse(step_id=req.step_id)
+        for item in req.scheduled:
+            seq = self.seqs[item.seq_id]
+            seq["tokens"].extend(item.append_token_ids)
+            if item.replace_block_table:
+                seq["table"] = list(item.new_block_ids)
+            else:
+                seq["table"].extend(item.new_block_ids)
+            self._compute(seq, item.num_computed_tokens, item.num_new_tokens)
+            if item.sample:
+                assert item.num_computed_tokens + item.num_new_tokens == len(seq["tokens"])
+                token = next_token(seq["tokens"], seq["seed"], self.vocab_size)
+                resp.sampled.append(worker_pb2.SampledToken(seq_id=item.seq_id, token_id=token,
+                                                            logprob=-1.0))
+        return resp
+
+    def _slot(self, table: list[int], pos: int) -> int:
+        block = pos // self.block_size
+        assert block < len(table), f"position {pos} beyond block table of {len(table)} blocks"
+        return table[block] * self.block_size + pos % self.block_size
+
+    def _compute(self, seq: dict, start: int, num: int) -> None:
+        tokens, table = seq["tokens"], seq["table"]
+        assert start + num <= len(tokens), "computing tokens the worker was never sent"
+        for pos in range(start):  # the cached context must hold exactly this sequence's prefix
+            got = self.gpu.get(self._slot(table, pos))
+            assert got == content(tokens[: pos + 1]), f"stale KV at position {pos}"
+        for pos in range(start, start + num):
+            self.gpu[self._slot(table, pos)] = content(tokens[: pos + 1])
+        self.num_computed_tokens += num
+
+    def _move(self, pairs, src: dict, dst: dict) -> None:
+        snapshot = dict(src)
+        bs = self.block_size
+        for pair in pairs:
+            for off in range(bs):
+                if pair.src * bs + off in snapshot:
+                    dst[pair.dst * bs + off] = snapshot[pair.src * bs + off]
+                else:
+                    dst.pop(pair.dst * bs + off, None)
+
+
+def reference_output(prompt: list[int], max_tokens: int, seed: int | None, vocab_size: int = 100,
+                     eos: int | None = None) -> list[int]:
+    tokens = list(prompt)
+    out: list[int] = []
+    while len(out) < max_tokens:
+        t = next_token(tokens, seed, vocab_size)
+        tokens.append(t)
+        out.append(t)
+        if eos is not None and t == eos:
+            break
+    return out

@@ -1,0 +1,240 @@
+"""The Helm chart renders (helm template, offline via helm-python-sdk), its manifests validate
+against the Kubernetes schemas, and it wires ports, probes, GPUs, secrets and policies right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk not installed")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy/helm/pagedserve"
+KUBE_VERSION = "1.30.0"
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+VARIANT = {
+    "redis": {"enabled": False},
+    "kvstore": {"external": {"existingSecret": "redis-url", "secretKey": "url"}},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                "prometheusRule": {"enabled": True}},
+    "alerts": {"ttftP99SloSeconds": 0.75},
+    "model": {"source": "pvc", "path": "/models/smollm2", "pvc": {"claimName": "models"}},
+    "router": {"autoscaling": {"enabled": False}, "replicaCount": 3},
+    "scheduler": {"workers": ["10.0.0.7:50053"]},
+    "worker": {"replicaCount": 4, "gpu": {"count": 2}},
+    "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]},
+}
+
+
+def render(values: dict[str, Any] | None = None, name: str = "ps") -> list[dict[str, Any]]:
+    chart = helm.Chart.load(str(CHART))
+    manifests = chart.render(values, name=name, namespace="llm", is_install=True)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith(".txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                out[c["name"]] = c
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def variant_docs() -> list[dict[str, Any]]:
+    return render(VARIANT)
+
+
+@pytest.mark.parametrize("variant", ["default", "variant"])
+def test_every_manifest_validates_against_kubernetes_schemas(variant, default_docs,
+                                                             variant_docs) -> None:
+    docs = default_docs if variant == "default" else variant_docs
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler" if
+            variant == "default" else "Deployment", "NetworkPolicy", "ConfigMap", "Pod"} <= kinds
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["spec"], doc["kind"]
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_default_components_and_names(default_docs) -> None:
+    deployments = by_kind(default_docs, "Deployment")
+    assert set(deployments) == {"ps-pagedserve-router", "ps-pagedserve-scheduler",
+                                "ps-pagedserve-redis"}
+    assert set(by_kind(default_docs, "StatefulSet")) == {"ps-pagedserve-worker"}
+    assert "ps-pagedserve-router" in by_kind(default_docs, "HorizontalPodAutoscaler")
+    assert "replicas" not in deployments["ps-pagedserve-router"]["spec"]  # the HPA owns it
+    scheduler = deployments["ps-pagedserve-scheduler"]["spec"]
+    assert scheduler["replicas"] == 1 and scheduler["strategy"] == {"type": "Recreate"}
+    assert not by_kind(default_docs, "ServiceMonitor") and not by_kind(default_docs,
+                                                                       "PrometheusRule")
+    for doc in default_docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "ps"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_long_release_names_stay_within_63_characters() -> None:
+    for doc in render(name="r" * 60):
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+
+
+def test_containers_use_cli_native_grpc_probes_and_named_metrics_ports(default_docs) -> None:
+    cs = containers(default_docs)
+    for name in ("router", "scheduler", "worker"):
+        c = cs[name]
+        assert c["args"][0] == name and c["args"][1:3] == ["--host", "0.0.0.0"]
+        port = int(c["args"][c["args"].index("--port") + 1])
+        metrics_port = int(c["args"][c["args"].index("--metrics-port") + 1])
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": port, "metrics": metrics_port}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": port}, (name, probe)
+    for svc in by_kind(default_docs, "Service").values():
+        if svc["metadata"]["labels"]["app.kubernetes.io/component"] != "redis":
+            assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_grace_periods_exceed_server_grace(default_docs) -> None:
+    for doc in default_docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+
+
+def test_worker_is_a_gpu_statefulset_behind_a_headless_service(default_docs,
+                                                               variant_docs) -> None:
+    worker = containers(default_docs)["worker"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"--gpu-memory-utilization", "--swap-space"} <= set(worker["args"])
+    assert "--model" not in worker["args"]  # default: the CLI's built-in model
+    svc = by_kind(default_docs, "Service")["ps-pagedserve-worker"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert by_kind(default_docs, "StatefulSet")["ps-pagedserve-worker"]["spec"][
+        "serviceName"] == "ps-pagedserve-worker"
+    scheduler = containers(default_docs)["scheduler"]["args"]
+    assert scheduler[scheduler.index("--worker-discovery") + 1] == \
+        "k8s-headless=ps-pagedserve-worker.llm.svc:50053"
+    assert scheduler[scheduler.index("--kvstore") + 1] == "redis://ps-pagedserve-redis:6379/0"
+    router = containers(default_docs)["router"]["args"]
+    assert router[router.index("--scheduler-address") + 1] == "ps-pagedserve-scheduler:50052"
+
+    worker = containers(variant_docs)["worker"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert worker["args"][worker["args"].index("--model") + 1] == "/models/smollm2"
+    sts = by_kind(variant_docs, "StatefulSet")["ps-pagedserve-worker"]["spec"]
+    volumes = {v["name"]: v for v in sts["template"]["spec"]["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
+
+
+def test_external_redis_url_comes_only_from_a_secret_key_ref(variant_docs) -> None:
+    assert "ps-pagedserve-redis" not in by_kind(variant_docs, "Deployment")
+    scheduler = containers(variant_docs)["scheduler"]
+    assert scheduler["args"][scheduler["args"].index("--kvstore") + 1] == \
+        "$(PAGEDSERVE_KVSTORE_URL)"
+    env = {e["name"]: e for e in scheduler["env"]}
+    assert env["PAGEDSERVE_KVSTORE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-url", "key": "url"}
+    assert scheduler["args"][scheduler["args"].index("--worker") + 1] == "10.0.0.7:50053"
+    assert not by_kind(variant_docs, "Secret")
+    for c in containers(variant_docs).values():
+        for e in c.get("env", []):
+            assert "value" not in e or "redis://" not in e["value"]
+
+
+def test_network_policies_isolate_components(default_docs, variant_docs) -> None:
+    policies = by_kind(default_docs, "NetworkPolicy")
+
+    def sources(component: str) -> list[dict[str, Any]]:
+        rules = policies[f"ps-pagedserve-{component}"]["spec"]["ingress"]
+        return rules[0]["from"]
+
+    assert sources("router") == [{"namespaceSelector": {}}]
+    for component, allowed in (("scheduler", "router"), ("worker", "scheduler"),
+                               ("redis", "scheduler")):
+        (peer,) = sources(component)
+        assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == allowed
+    metrics_rule = by_kind(variant_docs, "NetworkPolicy")["ps-pagedserve-worker"]["spec"][
+        "ingress"][1]
+    assert metrics_rule["ports"] == [{"port": 9402, "protocol": "TCP"}]
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"}
+
+
+def test_helm_test_pod_health_checks_the_router(default_docs) -> None:
+    (pod,) = by_kind(default_docs, "Pod").values()
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "-addr=ps-pagedserve-router:50051" in pod["spec"]["containers"][0]["args"]
+
+
+def test_dashboard_configmap_ships_the_dashboard(default_docs) -> None:
+    cm = by_kind(default_docs, "ConfigMap")["ps-pagedserve-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["pagedserve.json"])
+    assert shipped == json.loads((ROOT / "deploy/grafana/pagedserve.json").read_text())
+
+
+def test_servicemonitor_scrapes_metrics_ports_with_job_names(variant_docs) -> None:
+    (sm,) = by_kind(variant_docs, "ServiceMonitor").values()
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    assert sm["spec"]["jobLabel"] == "pagedserve.io/job"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    jobs = {s["metadata"]["labels"].get("pagedserve.io/job")
+            for s in by_kind(variant_docs, "Service").values()}
+    assert {"pagedserve-router", "pagedserve-scheduler", "pagedserve-worker"} <= jobs
+
+
+def test_alerts_file_is_the_chart_rule_with_default_values() -> None:
+    docs = render({"metrics": {"prometheusRule": {"enabled": True}}})
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yaml").read_text())
+
+
+def test_ttft_slo_is_configurable(variant_docs) -> None:
+    (rule,) = by_kind(variant_docs, "PrometheusRule").values()
+    exprs = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"]}
+    assert exprs["PagedserveTTFTSLOBreached"].endswith("> 0.75")
+
+
+@pytest.mark.parametrize("bad", [
+    {"worker": {"gpu": {"count": -1}}},
+    {"router": {"port": "grpc"}},
+    {"router": {"prot": 50051}},
+    {"scheduler": {"replicaCount": 2}},
+    {"model": {"source": "pvc"}},
+    {"kvstore": {"backend": "etcd"}},
+    {"alerts": {"kvUsageThreshold": 95}},
+    {"worker": {"gpuMemoryUtilization": 1.5}},
+])
+def test_schema_rejects_bad_values(bad) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render(bad)
+
+
+def test_helm_lint_reports_no_errors() -> None:
+    report = helm.lint(str(CHART), strict=False)
+    errors = [m for m in report["messages"] if m["severity"] >= 3]
+    assert not errors and not report.get("errors"), report

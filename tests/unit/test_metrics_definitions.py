@@ -1,0 +1,162 @@
+"""Metric classes export the documented names, units and vLLM aliases, with the same values."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pagedserve.metrics_server import text_format_app
+from router.metrics import VLLM_NAME_MAP as ROUTER_VLLM
+from router.metrics import RouterMetrics
+from scheduler.metrics import VLLM_NAME_MAP as SCHEDULER_VLLM
+from scheduler.metrics import SchedulerMetrics
+from tests.support.promql import family_names
+from worker.metrics import WorkerMetrics
+
+
+def _all_registries() -> tuple[CollectorRegistry, CollectorRegistry, CollectorRegistry]:
+    router, scheduler, worker = CollectorRegistry(), CollectorRegistry(), CollectorRegistry()
+    RouterMetrics(router)
+    SchedulerMetrics(scheduler)
+    WorkerMetrics(worker)
+    return router, scheduler, worker
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_every_family_is_prefixed_and_uses_base_units() -> None:
+    for registry in _all_registries():
+        for family in registry.collect():
+            if family.name.startswith("vllm:"):
+                continue
+            assert family.name.startswith("pagedserve_"), family.name
+            if family.type == "histogram" and "tokens" not in family.name:
+                assert family.name.endswith("_seconds"), family.name
+            assert not any(u in family.name for u in ("_ms", "_milliseconds", "_mb", "_gb"))
+
+
+def test_fresh_registries_do_not_clash() -> None:
+    _all_registries()
+    _all_registries()  # a second instantiation on new registries must not raise
+
+
+def test_vllm_map_targets_exist_and_aliases_are_exported() -> None:
+    router, scheduler, _ = _all_registries()
+    for mapping, registry in ((ROUTER_VLLM, router), (SCHEDULER_VLLM, scheduler)):
+        names = family_names([registry])
+        for vllm_name, ours in mapping.items():
+            assert vllm_name.startswith("vllm:")
+            assert ours in names, ours
+            assert vllm_name in names, vllm_name
+    assert not set(ROUTER_VLLM) & set(SCHEDULER_VLLM), "each vllm name comes from one service"
+
+
+def test_scheduler_aliases_carry_the_same_values() -> None:
+    registry = CollectorRegistry()
+    m = SchedulerMetrics(registry)
+    m.set_queue_sizes(running=4, waiting=2, swapped=1)
+    m.set_kv_usage("w0", 0.75)
+    m.preempted("recompute", 3)
+    m.prefix_cache_lookup(queried_tokens=64, hit_tokens=48)
+    m.step_finished(0.02, prompt_tokens=30, generated_tokens=4)
+    m.request_finished("stop")
+    assert _sample(registry, "vllm:num_requests_running") == 4
+    assert _sample(registry, "vllm:num_requests_waiting") == 2
+    assert _sample(registry, "vllm:num_requests_swapped") == 1
+    assert _sample(registry, "vllm:kv_cache_usage_perc", worker="w0") == 0.75
+    assert _sample(registry, "vllm:gpu_cache_usage_perc", worker="w0") == 0.75
+    assert _sample(registry, "vllm:num_preemptions_total", mode="recompute") == 3
+    assert _sample(registry, "vllm:prefix_cache_queries_total") == 64
+    assert _sample(registry, "vllm:prefix_cache_hits_total") == 48
+    assert _sample(registry, "vllm:prompt_tokens_total") == 30
+    assert _sample(registry, "vllm:generation_tokens_total") == 4
+    assert _sample(registry, "vllm:request_success_total", finished_reason="stop") == 1
+    assert _sample(registry, "vllm:iteration_tokens_total_sum") == 34
+
+
+def test_router_request_finished_records_tokens_latency_and_tpot() -> None:
+    registry = CollectorRegistry()
+    m = RouterMetrics(registry, model_name="smollm2")
+    with m.track_stream():
+        assert _sample(registry, "pagedserve_router_streams_in_flight") == 1
+        m.observe_ttft(0.25)
+    assert _sample(registry, "pagedserve_router_streams_in_flight") == 0
+    m.request_finished("ok", "OK", prompt_tokens=12, generated_tokens=11, e2e_s=1.25, ttft_s=0.25)
+    assert _sample(registry, "pagedserve_router_requests_total", outcome="ok", code="OK") == 1
+    assert _sample(registry, "pagedserve_router_prompt_tokens_total") == 12
+    assert _sample(registry, "pagedserve_router_generated_tokens_total") == 11
+    assert _sample(registry, "pagedserve_router_time_per_output_token_seconds_sum") == 0.1
+    assert _sample(registry, "vllm:time_per_output_token_seconds_sum", model_name="smollm2") == 0.1
+    assert _sample(registry, "vllm:time_to_first_token_seconds_count", model_name="smollm2") == 1
+
+
+def test_router_rejects_unknown_outcome_to_bound_cardinality() -> None:
+    with pytest.raises(ValueError, match="outcome"):
+        RouterMetrics(CollectorRegistry()).request_finished("weird", "OK", 1, 1, 0.1)
+
+
+def test_scheduler_kvstore_op_times_and_counts_errors() -> None:
+    registry = CollectorRegistry()
+    m = SchedulerMetrics(registry)
+    with m.kvstore_op("get"):
+        pass
+    with pytest.raises(ConnectionError), m.kvstore_op("put"):
+        raise ConnectionError("redis down")
+    assert _sample(registry, "pagedserve_scheduler_kvstore_operation_duration_seconds_count",
+                   op="put") == 1
+    assert _sample(registry, "pagedserve_scheduler_kvstore_errors_total", op="put") == 1
+    assert _sample(registry, "pagedserve_scheduler_kvstore_errors_total", op="get") is None
+
+
+def test_scheduler_remove_worker_drops_its_series() -> None:
+    registry = CollectorRegistry()
+    m = SchedulerMetrics(registry)
+    m.set_kv_usage("w1", 0.5)
+    m.remove_worker("w1")
+    m.remove_worker("never-seen")
+    assert _sample(registry, "pagedserve_scheduler_kv_cache_usage_ratio", worker="w1") is None
+    with pytest.raises(ValueError):
+        m.preempted("evict")
+
+
+def test_worker_memory_and_backend_info() -> None:
+    registry = CollectorRegistry()
+    m = WorkerMetrics(registry, "w0", "cpu")
+    m.set_kv_blocks(total=100, used=40, cached_free=10)
+    m.set_swap_blocks(total=50, used=5)
+    m.set_device_memory(allocated=1 << 30, reserved=2 << 30, peak=3 << 30, total=80 << 30)
+    m.set_weight_bytes(270_000_000)
+    m.set_backend("torch", "cpu")
+    m.sample_device_memory("cpu")  # no CUDA: leaves the reported values alone
+    m.step_finished(forward_s=0.01, sampling_s=0.001)
+    assert _sample(registry, "pagedserve_worker_kv_blocks_cached_free") == 10
+    assert _sample(registry, "pagedserve_worker_device_memory_reserved_bytes") == 2 << 30
+    assert _sample(registry, "pagedserve_worker_attention_backend_info",
+                   backend="torch", device="cpu", worker_id="w0") == 1
+    assert _sample(registry, "pagedserve_worker_forward_duration_seconds_count") == 1
+
+
+def test_worker_observe_step_counts_tokens_and_sequences() -> None:
+    registry = CollectorRegistry()
+    m = WorkerMetrics(registry, "w0", "cpu")
+    m.set_pools(num_gpu_blocks=128, num_cpu_blocks=64)
+    m.observe_step(num_tokens=40, num_sampled=4, forward_s=0.02, num_seqs=4)
+    assert _sample(registry, "pagedserve_worker_kv_blocks_total") == 128
+    assert _sample(registry, "pagedserve_worker_swap_blocks_total") == 64
+    assert _sample(registry, "pagedserve_worker_computed_tokens_total") == 40
+    assert _sample(registry, "pagedserve_worker_sampled_tokens_total") == 4
+    assert _sample(registry, "pagedserve_worker_sequences") == 4
+
+
+def test_metrics_app_keeps_colon_names_even_when_openmetrics_is_asked_for() -> None:
+    registry = CollectorRegistry()
+    SchedulerMetrics(registry).set_queue_sizes(1, 2, 3)
+    app = text_format_app(registry)
+    status: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
+               "HTTP_ACCEPT": "application/openmetrics-text;version=1.0.0"}
+    body = b"".join(app(environ, lambda s, h: status.append(s))).decode()
+    assert status[0].startswith("200")
+    assert "\nvllm:num_requests_waiting 2.0\n" in body

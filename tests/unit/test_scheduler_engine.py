@@ -1,0 +1,149 @@
+"""The scheduler engine against a content-checking worker double (tests/support/shadow_worker.py):
+deltas, prefix caching, copy-on-write, parallel sampling, preemption and abort, with no model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
+from scheduler.engine import Engine
+from scheduler.worker_handle import InProcessWorkerHandle
+from tests.support.shadow_worker import ShadowWorker, reference_output
+
+
+def _params(max_tokens: int, prompt_len: int, **kw):
+    p = make_sampling_params(max_tokens=max_tokens, ignore_eos=True, **kw)
+    return resolve_sampling_params(p, num_prompt_tokens=prompt_len, max_model_len=4096,
+                                   max_tokens_limit=4096)
+
+
+async def _run(engine: Engine, requests: dict[str, tuple[list[int], object]]):
+    async def collect(rid, prompt, params):
+        outs: dict[int, list[int]] = {}
+        async for resp in engine.submit(rid, prompt, params):
+            for o in resp.outputs:
+                outs.setdefault(o.index, []).extend(o.token_ids)
+        return rid, outs
+    results = await asyncio.gather(*(collect(r, p, pa) for r, (p, pa) in requests.items()))
+    return dict(results)
+
+
+def _engine(worker: ShadowWorker, **cfg) -> Engine:
+    cache = CacheConfig(**{k: v for k, v in cfg.items() if k in ("preemption_mode",
+                                                                   "enable_prefix_caching")})
+    batching = BatchingConfig(**{k: v for k, v in cfg.items() if k.startswith("max_")})
+    return Engine(SchedulerConfig(batching=batching, cache=cache), [InProcessWorkerHandle(worker)])
+
+
+def _mixed_requests(num: int, seed: int = 0):
+    rng = random.Random(seed)
+    reqs = {}
+    for i in range(num):
+        prompt = [rng.randrange(1, 100) for _ in range(rng.randint(1, 40))]
+        reqs[f"r{i}"] = (prompt, _params(rng.randint(1, 30), len(prompt)))
+    return reqs
+
+
+def _free_everything(engine: Engine) -> bool:
+    kv = engine.workers[0].kv
+    return kv.gpu.num_free_blocks == kv.gpu.num_blocks and kv.cpu.num_free_blocks == kv.cpu.num_blocks
+
+
+def test_outputs_equal_the_reference_and_every_block_is_freed():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=256)
+        engine = _engine(worker, max_num_batched_tokens=64)
+        await engine.start()
+        reqs = _mixed_requests(20)
+        results = await _run(engine, reqs)
+        for rid, (prompt, params) in reqs.items():
+            assert results[rid][0] == reference_output(prompt, params.max_tokens, None)
+        await asyncio.sleep(0.05)  # the drop of finished sequences reaches the worker
+        assert _free_everything(engine)
+        assert worker.seqs == {}
+        await engine.stop()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_under_a_tiny_pool_gives_identical_outputs(mode):
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=24, num_cpu_blocks=64)
+        engine = _engine(worker, max_num_batched_tokens=32, preemption_mode=mode)
+        await engine.start()
+        reqs = _mixed_requests(16, seed=1)
+        results = await _run(engine, reqs)
+        for rid, (prompt, params) in reqs.items():
+            assert results[rid][0] == reference_output(prompt, params.max_tokens, None), rid
+        preemptions = engine.workers[0].sched.num_preemptions
+        assert preemptions[mode] > 0, preemptions
+        await asyncio.sleep(0.05)
+        assert _free_everything(engine)
+        await engine.stop()
+    asyncio.run(main())
+
+
+def test_shared_prefix_is_reused_and_output_unchanged():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=256, block_size=4)
+        engine = _engine(worker)
+        await engine.start()
+        prefix = list(range(1, 41))  # 10 full blocks
+        first = await _run(engine, {"a": (prefix + [7, 8], _params(5, 42))})
+        computed_before = worker.num_computed_tokens
+        second = await _run(engine, {"b": (prefix + [9], _params(5, 41))})
+        assert first["a"][0] == reference_output(prefix + [7, 8], 5, None)
+        assert second["b"][0] == reference_output(prefix + [9], 5, None)
+        # b computed only its last token past the 40 cached ones, plus 4 decodes.
+        assert worker.num_computed_tokens - computed_before == 1 + 4
+        assert engine.stats().prefix_hit_tokens == 40
+        await engine.stop()
+    asyncio.run(main())
+
+
+def test_parallel_samples_share_the_prompt_blocks():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=512, block_size=4)
+        engine = _engine(worker)
+        await engine.start()
+        prompt = [1 + i % 90 for i in range(101)]  # 101 tokens: 26 blocks, the last one partial
+        params = _params(8, len(prompt), n=4, seed=123)
+        peak = 0
+        stream = engine.submit("p", prompt, params)
+        outs: dict[int, list[int]] = {}
+        async for resp in stream:
+            kv = engine.workers[0].kv
+            peak = max(peak, kv.gpu.num_blocks - kv.gpu.num_free_blocks)
+            for o in resp.outputs:
+                outs.setdefault(o.index, []).extend(o.token_ids)
+        for i in range(4):
+            assert outs[i] == reference_output(prompt, 8, 123 + i)
+        prompt_blocks = 26
+        generated_blocks = -(-8 // 4)
+        assert peak <= prompt_blocks + 4 * generated_blocks + 4, peak
+        await engine.stop()
+    asyncio.run(main())
+
+
+def test_abort_mid_stream_frees_every_block():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=128)
+        engine = _engine(worker)
+        await engine.start()
+        prompt = list(range(1, 30))
+        stream = engine.submit("x", prompt, _params(200, len(prompt)))
+        seen = 0
+        async for resp in stream:
+            seen += len(resp.outputs[0].token_ids)
+            if seen >= 5:
+                assert engine.abort("x")
+        await asyncio.sleep(0.05)
+        assert _free_everything(engine)
+        assert worker.seqs == {}
+        assert engine.stats().num_running == 0
+        await engine.stop()
+    asyncio.run(main())

@@ -1,0 +1,150 @@
+"""``WorkerConfig``: one frozen dataclass from small sub-configs, built once (CLI > env > defaults).
+
+Values discovered at run time (the number of KV blocks, the resolved device) are never written
+back here; they live in the ``Worker`` and travel in ``WorkerInfo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "triton")
+ENV_PREFIX = "PAGEDSERVE_WORKER_"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """``model``: None/"default" = the packaged SmolLM2 GGUF. ``dtype`` "auto": float32 on CPU,
+    bfloat16 on CUDA."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r}: use one of {DEVICES} or cuda:N")
+        _choice("attention_backend", self.attention_backend, BACKENDS)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory_gib: float = 2.0  # CPU device budget
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None  # override (tests)
+    swap_space_gib: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size}: use a power of two, e.g. 16")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError("kv_cache_memory_gib must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], e.g. 0.9")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError("num_gpu_blocks must be > 0 (or unset to size by memory)")
+        if self.swap_space_gib < 0:
+            raise ValueError("swap_space_gib must be >= 0")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    metrics_port: int | None = None
+    worker_id: str = "worker-0"
+    grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} {value}: use 0..65535")
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    seed: int | None = None  # seeds unseeded sampling (tests); None = nondeterministic
+
+    def __post_init__(self) -> None:
+        if self.load.device == "cpu" and self.load.attention_backend == "triton":
+            raise ValueError("attention_backend triton needs a CUDA device: use torch or auto")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r}: use one of {choices}")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+_ARGS: list[tuple[str, type, Any, str]] = [
+    ("model", str, None, "HF safetensors directory or .gguf file (default: packaged SmolLM2)"),
+    ("dtype", str, "auto", "auto|float32|float16|bfloat16"),
+    ("device", str, "auto", "auto|cpu|cuda|cuda:N"),
+    ("attention_backend", str, "auto", "auto|torch|triton"),
+    ("block_size", int, 16, "tokens per KV block"),
+    ("kv_cache_memory_gib", float, 2.0, "KV pool budget on CPU"),
+    ("gpu_memory_utilization", float, 0.9, "fraction of GPU memory the worker may use"),
+    ("num_gpu_blocks", int, None, "fixed KV pool size (overrides sizing)"),
+    ("swap_space_gib", float, 1.0, "host swap pool size"),
+    ("max_num_batched_tokens", int, 2048, "tokens per step (profiled at start)"),
+    ("max_num_seqs", int, 256, "sequences per step"),
+    ("seed", int, None, "seed for unseeded sampling"),
+    ("worker_id", str, "worker-0", "id reported to the scheduler"),
+    ("host", str, "127.0.0.1", "bind address"),
+    ("port", int, 0, "gRPC port (0 = any free)"),
+    ("metrics_port", int, None, "Prometheus metrics port (unset = off)"),
+]
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--model`` ... ``--metrics-port``; each also reads ``PAGEDSERVE_WORKER_<NAME>``."""
+    group = parser.add_argument_group("worker")
+    for name, kind, default, help_text in _ARGS:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=kind(env) if env not in (None, "") else default,
+            help=f"{help_text} [env {ENV_PREFIX}{name.upper()}]",
+        )
+
+
+def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    a = vars(args)
+    return WorkerConfig(
+        load=LoadConfig(a["model"], a["dtype"], a["device"], a["attention_backend"]),
+        cache=CacheConfig(
+            a["block_size"], a["kv_cache_memory_gib"], a["gpu_memory_utilization"],
+            a["num_gpu_blocks"], a["swap_space_gib"],
+        ),
+        batch=BatchConfig(a["max_num_batched_tokens"], a["max_num_seqs"]),
+        server=ServerConfig(a["host"], a["port"], a["metrics_port"], a["worker_id"]),
+        seed=a["seed"],
+    )

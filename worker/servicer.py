@@ -1,0 +1,49 @@
+"""The Worker gRPC service: a thin typed adapter over the domain ``Worker``.
+
+Domain errors become status codes here and only here (``pagedserve.grpc_util.abort_for``).
+``Step`` runs in a thread (``asyncio.to_thread``) so health checks and GetInfo stay responsive
+while the model computes; the ``Worker`` serialises steps itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pagedserve.errors import PagedServeError
+from pagedserve.grpc_util import abort_for
+from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
+from worker.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def GetInfo(
+        self, request: worker_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        return self.worker.info()
+
+    async def Step(
+        self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StepResponse:
+        try:
+            return await asyncio.to_thread(self.worker.step, request)
+        except PagedServeError as exc:
+            logger.warning("step %d refused: %s", request.step_id, exc)
+            await abort_for(context, exc)
+        except Exception as exc:
+            logger.exception("step %d failed", request.step_id)
+            await abort_for(context, exc)
+        raise AssertionError("unreachable: abort raises")
+
+    async def Reset(
+        self, request: worker_pb2.ResetRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ResetResponse:
+        await asyncio.to_thread(self.worker.reset)
+        return worker_pb2.ResetResponse()

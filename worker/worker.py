@@ -1,0 +1,216 @@
+"""``Worker``: the domain object behind the Worker gRPC service (which is a thin adapter over it).
+
+A step is applied in a fixed order, the contract with the scheduler (see worker.proto)::
+
+    1. drop finished_seq_ids          4. swap_out, then swap_in, then copies
+    2. register new_seqs (forks copy  5. per scheduled seq: append append_token_ids, then replace
+       the parent's tokens as they       or extend its block table, then compute its tokens
+       stand before this step)        6. sample the seqs with sample=true, return their tokens
+
+The worker never appends its own samples: the scheduler echoes them back as
+``append_token_ids`` next step. Every request is validated before anything is mutated, so a bad
+step raises ``InvalidArgument``/``NotFound`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from pagedserve.models import resolve_model_path
+from protos.pagedserve.v1 import worker_pb2
+from worker.cache_engine import GIB, CacheEngine, block_bytes, num_blocks_for_budget
+from worker.config import WorkerConfig
+from worker.metrics import WorkerMetrics
+from worker.model_runner import ModelRunner, ScheduledWork, StepResult
+from worker.models.config import ModelConfig
+from worker.models.llama import AttentionBackend
+from worker.models.loader import load_model
+from worker.sampler import ResolvedParams, Sampler
+from worker.sequence_state import SequenceState
+from worker.step_validation import validate_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    backend: AttentionBackend
+
+
+class Worker:
+    """Owns the model, the KV memory and every sequence's mirrored state.
+
+    Thread-safety: ``step``/``reset`` are serialised by a lock (the servicer runs them in a
+    thread so the event loop stays responsive)."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.placement = resolve_placement(config)
+        self.model_path = resolve_model_path(config.load.model)
+        self.model, self.model_config = load_model(
+            self.model_path, self.placement.dtype, self.placement.device, self.placement.backend
+        )
+        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(
+            self.model, self.sampler, config.cache.block_size, self.placement.device
+        )
+        num_gpu, num_cpu = self._size_pools()
+        self.cache = CacheEngine(
+            self.model_config, config.cache.block_size, num_gpu, num_cpu,
+            self.placement.dtype, self.placement.device,
+        )
+        self.seqs: dict[int, SequenceState] = {}
+        self.metrics: WorkerMetrics | None = None  # set by the server when metrics are on
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------- public
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        mc = self.model_config
+        return worker_pb2.WorkerInfo(
+            worker_id=self.config.server.worker_id,
+            model=mc.name,
+            num_gpu_blocks=self.cache.num_gpu_blocks,
+            num_cpu_blocks=self.cache.num_cpu_blocks,
+            block_size=self.config.cache.block_size,
+            max_model_len=mc.max_position_embeddings,
+            vocab_size=mc.vocab_size,
+            eos_token_ids=list(mc.eos_token_ids),
+            device=str(self.placement.device),
+            attention_backend=self.placement.backend.name,
+        )
+
+    def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        with self._lock:
+            validate_step(req, self.seqs, self.cache, self.model_config.vocab_size)
+            for seq_id in req.finished_seq_ids:
+                self.seqs.pop(seq_id, None)
+            self._register(req.new_seqs)
+            self.cache.swap_out([(m.src, m.dst) for m in req.swap_out])
+            self.cache.swap_in([(m.src, m.dst) for m in req.swap_in])
+            self.cache.copy_blocks([(m.src, m.dst) for m in req.copies])
+            work = [self._apply_scheduled(s) for s in req.scheduled]
+            result = self.runner.execute(work, self.cache.gpu_cache)
+            num_seqs = len(self.seqs)
+        logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", req.step_id, len(work),
+                     len(result.seq_ids), result.forward_seconds)
+        if self.metrics is not None:
+            self.metrics.observe_step(sum(w.num_new_tokens for w in work), len(result.seq_ids),
+                                      result.forward_seconds, num_seqs)
+        return self._response(req.step_id, result)
+
+    def reset(self) -> None:
+        """Drops every sequence; KV memory is left as is (the scheduler forgets it too)."""
+        with self._lock:
+            self.seqs.clear()
+
+    # -------------------------------------------------------------------------------- internal
+
+    def _register(self, new_seqs: list[worker_pb2.NewSequence]) -> None:
+        """Appends of this step come later (phase 5), so a fork copies its parent's tokens as
+        they stand before this step; a parent may itself be new in this step."""
+        for n in new_seqs:
+            params = ResolvedParams.from_proto(n.params)
+            if n.HasField("parent_seq_id"):
+                parent = self.seqs[n.parent_seq_id]
+                if not n.HasField("params"):
+                    params = parent.params
+                seq = parent.fork(n.seq_id, params, n.num_prompt_tokens)
+                seq.append(list(n.token_ids))
+            else:
+                seq = SequenceState(n.seq_id, list(n.token_ids), n.num_prompt_tokens, params)
+            self.seqs[n.seq_id] = seq
+
+    def _apply_scheduled(self, s: worker_pb2.ScheduledSequence) -> ScheduledWork:
+        seq = self.seqs[s.seq_id]
+        seq.append(list(s.append_token_ids))
+        if s.replace_block_table:
+            seq.block_table = list(s.new_block_ids)
+        else:
+            seq.block_table.extend(s.new_block_ids)
+        return ScheduledWork(seq, s.num_computed_tokens, s.num_new_tokens, s.sample)
+
+    @staticmethod
+    def _response(step_id: int, result: StepResult) -> worker_pb2.StepResponse:
+        out = result.output
+        sampled = [
+            worker_pb2.SampledToken(
+                seq_id=seq_id, token_id=out.token_ids[i], logprob=out.logprobs[i],
+                top=[{"token_id": t, "logprob": lp} for t, lp in out.top_logprobs[i]],
+            )
+            for i, seq_id in enumerate(result.seq_ids)
+        ]
+        return worker_pb2.StepResponse(
+            step_id=step_id, sampled=sampled,
+            forward_seconds=result.forward_seconds, sample_seconds=result.sample_seconds,
+        )
+
+    def _size_pools(self) -> tuple[int, int]:
+        cc, mc = self.config.cache, self.model_config
+        per_block = block_bytes(mc, cc.block_size, self.placement.dtype)
+        num_cpu = num_blocks_for_budget(cc.swap_space_gib * GIB, per_block)
+        if cc.num_gpu_blocks is not None:
+            return cc.num_gpu_blocks, num_cpu
+        if self.placement.device.type != "cuda":
+            return num_blocks_for_budget(cc.kv_cache_memory_gib * GIB, per_block), num_cpu
+        return self._profile_gpu_blocks(mc, per_block), num_cpu
+
+    def _profile_gpu_blocks(self, mc: ModelConfig, per_block: int) -> int:
+        """(total × utilization − peak of a max-batch dummy step) / block bytes."""
+        bc, bs = self.config.batch, self.config.cache.block_size
+        dummy = CacheEngine(mc, bs, -(-bc.max_num_batched_tokens // bs), 0,
+                            self.placement.dtype, self.placement.device)
+        peak = self.runner.profile_peak_memory(
+            bc.max_num_batched_tokens, bc.max_num_seqs, dummy.gpu_cache
+        )
+        del dummy
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.placement.device).total_memory
+        budget = total * self.config.cache.gpu_memory_utilization - peak
+        num = num_blocks_for_budget(budget, per_block)
+        logger.info("profiled peak %.2f GiB of %.2f GiB: %d KV blocks", peak / GIB, total / GIB, num)
+        if num <= 0:
+            raise RuntimeError(
+                "no memory left for the KV cache: raise gpu_memory_utilization or lower "
+                "max_num_batched_tokens"
+            )
+        return num
+
+
+def resolve_placement(config: WorkerConfig) -> Placement:
+    """Device "auto" -> cuda if available; dtype "auto" -> float32 on CPU, bfloat16 on CUDA;
+    backend "auto" -> triton on CUDA when it imports, else torch."""
+    load = config.load
+    name = load.device if load.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available: use --device cpu")
+    dtype_name = load.dtype if load.dtype != "auto" else (
+        "float32" if device.type == "cpu" else "bfloat16")
+    return Placement(device, getattr(torch, dtype_name), _backend(load.attention_backend, device))
+
+
+def _backend(choice: str, device: torch.device) -> AttentionBackend:
+    from worker.attention.torch_backend import TorchAttentionBackend
+
+    if device.type != "cuda" or choice == "torch":
+        if choice == "triton":
+            raise ValueError("attention_backend triton needs a CUDA device")
+        return TorchAttentionBackend()
+    try:  # the module imports anywhere; its kernels are imported when the backend is built
+        from worker.attention.triton_backend import TritonAttentionBackend
+
+        backend: AttentionBackend = TritonAttentionBackend()
+    except (ImportError, RuntimeError) as exc:
+        if choice == "triton":
+            raise ValueError(f"attention_backend triton is unavailable: {exc}") from exc
+        logger.warning("Triton attention backend unavailable (%s); using torch", exc)
+        return TorchAttentionBackend()
+    return backend
