@@ -148,26 +148,65 @@ def smollm2_outputs() -> dict[str, object]:
     return dict(zip(SMOLLM2_PROMPTS, seqs, strict=True))
 
 
-@pytest.mark.parametrize("name", list(SMOLLM2_PROMPTS))
-def test_smollm2_gguf_greedy_matches_hf(name: str, smollm2_hf, smollm2_outputs) -> None:
-    prompt = SMOLLM2_PROMPTS[name]
-    ours = smollm2_outputs[name]
-    theirs = _hf_greedy(smollm2_hf, prompt, SMOLLM2_TOKENS)
-    mismatch = next((i for i, (a, b) in enumerate(zip(ours.outputs, theirs)) if a != b), None)
+def _assert_greedy_matches_hf(name, prompt, tokens, logprobs, hf) -> None:
+    theirs = _hf_greedy(hf, prompt, SMOLLM2_TOKENS)
+    mismatch = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), None)
     if mismatch is None:
+        assert len(tokens) >= SMOLLM2_TOKENS
         return
     # Sequences diverged at `mismatch`. That is acceptable ONLY if HF's own top-2 logits at that
     # position are a tie within fp32 rounding; then the teacher-forced log-prob of our token must
     # still agree with HF's. Anything else is a real bug.
-    context = torch.tensor([prompt + ours.outputs[:mismatch]])
+    context = torch.tensor([prompt + tokens[:mismatch]])
     with torch.no_grad():
-        logits = smollm2_hf(context).logits[0, -1].float()
+        logits = hf(context).logits[0, -1].float()
     top2 = logits.topk(2).values
     assert float(top2[0] - top2[1]) < TIE_GAP, (
-        f"diverged at token {mismatch}: ours {ours.outputs[mismatch]} vs HF {theirs[mismatch]}, "
+        f"diverged at token {mismatch}: ours {tokens[mismatch]} vs HF {theirs[mismatch]}, "
         f"not a tie (gap {float(top2[0] - top2[1]):.2e})"
     )
-    hf_logprob = float(torch.log_softmax(logits, -1)[ours.outputs[mismatch]])
-    assert abs(ours.logprobs[mismatch].logprob - hf_logprob) < 1e-3
+    hf_logprob = float(torch.log_softmax(logits, -1)[tokens[mismatch]])
+    assert abs(logprobs[mismatch] - hf_logprob) < 1e-3
     warnings.warn(f"{name}: fp32 tie at token {mismatch}; compared teacher-forced log-probs there",
                   stacklevel=1)
+
+
+@pytest.mark.parametrize("name", list(SMOLLM2_PROMPTS))
+def test_smollm2_gguf_greedy_matches_hf(name: str, smollm2_hf, smollm2_outputs) -> None:
+    ours = smollm2_outputs[name]
+    _assert_greedy_matches_hf(name, SMOLLM2_PROMPTS[name], list(ours.outputs),
+                              [lp.logprob for lp in ours.logprobs], smollm2_hf)
+
+
+def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
+    """The same prompts through ``pagedserve.LLM`` and then the full router -> scheduler ->
+    worker gRPC path (the worker's loaded model is reused), greedy, 32 tokens each."""
+    from pagedserve import LLM, make_sampling_params
+    from protos.pagedserve.v1 import common_pb2, generation_pb2
+    from tests.support.cluster import ClusterThread
+
+    prompts = list(SMOLLM2_PROMPTS.items())
+    params = make_sampling_params(max_tokens=SMOLLM2_TOKENS, temperature=0, ignore_eos=True,
+                                  logprobs=1)
+    llm = LLM(None, num_gpu_blocks=64, dtype="float32", swap_space_gib=0.01)
+    outs = llm.generate([p for _, p in prompts], params)
+    for (name, prompt), out in zip(prompts, outs):
+        assert out.outputs[0].text  # detokenized
+        _assert_greedy_matches_hf(f"offline/{name}", prompt, out.outputs[0].token_ids,
+                                  [lp.logprob for lp in out.outputs[0].logprobs],
+                                  smollm2_hf)
+    llm.close()
+    cluster = ClusterThread([llm.worker.config], workers=[llm.worker])
+    try:
+        for name, prompt in prompts:
+            req = generation_pb2.GenerateRequest(
+                token_ids=generation_pb2.TokenIds(ids=prompt),
+                params=common_pb2.SamplingParams(max_tokens=SMOLLM2_TOKENS, temperature=0.0,
+                                                 ignore_eos=True, logprobs=1))
+            msgs = list(cluster.generation.Generate(req, timeout=120))
+            tokens = [t for m in msgs for t in m.token_ids]
+            logprobs = [lp.logprob for m in msgs for lp in m.logprobs]
+            _assert_greedy_matches_hf(f"cluster/{name}", prompt, tokens, logprobs, smollm2_hf)
+    finally:
+        cluster.stop()
+

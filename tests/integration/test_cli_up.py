@@ -1,0 +1,59 @@
+"""``pagedserve up`` as a user runs it: separate router, scheduler and worker processes; then
+``pagedserve generate`` streams from it; then Ctrl-C (SIGINT) stops every process cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.tiny_llama import tiny_llama_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_up_generate_and_ctrl_c(tmp_path):
+    model = tiny_llama_dir()
+    port = _free_port()
+    log = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--workers", "2",
+         "--port", str(port), "--kv-cache-memory-gib", "0.01", "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "pagedserve is up" not in (tmp_path / "up.log").read_text():
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, "cluster did not start"
+            time.sleep(0.3)
+        out = subprocess.run(
+            [sys.executable, "-m", "pagedserve.cli", "generate", "--address", f"127.0.0.1:{port}",
+             "--raw", "--max-tokens", "8", "--ignore-eos", "hello world"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip(), "no text streamed"
+        bad = subprocess.run(
+            [sys.executable, "-m", "pagedserve.cli", "generate", "--address", f"127.0.0.1:{port}",
+             "--raw", "--temperature", "-1", "hello"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("pagedserve up did not stop on Ctrl-C")
+    text = (tmp_path / "up.log").read_text()
+    assert code == 0, text
+    assert "pagedserve stopped" in text
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "child processes left running"
