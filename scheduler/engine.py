@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
@@ -96,13 +97,18 @@ class Engine:
         self.num_finished_requests = 0
         self.num_generated_tokens = 0
         self.listeners: list = []  # callables(event: str, **fields) for metrics
+        # Write-behind to the kvstore (scheduler/prefix_sync.py); None = in-memory view only.
+        self.prefix_sync: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         infos = await asyncio.gather(*(h.info() for h in self.handles))
         for handle, info in zip(self.handles, infos):
-            await handle.reset()
-            self.workers.append(self._new_worker_state(handle, info))
+            await handle.reset()  # drops sequences; the KV memory (cached prefixes) stays
+            ws = self._new_worker_state(handle, info)
+            if self.prefix_sync is not None:
+                await self.prefix_sync.restore(ws)
+            self.workers.append(ws)
         first = infos[0]
         for info in infos[1:]:
             if info.model != first.model or info.block_size != first.block_size:
@@ -260,6 +266,8 @@ class Engine:
         response = await ws.handle.step(request)
         ws.num_steps += 1
         self._process(ws, plan, response)
+        if self.prefix_sync is not None:
+            self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
         for listener in self.listeners:
             listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
                      num_tokens=plan.num_tokens, preempted=plan.preempted,

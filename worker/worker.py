@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,7 @@ class Worker:
         self.seqs: dict[int, SequenceState] = {}
         self.metrics: WorkerMetrics | None = None  # set by the server when metrics are on
         self._lock = threading.Lock()
+        self.instance_id = uuid.uuid4().hex
 
     # ---------------------------------------------------------------------------------- public
 
@@ -84,6 +86,7 @@ class Worker:
             eos_token_ids=list(mc.eos_token_ids),
             device=str(self.placement.device),
             attention_backend=self.placement.backend.name,
+            instance_id=self.instance_id,
         )
 
     def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:

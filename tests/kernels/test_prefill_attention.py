@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import (
+from tests.kernels.kernel_cases import (
     GPU_SWEEP,
     PagedBatch,
     assert_close,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEVICE, GPU_SWEEP, requires_gpu
+from tests.kernels.kernel_cases import DEVICE, GPU_SWEEP, requires_gpu
 
 from worker.attention.torch_backend import write_kv_reference
 from worker.kernels.reshape_and_cache import reshape_and_cache
