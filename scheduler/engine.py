@@ -18,6 +18,7 @@ from typing import Any
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
+from scheduler.beam_search import BeamState
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import choose_worker
 from scheduler.policy import StepPlan, WorkerScheduler
@@ -97,6 +98,9 @@ class Engine:
         self.num_finished_requests = 0
         self.num_generated_tokens = 0
         self.listeners: list = []  # callables(event: str, **fields) for metrics
+        # scheduler.metrics.SchedulerMetrics once observed (scheduler/observability.py);
+        # prefix_sync may time kvstore calls with ``self.metrics.kvstore_op(op)``.
+        self.metrics: Any = None
         # Write-behind to the kvstore (scheduler/prefix_sync.py); None = in-memory view only.
         self.prefix_sync: Any = None
 
@@ -218,10 +222,14 @@ class Engine:
             seq_id=next(self._seq_ids), index=0, token_ids=[*prompt, *generated],
             num_prompt_tokens=len(prompt), num_streamed_tokens=len(generated),
         )
+        if params.beam_width > 1:
+            eos = () if params.ignore_eos else tuple(self.model_info.eos_token_ids)
+            beam = BeamState(params.beam_width, params.length_penalty, params.early_stopping,
+                             (*eos, *params.stop_token_ids), params.max_tokens)
+            return SequenceGroup(request_id, [seq], params, next(self._arrivals), beam=beam)
         samples = max(params.n, params.best_of, 1)
-        group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
-                              num_samples=samples, forked=samples == 1)
-        return group
+        return SequenceGroup(request_id, [seq], params, next(self._arrivals),
+                             num_samples=samples, forked=samples == 1)
 
     def _place(self, group: SequenceGroup) -> WorkerState:
         healthy = [ws for ws in self.workers if ws.healthy]
@@ -265,13 +273,15 @@ class Engine:
         request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id)
         response = await ws.handle.step(request)
         ws.num_steps += 1
+        num_generated = self.num_generated_tokens
         self._process(ws, plan, response)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
         for listener in self.listeners:
             listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
                      num_tokens=plan.num_tokens, preempted=plan.preempted,
-                     forward_seconds=response.forward_seconds)
+                     forward_seconds=response.forward_seconds, plan=plan,
+                     num_generated_tokens=self.num_generated_tokens - num_generated)
 
     def _seq_by_id(self, seq_id: int) -> Sequence | None:
         entry = self.seqs.get(seq_id)
@@ -282,18 +292,83 @@ class Engine:
         for item in plan.scheduled:
             if not item.seq.is_finished:
                 ws.kv.cache_full_blocks(item.seq)
+        beams: dict[str, list[tuple[Sequence, worker_pb2.SampledToken]]] = {}
         for sampled in response.sampled:
             entry = self.seqs.get(sampled.seq_id)
             if entry is None:  # aborted while the step ran
                 continue
             seq, req = entry
+            if req.group.beam is not None:
+                beams.setdefault(req.group.request_id, []).append((seq, sampled))
+                continue
             out = self._append_token(seq, req, sampled)
-            outputs.setdefault(req.group.request_id, []).append(out)
+            if not req.group.holds_outputs:
+                outputs.setdefault(req.group.request_id, []).append(out)
+            elif req.group.is_finished:
+                outputs[req.group.request_id] = self._best_outputs(req.group)
+        for request_id, batch in beams.items():
+            outs = self._beam_step(self.requests[request_id], batch)
+            if outs:
+                outputs[request_id] = outs
         for request_id, outs in outputs.items():
             req = self.requests[request_id]
             req.stream.put(scheduler_pb2.SubmitResponse(outputs=outs))
             if req.group.is_finished:
                 self._finish_request(req)
+
+    def _best_outputs(self, group: SequenceGroup) -> list[scheduler_pb2.SeqOutput]:
+        """``best_of > n``: the n samples with the highest cumulative log-prob, whole."""
+        best = sorted(group.seqs, key=lambda s: -s.cumulative_logprob)[: group.params.n]
+        return [self._whole_output(i, s.output_token_ids[s.num_streamed_tokens:],
+                                   s.status.finish_reason, s.cumulative_logprob, s)
+                for i, s in enumerate(best)]
+
+    def _whole_output(self, index: int, token_ids: list[int], finish_reason: int,
+                      cumulative: float, seq: Sequence) -> scheduler_pb2.SeqOutput:
+        return scheduler_pb2.SeqOutput(
+            index=index, token_ids=token_ids, finish_reason=finish_reason, replaces=True,
+            cumulative_logprob=cumulative, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens)
+
+    def _beam_step(self, req: _Request, batch: list[tuple[Sequence, worker_pb2.SampledToken]]
+                   ) -> list[scheduler_pb2.SeqOutput]:
+        """Advances a beam-search group by one token: continuations reuse or fork their beam's
+        sequence, beams without a continuation are freed. Returns the final outputs when done."""
+        group, sched = req.group, req.worker.sched
+        beam = group.beam
+        assert isinstance(beam, BeamState)
+        order = {s.seq_id: i for i, s in enumerate(group.seqs)}
+        batch.sort(key=lambda item: order[item[0].seq_id])
+        running = beam.step(batch)
+        self.num_generated_tokens += len(batch)
+        if beam.done:
+            for seq in group.seqs:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                sched.release(seq)
+            first = group.seqs[0]
+            return [self._whole_output(i, h.output_token_ids,
+                                       common_pb2.FINISH_REASON_STOP if h.ended_with_eos
+                                       else common_pb2.FINISH_REASON_LENGTH,
+                                       h.cumulative_logprob, first)
+                    for i, h in enumerate(beam.best(max(group.params.n, 1)))]
+        carriers: list[Sequence] = []
+        used: set[int] = set()
+        for cont in running:  # forks copy the parent before the parent's own token is appended
+            if cont.parent.seq_id in used:
+                carriers.append(sched.fork(cont.parent, index=0))
+            else:
+                used.add(cont.parent.seq_id)
+                carriers.append(cont.parent)
+        for seq, cont in zip(carriers, running):
+            seq.token_ids.append(cont.token_id)
+            beam.scores[seq.seq_id] = cont.score
+        for seq in group.seqs:
+            if seq.seq_id not in used:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                sched.release(seq)
+                self.seqs.pop(seq.seq_id, None)
+        group.seqs = carriers
+        return []
 
     def _append_token(self, seq: Sequence, req: _Request,
                       sampled: worker_pb2.SampledToken) -> scheduler_pb2.SeqOutput:
@@ -325,6 +400,8 @@ class Engine:
         req.worker.wakeup.set()  # the worker must hear about dropped sequences
         if error is None:
             self.num_finished_requests += 1
+        for listener in self.listeners:
+            listener("finished", group=req.group, error=error)
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------

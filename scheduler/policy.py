@@ -213,18 +213,22 @@ class WorkerScheduler:
     def _fork_samples(self, group: SequenceGroup) -> None:
         parent = group.seqs[0]
         for index in range(1, group.num_samples):
-            child = Sequence(
-                seq_id=next(self.seq_ids),
-                index=index,
-                token_ids=list(parent.token_ids),
-                num_prompt_tokens=parent.num_prompt_tokens,
-                status=SequenceStatus.RUNNING,
-                num_streamed_tokens=parent.num_streamed_tokens,
-            )
-            self.kv.fork(parent, child)
-            child.parent_seq_id = parent.seq_id if parent.on_worker else None
-            group.seqs.append(child)
+            group.seqs.append(self.fork(parent, index))
         group.forked = True
+
+    def fork(self, parent: Sequence, index: int) -> Sequence:
+        """A new running sequence with the parent's tokens, sharing all its blocks."""
+        child = Sequence(
+            seq_id=next(self.seq_ids),
+            index=index,
+            token_ids=list(parent.token_ids),
+            num_prompt_tokens=parent.num_prompt_tokens,
+            status=SequenceStatus.RUNNING,
+            num_streamed_tokens=parent.num_streamed_tokens,
+        )
+        self.kv.fork(parent, child)
+        child.parent_seq_id = parent.seq_id if parent.on_worker else None
+        return child
 
     @staticmethod
     def _tokens_of(plan: StepPlan, group: SequenceGroup) -> int:

@@ -123,5 +123,10 @@ class SequenceGroup:
         return all(s.is_finished for s in self.seqs) and (self.forked or self.num_samples == 1)
 
     @property
+    def holds_outputs(self) -> bool:
+        """``best_of > n``: outputs are chosen at the end, so nothing streams before."""
+        return self.params.best_of > max(self.params.n, 1) and self.beam is None
+
+    @property
     def num_prompt_tokens(self) -> int:
         return self.seqs[0].num_prompt_tokens
