@@ -147,3 +147,28 @@ def test_abort_mid_stream_frees_every_block():
         assert engine.stats().num_running == 0
         await engine.stop()
     asyncio.run(main())
+
+
+def test_a_failed_worker_loses_only_kv_its_requests_finish_elsewhere_without_a_gap():
+    async def main():
+        workers = [ShadowWorker(num_gpu_blocks=128, name=f"s{i}") for i in range(2)]
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(w, f"s{i}")
+                                            for i, w in enumerate(workers)])
+        await engine.start()
+        reqs = _mixed_requests(12, seed=4)
+        streams = {rid: engine.submit(rid, p, pa) for rid, (p, pa) in reqs.items()}
+        on_first = [rid for rid in reqs if engine.requests[rid].worker.handle.name == "s0"]
+        assert on_first, "placement should spread requests"
+        workers[0].fail_next_step = True
+
+        async def collect(stream):
+            toks = []
+            async for resp in stream:
+                toks.extend(t for o in resp.outputs for t in o.token_ids)
+            return toks
+
+        results = dict(zip(streams, await asyncio.gather(*(collect(s) for s in streams.values()))))
+        for rid, (prompt, params) in reqs.items():
+            assert results[rid] == reference_output(prompt, params.max_tokens, None), rid
+        await engine.stop()
+    asyncio.run(main())
