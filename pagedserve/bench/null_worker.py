@@ -1,0 +1,52 @@
+"""A worker that computes nothing: it answers each step at once with seeded pseudo-random tokens
+and top log-probs. For measuring what the scheduler alone does (block accounting, sharing, CPU per
+step) — never for outputs or speed of the model."""
+
+from __future__ import annotations
+
+import random
+
+from protos.pagedserve.v1 import common_pb2, worker_pb2
+
+
+class NullWorker:
+    def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int = 0, block_size: int = 16,
+                 vocab_size: int = 32000, max_model_len: int = 8192, seed: int = 0) -> None:
+        self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
+        self.block_size, self.vocab_size, self.max_model_len = block_size, vocab_size, max_model_len
+        self.rng = random.Random(seed)
+        self.logprobs: dict[int, int] = {}
+        self.on_step = None  # optional callable(request), e.g. to sample memory use
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id="null", model="null", num_gpu_blocks=self.num_gpu_blocks,
+            num_cpu_blocks=self.num_cpu_blocks, block_size=self.block_size,
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size, eos_token_ids=[0],
+            device="none", attention_backend="none", instance_id="null")
+
+    def reset(self) -> None:
+        self.logprobs.clear()
+
+    def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        if self.on_step is not None:
+            self.on_step(request)
+        for seq in request.new_seqs:
+            self.logprobs[seq.seq_id] = seq.params.logprobs
+        for seq_id in request.finished_seq_ids:
+            self.logprobs.pop(seq_id, None)
+        response = worker_pb2.StepResponse(step_id=request.step_id)
+        for item in request.scheduled:
+            if item.sample:
+                response.sampled.append(self._sample(item.seq_id))
+        return response
+
+    def _sample(self, seq_id: int) -> worker_pb2.SampledToken:
+        k = self.logprobs.get(seq_id, 0)
+        top = sorted((-self.rng.expovariate(1.0) for _ in range(max(k, 1))), reverse=True)
+        tokens = self.rng.sample(range(1, self.vocab_size), len(top))
+        out = worker_pb2.SampledToken(seq_id=seq_id, token_id=tokens[0], logprob=top[0])
+        if k:
+            out.top.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp)
+                           for t, lp in zip(tokens, top))
+        return out
