@@ -176,3 +176,32 @@ def test_two_workers_place_a_common_prefix_where_it_is_cached(model_dir):
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_best_of_returns_the_n_most_likely_of_best_of_samples_at_the_end(model_dir):
+    """Samples are seeded per index, so n=5 streams exactly the 5 candidates best_of=5 draws."""
+    prompt = _prompt(50, 30)
+
+    async def run(n, best_of):
+        worker = cpu_worker(model_dir, num_gpu_blocks=128)
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)])
+        await engine.start()
+        params = resolve_sampling_params(
+            make_sampling_params(max_tokens=10, n=n, best_of=best_of, temperature=1.0, seed=11,
+                                 ignore_eos=True),
+            num_prompt_tokens=len(prompt), max_model_len=2048, max_tokens_limit=2048)
+        messages = [m async for m in engine.submit("b", prompt, params)]
+        await engine.stop()
+        return messages
+
+    messages = asyncio.run(run(2, 5))
+    assert len(messages) == 1, "best_of > n streams nothing until the choice is made"
+    outs = messages[0].outputs
+    assert [o.index for o in outs] == [0, 1] and all(o.replaces for o in outs)
+    candidates: dict[int, tuple[float, list[int]]] = {}
+    for m in asyncio.run(run(5, 5)):
+        for o in m.outputs:
+            logprob, toks = candidates.get(o.index, (0.0, []))
+            candidates[o.index] = (o.cumulative_logprob, toks + list(o.token_ids))
+    best = sorted(candidates.values(), key=lambda c: -c[0])[:2]
+    assert [list(o.token_ids) for o in outs] == [toks for _, toks in best]
