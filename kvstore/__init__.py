@@ -4,6 +4,6 @@ Never on the per-token path: the scheduler keeps its own in-memory view and writ
 batches (write-behind), so that the index survives a scheduler restart and can be shared.
 """
 
-from kvstore.base import PrefixEntry, PrefixStore, open_store
+from kvstore.base import PrefixEntry, PrefixStore, StoreBatch, open_store, worker_key
 
-__all__ = ["PrefixEntry", "PrefixStore", "open_store"]
+__all__ = ["PrefixEntry", "PrefixStore", "StoreBatch", "open_store", "worker_key"]

@@ -8,7 +8,7 @@ the same servers as separate processes.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pagedserve.models import resolve_model_path
@@ -44,6 +44,15 @@ class LocalCluster:
     def engine(self):
         return self.scheduler.engine
 
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """``{"router": url, "scheduler": url, "worker-0": url, ...}`` for the services started
+        with metrics (``start_local_cluster(..., metrics=True)``)."""
+        ports = {"router": self.router.metrics_port, "scheduler": self.scheduler.metrics_port}
+        ports.update({f"worker-{i}": w.metrics_port for i, w in enumerate(self.workers)})
+        return {name: f"http://127.0.0.1:{port}/metrics"
+                for name, port in ports.items() if port is not None}
+
     async def stop(self) -> None:
         await self.router.stop()
         await self.scheduler.stop(grace=1.0)
@@ -56,25 +65,32 @@ async def start_local_cluster(
     scheduler_config: SchedulerConfig | None = None,
     workers: list[Worker] | None = None,
     router_config: RouterConfig | None = None,
+    metrics: bool = False,
 ) -> LocalCluster:
     """Starts workers, then the scheduler (connected to them over gRPC), then the router.
-    Pre-built ``workers`` (e.g. shared across tests) skip model loading."""
+    Pre-built ``workers`` (e.g. shared across tests) skip model loading. ``metrics`` serves
+    every service's /metrics on a free port (``LocalCluster.metrics_urls``)."""
+    metrics_port = 0 if metrics else None
+    if metrics:
+        worker_configs = [replace(c, server=replace(c.server, metrics_port=0))
+                          for c in worker_configs]
     started = await asyncio.gather(*(
         start_worker_server(cfg, workers[i] if workers else None)
         for i, cfg in enumerate(worker_configs)))
     sconf = scheduler_config or SchedulerConfig()
     sconf = SchedulerConfig(
         batching=sconf.batching, cache=sconf.cache,
-        server=SchedulerServerConfig(host="127.0.0.1", port=0),
+        server=SchedulerServerConfig(host="127.0.0.1", port=0, metrics_port=metrics_port),
         worker_addresses=tuple(f"127.0.0.1:{w.port}" for w in started),
-        kvstore_url=sconf.kvstore_url,
+        kvstore_url=sconf.kvstore_url, log_interval_seconds=sconf.log_interval_seconds,
     )
     scheduler = await build_scheduler(sconf, [GrpcWorkerHandle(a) for a in sconf.worker_addresses])
     model_path = resolve_model_path(worker_configs[0].load.model)
     rconf = router_config or RouterConfig()
     rconf = RouterConfig(
         model=str(model_path), scheduler_address=f"127.0.0.1:{scheduler.port}",
-        server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0),
+        server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0,
+                                  metrics_port=metrics_port),
         max_tokens_limit=rconf.max_tokens_limit, request_timeout_s=rconf.request_timeout_s,
     )
     tokenizer = await asyncio.to_thread(load_tokenizer, model_path)

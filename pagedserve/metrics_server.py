@@ -19,7 +19,13 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -28,6 +34,7 @@ __all__ = [
     "AliasCollector",
     "MetricsServer",
     "family_name",
+    "new_registry",
     "serve_metrics",
     "start_metrics_server",
     "stop_metrics_server",
@@ -35,6 +42,19 @@ __all__ = [
 ]
 
 _COUNTER_SUFFIX = "_total"
+
+
+def new_registry() -> CollectorRegistry:
+    """A fresh registry holding the standard process, GC and platform collectors.
+
+    Each service instance gets its own (never the global ``prometheus_client.REGISTRY``), so
+    several servers can share one process in tests without clashing or mixing counts.
+    """
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 def family_name(exposed_name: str, metric_type: str) -> str:
@@ -65,6 +85,10 @@ class AliasCollector(Collector):
         self._sources = list(sources)
         self._aliases = dict(aliases)
         self._const_labels = dict(const_labels or {})
+
+    def set_const_labels(self, const_labels: Mapping[str, str]) -> None:
+        """Replace the labels added to every aliased sample (takes effect at the next scrape)."""
+        self._const_labels = dict(const_labels)
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so registering never runs the sources' collect() (and never clashes).

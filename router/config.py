@@ -16,10 +16,11 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 5.0
-    metrics_port: int = 0  # 0 = no Prometheus endpoint
+    metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+        metrics_port = 0 if self.metrics_port is None else self.metrics_port
+        if not 0 <= self.port <= 65535 or not 0 <= metrics_port <= 65535:
             raise ValueError("port and metrics_port must be in [0, 65535]")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
@@ -60,8 +61,10 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scheduler-address", default=_env("SCHEDULER_ADDRESS", d.scheduler_address))
     group.add_argument("--host", default=_env("HOST", s.host))
     group.add_argument("--port", type=int, default=int(_env("PORT", str(s.port)) or s.port))
+    metrics_port = _env("METRICS_PORT", None)
     group.add_argument("--metrics-port", type=int,
-                       default=int(_env("METRICS_PORT", str(s.metrics_port)) or 0))
+                       default=int(metrics_port) if metrics_port else None,
+                       help="serve Prometheus /metrics on this port (unset = off, 0 = any)")
     group.add_argument("--grace-s", type=float, default=float(_env("GRACE_S", str(s.grace_s)) or 0))
     group.add_argument("--max-tokens-limit", type=int,
                        default=int(_env("MAX_TOKENS_LIMIT", str(d.max_tokens_limit)) or 1))

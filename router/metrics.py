@@ -5,18 +5,18 @@ histograms live here and carry the vLLM latency names. Engine-state vLLM names (
 sizes, KV usage, token counters) are exported by the scheduler instead, so that every
 ``vllm:*`` series comes from exactly one job and ``sum()`` never double counts.
 
-Call order for one request::
+Call order for one request (``router/servicer.py``)::
 
     with metrics.track_stream():            # in-flight gauge
-        metrics.observe_queue_time(s)       # submitted -> first scheduled (from the scheduler)
         metrics.observe_ttft(s)             # once, at the first streamed token
         metrics.observe_inter_token(s)      # for every later token
         ...
-    metrics.request_finished(outcome, code, prompt_tokens, generated_tokens, e2e_s, ttft_s)
+        metrics.request_finished(outcome, code, prompt_tokens, generated_tokens, e2e_s, ttft_s)
 
-The module-level names at the bottom (``REGISTRY``, ``REQUESTS``, ``PROMPT_TOKENS``...,
-``start_router_metrics``) are the router's process-wide instance; tests build their own
-``RouterMetrics(CollectorRegistry())``.
+Queue time (submitted -> first scheduled) is only known to the scheduler, which exports it as
+``pagedserve_scheduler_request_queue_time_seconds`` (alias ``vllm:request_queue_time_seconds``).
+Each router server builds its own ``RouterMetrics`` in its own registry (``router/server.py``),
+so several routers in one test process never mix counts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pagedserve.metrics_server import AliasCollector, start_metrics_server
+from pagedserve.metrics_server import AliasCollector
 
 PREFIX = "pagedserve_router"
 
@@ -50,8 +50,6 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.0
                          0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 REQUEST_LATENCY_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
                            20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
-QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                      10.0, 30.0, 60.0, 120.0)
 
 #: vLLM name -> pagedserve name (exposed names: counters with ``_total``).
 VLLM_NAME_MAP: dict[str, str] = {
@@ -59,7 +57,6 @@ VLLM_NAME_MAP: dict[str, str] = {
     "vllm:inter_token_latency_seconds": f"{PREFIX}_inter_token_latency_seconds",
     "vllm:time_per_output_token_seconds": f"{PREFIX}_time_per_output_token_seconds",
     "vllm:e2e_request_latency_seconds": f"{PREFIX}_e2e_request_latency_seconds",
-    "vllm:request_queue_time_seconds": f"{PREFIX}_request_queue_time_seconds",
 }
 
 
@@ -84,10 +81,12 @@ class RouterMetrics:
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of accepted requests.", registry=registry)
         self.generated_tokens = Counter(
-            f"{PREFIX}_generated_tokens", "Tokens streamed back to clients.", registry=registry)
+            f"{PREFIX}_generated_tokens",
+            "Tokens streamed back to clients (counted when their request ends).",
+            registry=registry)
         self._build_histograms(registry)
         registry.register(AliasCollector(
-            [self.ttft, self.inter_token, self.tpot, self.e2e, self.queue_time],
+            [self.ttft, self.inter_token, self.tpot, self.e2e],
             VLLM_NAME_MAP, {"model_name": model_name} if model_name else None))
 
     def _build_histograms(self, registry: CollectorRegistry) -> None:
@@ -102,11 +101,9 @@ class RouterMetrics:
             "Per request: (e2e - ttft) / (generated tokens - 1).",
             buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
         self.e2e = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds", "Request arrival to last streamed token.",
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Request arrival to stream end, for requests that reached the scheduler.",
             buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
-        self.queue_time = Histogram(
-            f"{PREFIX}_request_queue_time_seconds", "Submitted to first scheduled step.",
-            buckets=QUEUE_TIME_BUCKETS, registry=registry)
 
     def track_stream(self) -> AbstractContextManager[None]:
         """Context manager counting one open stream (decrements on any exit path)."""
@@ -118,53 +115,29 @@ class RouterMetrics:
     def observe_inter_token(self, seconds: float) -> None:
         self.inter_token.observe(seconds)
 
-    def observe_queue_time(self, seconds: float) -> None:
-        self.queue_time.observe(seconds)
-
     def request_finished(
         self,
         outcome: str,
         code: str,
         prompt_tokens: int,
         generated_tokens: int,
-        e2e_s: float,
+        e2e_s: float | None,
         ttft_s: float | None = None,
     ) -> None:
         """Record a finished request; also its time per output token when ``ttft_s`` is known.
 
-        ``code`` is the gRPC status name (``"OK"``, ``"CANCELLED"``...). Raises ``ValueError``
-        for an outcome outside :data:`OUTCOMES`.
+        ``code`` is the gRPC status name (``"OK"``, ``"CANCELLED"``...). ``e2e_s`` None (refused
+        before reaching the scheduler) keeps the latency histograms free of refusals. Raises
+        ``ValueError`` for an outcome outside :data:`OUTCOMES`.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
         self.requests.labels(outcome=outcome, code=code).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
+        if e2e_s is None:
+            return
         self.e2e.observe(e2e_s)
         if ttft_s is not None and generated_tokens > 1:
             self.tpot.observe((e2e_s - ttft_s) / (generated_tokens - 1))
 
-
-# --- the router's module-level API (router/servicer.py, router/server.py use these) --------
-# One RouterMetrics in the router's own registry; ``start_router_metrics`` serves it.
-
-REGISTRY = CollectorRegistry()
-DEFAULT = RouterMetrics(REGISTRY)
-
-
-class _RequestsByCode:
-    """``REQUESTS.labels(code=...)``: the outcome label is derived from the status code."""
-
-    def labels(self, code: str) -> Counter:
-        return DEFAULT.requests.labels(outcome=outcome_for_code(code), code=code)
-
-
-REQUESTS = _RequestsByCode()
-PROMPT_TOKENS = DEFAULT.prompt_tokens
-GENERATED_TOKENS = DEFAULT.generated_tokens
-TIME_TO_FIRST_TOKEN = DEFAULT.ttft
-
-
-def start_router_metrics(port: int, host: str) -> int | None:
-    """Serves /metrics on ``host:port``; port 0 means no exporter. Returns the bound port."""
-    return start_metrics_server(port, REGISTRY, host) if port else None

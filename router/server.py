@@ -11,10 +11,11 @@ import grpc
 from grpc_health.v1 import health
 
 from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
 from pagedserve.models import resolve_model_path
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
 from router.config import RouterConfig
-from router.metrics import start_router_metrics
+from router.metrics import RouterMetrics
 from router.request import ServedModel
 from router.scheduler_client import SchedulerClient
 from router.servicer import GenerationServicer
@@ -34,6 +35,13 @@ class RouterServer:
     health: health.aio.HealthServicer
     scheduler: SchedulerClient
     grace_s: float
+    metrics: RouterMetrics | None = None
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Bound /metrics port, or None when metrics are off."""
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING first so load balancers drain, then in-flight calls get
@@ -41,6 +49,8 @@ class RouterServer:
         await set_serving(self.health, [SERVICE_NAME], False)
         await self.server.stop(self.grace_s)
         await self.scheduler.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 def served_model(info: scheduler_pb2.SchedulerModelInfo, name: str | None) -> ServedModel:
@@ -58,10 +68,12 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     scheduler = SchedulerClient(cfg.scheduler_address)
     info = await scheduler.model_info(cfg.startup_timeout_s)
     model = served_model(info, cfg.served_model_name)
+    registry = new_registry()
+    metrics = RouterMetrics(registry, model.name)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationServicer(tokenizer, scheduler, model, max_tokens_limit=cfg.max_tokens_limit,
-                           request_timeout_s=cfg.request_timeout_s),
+                           request_timeout_s=cfg.request_timeout_s, metrics=metrics),
         server,
     )
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
@@ -70,7 +82,12 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     await set_serving(health_servicer, [SERVICE_NAME], True)
     logger.info("router serving %s on port %d (scheduler %s, context %d)",
                 model.name, port, cfg.scheduler_address, model.context_len)
-    return RouterServer(server, port, health_servicer, scheduler, cfg.server.grace_s)
+    metrics_server = None
+    if cfg.server.metrics_port is not None:
+        metrics_server = serve_metrics(cfg.server.metrics_port, registry, cfg.server.host)
+        logger.info("router metrics on %s", metrics_server.url)
+    return RouterServer(server, port, health_servicer, scheduler, cfg.server.grace_s, metrics,
+                        metrics_server)
 
 
 async def build_server(
@@ -84,7 +101,6 @@ async def build_server(
 
 async def serve(cfg: RouterConfig) -> None:
     """Runs until SIGTERM/SIGINT, then stops gracefully."""
-    start_router_metrics(cfg.server.metrics_port, cfg.server.host)
     router = await start_router(cfg)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -3,7 +3,8 @@
 Per ``Generate``: prepare (validate, tokenize) -> open ``Scheduler.Submit`` with the client's
 remaining deadline -> feed each scheduler message through an ``OutputProcessor`` -> stream its
 messages. Stop string, client cancel, deadline and error all leave through one ``finally`` that
-cancels the upstream call (the scheduler then frees the request's blocks).
+cancels the upstream call (the scheduler then frees the request's blocks), and one outer
+``finally`` that records the request's outcome, status code, tokens and latencies.
 """
 
 from __future__ import annotations
@@ -12,19 +13,59 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from pagedserve.errors import PagedServeError
 from pagedserve.grpc_util import abort_for, status_code_for
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
-from router import metrics
+from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
 from router.request import PreparedRequest, ServedModel, prepare_request, prompt_token_ids
 from router.scheduler_client import SchedulerClient, SubmitStream
 from router.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _RequestRecord:
+    """What the metrics need of one request, filled in as it streams."""
+
+    started: float = field(default_factory=time.monotonic)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    reached_scheduler: bool = False
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def tokens_streamed(self, num_tokens: int, metrics: RouterMetrics) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            metrics.observe_ttft(now - self.started)
+        elif self.last_token_at is not None:
+            metrics.observe_inter_token(now - self.last_token_at)
+        self.last_token_at = now
+        self.num_generated_tokens += num_tokens
+
+    def finish(self, code: grpc.StatusCode, metrics: RouterMetrics) -> None:
+        end = self.last_token_at or time.monotonic()
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        metrics.request_finished(
+            outcome_for_code(code.name), code.name, self.num_prompt_tokens,
+            self.num_generated_tokens, end - self.started if self.reached_scheduler else None,
+            ttft)
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """A cancelled handler: the client's deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -38,7 +79,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         *,
         max_tokens_limit: int,
         request_timeout_s: float,
+        metrics: RouterMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
         self._tokenizer = tokenizer
         self._scheduler = scheduler
         self._model = model
@@ -48,26 +91,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        code = grpc.StatusCode.OK
-        try:
-            prepared = await asyncio.to_thread(
-                prepare_request, request, self._tokenizer, self._model,
-                max_tokens_limit=self._max_tokens_limit,
-            )
-            async for message in self._run(prepared, context):
-                yield message
-        except PagedServeError as exc:
-            code = status_code_for(exc)
-            logger.info("request %s: %s", request.request_id or "-", exc)
-            await abort_for(context, exc)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            metrics.REQUESTS.labels(code=code.name).inc()
+        record = _RequestRecord()
+        code = grpc.StatusCode.UNKNOWN  # until proven otherwise: an unexpected exception
+        with self._metrics.track_stream():
+            try:
+                prepared = await asyncio.to_thread(
+                    prepare_request, request, self._tokenizer, self._model,
+                    max_tokens_limit=self._max_tokens_limit,
+                )
+                async for message in self._run(prepared, context, record):
+                    yield message
+                code = grpc.StatusCode.OK
+            except PagedServeError as exc:
+                code = status_code_for(exc)
+                logger.info("request %s: %s", request.request_id or "-", exc)
+                await abort_for(context, exc)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _cancel_code(context)
+                raise
+            finally:
+                record.finish(code, self._metrics)
 
     async def _run(
-        self, prepared: PreparedRequest, context: grpc.aio.ServicerContext
+        self, prepared: PreparedRequest, context: grpc.aio.ServicerContext,
+        record: _RequestRecord,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         processor = OutputProcessor(
             prepared.request_id, self._tokenizer, prepared.params, prepared.num_prompt_tokens
@@ -76,9 +123,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         context.add_done_callback(lambda _ctx: stream.cancel())  # client gone: abort upstream now
         logger.info("request %s: %d prompt tokens, max_tokens %d, n %d", prepared.request_id,
                     prepared.num_prompt_tokens, prepared.params.max_tokens, prepared.params.n)
-        metrics.PROMPT_TOKENS.inc(prepared.num_prompt_tokens)
+        record.num_prompt_tokens = prepared.num_prompt_tokens
+        record.reached_scheduler = True
         try:
-            async for message in _stream_outputs(processor, stream, time.monotonic()):
+            async for message in _stream_outputs(processor, stream):
+                if message.token_ids:
+                    record.tokens_streamed(len(message.token_ids), self._metrics)
                 yield message
         finally:
             stream.cancel()
@@ -119,16 +169,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 async def _stream_outputs(
-    processor: OutputProcessor, stream: SubmitStream, started: float
+    processor: OutputProcessor, stream: SubmitStream
 ) -> AsyncIterator[generation_pb2.GenerateResponse]:
     """Runs the scheduler's stream through ``processor`` until every output is finished."""
-    first_token_seen = False
     async for response in stream:
         for message in processor.process(response):
-            if message.token_ids and not first_token_seen:
-                first_token_seen = True
-                metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
-            metrics.GENERATED_TOKENS.inc(len(message.token_ids))
             yield message
         if processor.all_finished:
             logger.debug("request %s: all outputs finished", processor.request_id)

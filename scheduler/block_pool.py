@@ -140,6 +140,21 @@ class BlockPool:
         block.block_hash, block.token_ids = block_hash, token_ids
         self.cached[block_hash] = block
 
+    def restore_cached(self, block_id: int, block_hash: bytes, token_ids: tuple[int, ...]) -> bool:
+        """Marks free block ``block_id`` as holding ``block_hash`` (a scheduler restart: the worker
+        kept the memory) and moves it to the tail of the free queue, so call it least recently
+        used first. Refused (``False``) if the block is in use or cached, or the hash is taken."""
+        if not self.enable_caching or not 0 <= block_id < self.num_blocks:
+            return False
+        block = self.blocks[block_id]
+        if block.ref_cnt or block.block_hash is not None or block_hash in self.cached:
+            return False
+        block.block_hash, block.token_ids = block_hash, token_ids
+        self.cached[block_hash] = block
+        self.free_queue.remove(block)
+        self.free_queue.append(block)
+        return True
+
     def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> Block | None:
         block = self.cached.get(block_hash)
         if block is None or block.token_ids != token_ids:

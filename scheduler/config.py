@@ -49,10 +49,13 @@ class SchedulerConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     worker_addresses: tuple[str, ...] = ()
+    worker_discovery: str | None = None  # k8s-headless=NAME:PORT (scheduler/discovery.py)
     kvstore_url: str = "memory://"
-    log_interval_seconds: float = 10.0
+    log_interval_seconds: float = 10.0  # periodic INFO stats line; 0 = off
 
     def __post_init__(self) -> None:
+        if self.log_interval_seconds < 0:
+            raise ValueError("--log-interval-seconds must be >= 0 (0 turns the stats line off)")
         if not (self.kvstore_url.startswith("memory://") or self.kvstore_url.startswith("redis://")):
             raise ValueError("--kvstore must be memory:// or redis://HOST:PORT/DB")
 
@@ -72,12 +75,19 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser, with_server: bool =
     g.add_argument("--watermark", type=float, default=float(env("PAGEDSERVE_WATERMARK", "0.01")))
     g.add_argument("--kvstore", default=env("PAGEDSERVE_KVSTORE", "memory://"),
                    help="prefix index: memory:// (embedded) or redis://HOST:PORT/DB")
+    g.add_argument("--log-interval-seconds", type=float,
+                   default=float(env("PAGEDSERVE_LOG_INTERVAL_SECONDS", "10")),
+                   help="seconds between INFO stats lines (0 = off)")
     if with_server:
         g.add_argument("--worker", action="append", default=[], dest="workers",
                        help="worker address HOST:PORT (repeat for several)")
+        g.add_argument("--worker-discovery", default=env("PAGEDSERVE_WORKER_DISCOVERY"),
+                       help="k8s-headless=NAME:PORT: workers are the addresses NAME resolves to")
         g.add_argument("--host", default=env("PAGEDSERVE_HOST", "127.0.0.1"))
         g.add_argument("--port", type=int, default=int(env("PAGEDSERVE_SCHEDULER_PORT", "50052")))
-        g.add_argument("--metrics-port", type=int, default=None)
+        g.add_argument("--metrics-port", type=int,
+                       default=_optional_int(env("PAGEDSERVE_SCHEDULER_METRICS_PORT")),
+                       help="serve Prometheus /metrics on this port (unset = off, 0 = any)")
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -88,5 +98,11 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         server=ServerConfig(getattr(args, "host", "127.0.0.1"), getattr(args, "port", 0),
                             getattr(args, "metrics_port", None)),
         worker_addresses=tuple(getattr(args, "workers", ()) or ()),
+        worker_discovery=getattr(args, "worker_discovery", None),
         kvstore_url=args.kvstore,
+        log_interval_seconds=getattr(args, "log_interval_seconds", 10.0),
     )
+
+
+def _optional_int(value: str | None) -> int | None:
+    return int(value) if value else None

@@ -103,6 +103,7 @@ class Engine:
         self.metrics: Any = None
         # Write-behind to the kvstore (scheduler/prefix_sync.py); None = in-memory view only.
         self.prefix_sync: Any = None
+        self.background_tasks: list[asyncio.Task] = []  # cancelled by stop()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,7 +129,27 @@ class Engine:
         for ws in self.workers:
             ws.task = asyncio.create_task(self._worker_loop(ws), name=f"step-loop-{ws.handle.name}")
 
+    async def add_worker(self, handle: WorkerHandle) -> None:
+        """Admits a worker discovered after start (same model and block size required)."""
+        info = await handle.info()
+        first = self.model_info
+        if info.model != first.model or info.block_size != first.block_size:
+            raise ValueError(f"worker {handle.name} serves {info.model} with block size "
+                             f"{info.block_size}, not {first.model} with {first.block_size}")
+        await handle.reset()
+        ws = self._new_worker_state(handle, info)
+        if self.prefix_sync is not None:
+            await self.prefix_sync.restore(ws)
+        self.handles.append(handle)
+        self.workers.append(ws)
+        self.model_info.max_num_tokens_per_request = max(
+            first.max_num_tokens_per_request, info.num_gpu_blocks * info.block_size)
+        ws.task = asyncio.create_task(self._worker_loop(ws), name=f"step-loop-{handle.name}")
+        logger.info("worker %s joined with %d blocks", handle.name, info.num_gpu_blocks)
+
     async def stop(self) -> None:
+        for task in self.background_tasks:
+            task.cancel()
         for ws in self.workers:
             if ws.task is not None:
                 ws.task.cancel()

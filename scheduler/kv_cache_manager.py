@@ -30,7 +30,8 @@ class PrefixHit:
 class CacheEvents:
     """Prefix-index changes since the last drain, written behind to the kvstore in batches."""
 
-    stored: list[tuple[bytes, int, tuple[int, ...]]] = field(default_factory=list)
+    stored: list[tuple[bytes, int, tuple[int, ...], bytes | None]] = field(
+        default_factory=list)  # (hash, block id, token ids, parent hash)
     removed: list[bytes] = field(default_factory=list)
 
 
@@ -146,12 +147,12 @@ class KVCacheManager:
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = hash_block(parent, tokens, self.hash_extra)
+            prev, parent = parent, hash_block(parent, tokens, self.hash_extra)
             seq.block_hashes.append(parent)
             block = seq.blocks[i]
             if block.block_hash is None and parent not in self.gpu.cached:
                 self.gpu.cache_block(block, parent, tokens)
-                self.events.stored.append((parent, block.block_id, tokens))
+                self.events.stored.append((parent, block.block_id, tokens, prev))
 
     # ---- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:
@@ -167,6 +168,27 @@ class KVCacheManager:
 
     def swap_in(self, group: SequenceGroup) -> list[tuple[int, int]]:
         return self._move(group, src=self.cpu, dst=self.gpu)
+
+    def restore_cached(
+        self, entries: Iterable[tuple[bytes, int, tuple[int, ...], bytes | None]]
+    ) -> list[bytes]:
+        """Rebuilds cached-but-free blocks after a scheduler restart from (hash, block id, token
+        ids, parent hash), least recently used first. Only on a fresh pool. An entry is skipped
+        unless its hash re-computes from its parent and tokens (another model, a corrupt entry)
+        and its block is claimed by no other entry (one of them must be stale). Returns the
+        hashes restored."""
+        entries = list(entries)
+        claims: dict[int, int] = {}
+        for _, block_id, _, _ in entries:
+            claims[block_id] = claims.get(block_id, 0) + 1
+        restored: list[bytes] = []
+        for block_hash, block_id, tokens, parent in entries:
+            if (claims[block_id] != 1 or len(tokens) != self.block_size
+                    or hash_block(parent, tokens, self.hash_extra) != block_hash):
+                continue
+            if self.gpu.restore_cached(block_id, block_hash, tuple(tokens)):
+                restored.append(block_hash)
+        return restored
 
     def drain_events(self) -> CacheEvents:
         events, self.events = self.events, CacheEvents()

@@ -20,11 +20,16 @@ PREFIX = "pagedserve_scheduler"
 
 PREEMPTION_MODES = ("swap", "recompute")
 FINISHED_REASONS = ("stop", "length", "abort", "error")
-#: Documented placement reasons; others are accepted but should be added here.
-PLACEMENT_REASONS = ("prefix_hit", "least_loaded", "only_worker", "continuation")
+#: Placement reasons (``scheduler/placement.py``); others are accepted but should be added here.
+PLACEMENT_REASONS = ("prefix", "least_loaded", "only")
+#: ``state`` label values of the per-worker block gauges (they sum to the pool size).
+KV_BLOCK_STATES = ("used", "cached_free", "free")
+SWAP_BLOCK_STATES = ("used", "free")
 
 STEP_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
                          0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                      10.0, 30.0, 60.0, 120.0)
 STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 KVSTORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0)
@@ -43,6 +48,7 @@ VLLM_NAME_MAP: dict[str, str] = {
     "vllm:prompt_tokens_total": f"{PREFIX}_prompt_tokens_total",
     "vllm:generation_tokens_total": f"{PREFIX}_generated_tokens_total",
     "vllm:iteration_tokens_total": f"{PREFIX}_step_tokens",
+    "vllm:request_queue_time_seconds": f"{PREFIX}_request_queue_time_seconds",
 }
 
 
@@ -58,9 +64,14 @@ class SchedulerMetrics:
         self._build_cache_and_placement(registry)
         aliased = [self.running, self.waiting, self.swapped, self.kv_usage, self.preemptions,
                    self.prefix_queried, self.prefix_hits, self.finished, self.prompt_tokens,
-                   self.generated_tokens, self.step_tokens]
-        registry.register(AliasCollector(
-            aliased, VLLM_NAME_MAP, {"model_name": model_name} if model_name else None))
+                   self.generated_tokens, self.step_tokens, self.queue_time]
+        self._aliases = AliasCollector(
+            aliased, VLLM_NAME_MAP, {"model_name": model_name} if model_name else None)
+        registry.register(self._aliases)
+
+    def set_model_name(self, model_name: str) -> None:
+        """Label the ``vllm:*`` aliases with ``model_name`` (known only once workers answer)."""
+        self._aliases.set_const_labels({"model_name": model_name} if model_name else {})
 
     def _build_state(self, r: CollectorRegistry) -> None:
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests in the running batch.",
@@ -72,6 +83,12 @@ class SchedulerMetrics:
         self.kv_usage = Gauge(f"{PREFIX}_kv_cache_usage_ratio",
                               "Fraction of a worker's GPU KV blocks in use (0-1).", ["worker"],
                               registry=r)
+        self.kv_blocks = Gauge(f"{PREFIX}_kv_blocks",
+                               "A worker's GPU KV blocks by state (used, cached_free, free).",
+                               ["worker", "state"], registry=r)
+        self.swap_blocks = Gauge(f"{PREFIX}_swap_blocks",
+                                 "A worker's CPU swap blocks by state (used, free).",
+                                 ["worker", "state"], registry=r)
         self.workers_healthy = Gauge(f"{PREFIX}_workers_healthy",
                                      "Workers currently registered and healthy.", registry=r)
 
@@ -90,6 +107,9 @@ class SchedulerMetrics:
                                    ["mode"], registry=r)
         self.finished = Counter(f"{PREFIX}_requests_finished", "Finished requests by reason.",
                                 ["finished_reason"], registry=r)
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds", "Submitted to first scheduled step.",
+            buckets=QUEUE_TIME_BUCKETS, registry=r)
 
     def _build_cache_and_placement(self, r: CollectorRegistry) -> None:
         self.prefix_queried = Counter(f"{PREFIX}_prefix_cache_queried_tokens",
@@ -112,12 +132,26 @@ class SchedulerMetrics:
     def set_kv_usage(self, worker: str, ratio: float) -> None:
         self.kv_usage.labels(worker=worker).set(ratio)
 
+    def set_worker_blocks(self, worker: str, total: int, free: int, cached_free: int,
+                          swap_total: int = 0, swap_free: int = 0) -> None:
+        """Per-worker pool state from the scheduler's metadata (``free`` includes cached-free)."""
+        self.set_kv_usage(worker, (total - free) / total if total else 0.0)
+        for state, value in (("used", total - free), ("cached_free", cached_free),
+                             ("free", free - cached_free)):
+            self.kv_blocks.labels(worker=worker, state=state).set(value)
+        self.swap_blocks.labels(worker=worker, state="used").set(swap_total - swap_free)
+        self.swap_blocks.labels(worker=worker, state="free").set(swap_free)
+
     def remove_worker(self, worker: str) -> None:
         """Drop a departed worker's series so dashboards stop showing its last value."""
-        try:
-            self.kv_usage.remove(worker)
-        except KeyError:
-            pass
+        series: list[tuple[Gauge, tuple[str, ...]]] = [(self.kv_usage, (worker,))]
+        series += [(self.kv_blocks, (worker, state)) for state in KV_BLOCK_STATES]
+        series += [(self.swap_blocks, (worker, state)) for state in SWAP_BLOCK_STATES]
+        for gauge, labels in series:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
 
     def set_workers_healthy(self, count: int) -> None:
         self.workers_healthy.set(count)
@@ -137,6 +171,9 @@ class SchedulerMetrics:
     def prefix_cache_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queried.inc(queried_tokens)
         self.prefix_hits.inc(hit_tokens)
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
 
     def placed(self, reason: str) -> None:
         self.placements.labels(reason=reason).inc()

@@ -9,10 +9,14 @@ from collections.abc import Sequence
 
 import grpc
 
+from kvstore import open_store
 from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler import discovery
 from scheduler.config import SchedulerConfig
 from scheduler.engine import Engine
+from scheduler.observability import SchedulerObserver
+from scheduler.prefix_sync import PrefixSync
 from scheduler.servicer import SchedulerServicer
 from scheduler.worker_handle import GrpcWorkerHandle, WorkerHandle
 
@@ -24,13 +28,24 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 class SchedulerServer:
     """A running scheduler: ``port`` is the bound port (config port 0 picks a free one)."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, health) -> None:
+    def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, health,
+                 observer: SchedulerObserver | None = None) -> None:
         self.server, self.port, self.engine, self.health = server, port, engine, health
+        self.observer = observer
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Bound /metrics port, or None when metrics are off."""
+        return self.observer.metrics_port if self.observer is not None else None
 
     async def stop(self, grace: float = 5.0) -> None:
         await set_serving(self.health, [SERVICE_NAME], ok=False)
         await self.server.stop(grace)
         await self.engine.stop()
+        if self.engine.prefix_sync is not None:
+            await self.engine.prefix_sync.close()  # after the engine: seals the index
+        if self.observer is not None:
+            await self.observer.stop()
 
 
 async def build_server(
@@ -39,9 +54,23 @@ async def build_server(
     """Connects to the workers (``config.worker_addresses`` unless ``handles`` is given), starts
     the engine and binds the server."""
     if handles is None:
-        handles = [GrpcWorkerHandle(address) for address in config.worker_addresses]
+        addresses = list(config.worker_addresses)
+        if config.worker_discovery:
+            host, dport = discovery.parse_discovery(config.worker_discovery)
+            addresses += await discovery.wait_for_workers(host, dport, timeout=600)
+        handles = [GrpcWorkerHandle(address) for address in addresses]
     engine = Engine(config, handles)
-    await engine.start()
+    observer = SchedulerObserver(engine, config.log_interval_seconds)  # engine.metrics from here
+    engine.prefix_sync = PrefixSync(open_store(config.kvstore_url),
+                                    metrics=getattr(engine, "metrics", None))
+    await engine.start()  # restores each worker's cached blocks from the kvstore
+    if config.worker_discovery and handles:
+        host, dport = discovery.parse_discovery(config.worker_discovery)
+        known = {h.name for h in engine.handles}
+        engine.background_tasks.append(asyncio.create_task(discovery.watch(
+            host, dport, known, lambda a: engine.add_worker(GrpcWorkerHandle(a)))))
+    engine.prefix_sync.start()
+    observer.start(config.server.metrics_port, config.server.host)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(engine), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -50,7 +79,7 @@ async def build_server(
     await set_serving(health, [SERVICE_NAME], ok=True)
     logger.info("scheduler serving on %s:%d with %d worker(s)", config.server.host, port,
                 len(handles))
-    return SchedulerServer(server, port, engine, health)
+    return SchedulerServer(server, port, engine, health, observer)
 
 
 async def serve(config: SchedulerConfig) -> None:

@@ -2,8 +2,14 @@
 
 Built into a ``CollectorRegistry`` the caller owns (tests pass a fresh one); ``worker/server.py``
 serves it with ``pagedserve.metrics_server``. The scheduler decides which block holds what, so
-KV *usage* comes from the scheduler (``pagedserve_scheduler_kv_cache_usage_ratio{worker}``);
-the worker exports pool capacity, plus used/cached counts when the scheduler reports them.
+the worker exports pool *capacity* only; used / cached-free / free blocks and KV usage per
+worker come from the scheduler (``pagedserve_scheduler_kv_blocks{worker,state}``,
+``pagedserve_scheduler_swap_blocks{worker,state}``, ``pagedserve_scheduler_kv_cache_usage_ratio``).
+
+Device memory is read at scrape time. On CUDA it is torch's caching allocator (allocated,
+reserved, peak allocated, device capacity). On CPU there is no device allocator, so the same
+gauges describe the process: allocated = reserved = resident set size, peak = peak RSS
+(``getrusage``), total = physical memory (psutil when installed, else ``/proc`` and ``sysconf``).
 No vLLM aliases live here: vLLM's engine-level names are exported once, by the scheduler.
 One worker process is one scrape target, so per-worker series are told apart by the
 target's ``instance``/``pod`` labels rather than a label of their own.
@@ -11,9 +17,17 @@ target's ``instance``/``pod`` labels rather than a label of their own.
 
 from __future__ import annotations
 
+import logging
+import os
+import resource
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "pagedserve_worker"
 
@@ -29,14 +43,15 @@ VLLM_NAME_MAP: dict[str, str] = {}
 class WorkerMetrics:
     """Owns the worker's metric objects inside one registry.
 
-    Invariant: ``kv_blocks_used + kv_blocks_cached_free <= kv_blocks_total`` whenever the
-    scheduler's last report is applied; the worker does not re-derive these numbers.
+    Invariant: pool gauges are capacities set once after sizing; the worker never tracks
+    which block is used (that is the scheduler's metadata).
     """
 
     def __init__(self, registry: CollectorRegistry, worker_id: str = "",
                  device: Any = "cpu") -> None:
         self._worker_id = worker_id
         self._device = device
+        registry.register(_SampleOnCollect(self))  # before the gauges: fresh at every scrape
         self._build_pools(registry)
         self._build_device(registry)
         self._build_steps(registry)
@@ -48,11 +63,7 @@ class WorkerMetrics:
             return Gauge(f"{PREFIX}_{name}", doc, registry=r)
 
         self.kv_blocks_total = gauge("kv_blocks_total", "GPU KV blocks in the pool.")
-        self.kv_blocks_used = gauge("kv_blocks_used", "GPU KV blocks referenced by a sequence.")
-        self.kv_blocks_cached_free = gauge(
-            "kv_blocks_cached_free", "Free GPU KV blocks still holding a reusable cached prefix.")
         self.swap_blocks_total = gauge("swap_blocks_total", "CPU swap blocks in the pool.")
-        self.swap_blocks_used = gauge("swap_blocks_used", "CPU swap blocks holding swapped KV.")
         self.sequences = gauge("sequences", "Sequences the worker holds state for.")
 
     def _build_device(self, r: CollectorRegistry) -> None:
@@ -85,15 +96,6 @@ class WorkerMetrics:
         self.kv_blocks_total.set(num_gpu_blocks)
         self.swap_blocks_total.set(num_cpu_blocks)
 
-    def set_kv_blocks(self, total: int, used: int, cached_free: int) -> None:
-        self.kv_blocks_total.set(total)
-        self.kv_blocks_used.set(used)
-        self.kv_blocks_cached_free.set(cached_free)
-
-    def set_swap_blocks(self, total: int, used: int) -> None:
-        self.swap_blocks_total.set(total)
-        self.swap_blocks_used.set(used)
-
     def set_weight_bytes(self, num_bytes: int) -> None:
         self.weight_bytes.set(num_bytes)
 
@@ -103,12 +105,20 @@ class WorkerMetrics:
         self.device_memory_peak.set(peak)
         self.device_memory_total.set(total)
 
+    def set_weight_bytes_of(self, model: Any) -> None:
+        """Bytes of a torch module's parameters and buffers."""
+        tensors = [*model.parameters(), *model.buffers()]
+        self.set_weight_bytes(sum(t.numel() * t.element_size() for t in tensors))
+
     def sample_device_memory(self, device: Any = None) -> None:
-        """Read torch's CUDA allocator stats; a CPU device leaves the gauges as they are."""
+        """Read torch's CUDA allocator stats, or the process's memory on CPU (module doc)."""
         import torch  # local: metrics stay importable (and cheap) without touching CUDA
 
         dev = torch.device(self._device if device is None else device)
         if dev.type != "cuda":
+            rss = _process_rss_bytes()
+            self.set_device_memory(allocated=rss, reserved=rss, peak=max(rss, _peak_rss_bytes()),
+                                   total=_physical_memory_bytes())
             return
         self.set_device_memory(
             allocated=torch.cuda.memory_allocated(dev),
@@ -121,10 +131,56 @@ class WorkerMetrics:
         self.sampling_duration.observe(sampling_s)
 
     def observe_step(self, num_tokens: int, num_sampled: int, forward_s: float,
-                     num_seqs: int) -> None:
-        """Per step (worker.py): tokens computed and sampled, forward time, live sequences."""
+                     num_seqs: int, sampling_s: float | None = None) -> None:
+        """Per step (worker.py): tokens computed and sampled, forward and sampling time, live
+        sequences. Device memory is read at scrape time, not here (off the hot path)."""
         self.computed_tokens.inc(num_tokens)
         self.sampled_tokens.inc(num_sampled)
         self.forward_duration.observe(forward_s)
+        if sampling_s is not None:
+            self.sampling_duration.observe(sampling_s)
         self.sequences.set(num_seqs)
-        self.sample_device_memory()
+
+
+class _SampleOnCollect(Collector):
+    """Refreshes the device-memory gauges when the registry is collected; exports nothing."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            self._metrics.sample_device_memory()
+        except Exception:  # a scrape must never fail because memory could not be read
+            logger.debug("device memory sample failed", exc_info=True)
+        return []
+
+
+def _process_rss_bytes() -> int:
+    try:
+        import psutil  # optional
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        import psutil  # optional
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

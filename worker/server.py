@@ -11,8 +11,10 @@ import grpc
 from grpc_health.v1 import health
 
 from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.config import WorkerConfig
+from worker.metrics import WorkerMetrics
 from worker.servicer import WorkerServicer
 from worker.worker import Worker
 
@@ -30,12 +32,20 @@ class WorkerServer:
     worker: Worker
     health: health.aio.HealthServicer
     grace_s: float
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Bound /metrics port, or None when metrics are off."""
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     async def stop(self) -> None:
         """NOT_SERVING first so the scheduler and probes drain, then in-flight steps get
         ``grace_s`` to finish."""
         await set_serving(self.health, [SERVICE_NAME], False)
         await self.server.stop(self.grace_s)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 async def start_worker_server(cfg: WorkerConfig, worker: Worker | None = None) -> WorkerServer:
@@ -52,7 +62,9 @@ async def start_worker_server(cfg: WorkerConfig, worker: Worker | None = None) -
     logger.info("worker %s serving %s on %s:%d (%s, %s backend, %d KV blocks)", info.worker_id,
                 info.model, cfg.server.host, port, info.device, info.attention_backend,
                 info.num_gpu_blocks)
-    return WorkerServer(server, port, worker, health_servicer, cfg.server.grace_seconds)
+    metrics_server = _start_metrics(cfg, worker) if cfg.server.metrics_port is not None else None
+    return WorkerServer(server, port, worker, health_servicer, cfg.server.grace_seconds,
+                        metrics_server)
 
 
 async def build_server(
@@ -66,8 +78,6 @@ async def build_server(
 async def serve(cfg: WorkerConfig) -> None:
     """Runs until SIGTERM/SIGINT, then stops gracefully."""
     started = await start_worker_server(cfg)
-    if cfg.server.metrics_port is not None:
-        _start_metrics(cfg, started.worker)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,14 +87,15 @@ async def serve(cfg: WorkerConfig) -> None:
     await started.stop()
 
 
-def _start_metrics(cfg: WorkerConfig, worker: Worker) -> None:
-    from prometheus_client import REGISTRY
-
-    from pagedserve.metrics_server import start_metrics_server
-    from worker.metrics import WorkerMetrics
-
-    worker.metrics = WorkerMetrics(REGISTRY, cfg.server.worker_id, worker.placement.device)
-    worker.metrics.set_pools(worker.cache.num_gpu_blocks, worker.cache.num_cpu_blocks)
+def _start_metrics(cfg: WorkerConfig, worker: Worker) -> MetricsServer:
+    """One registry per server (tests run several workers in one process)."""
+    registry = new_registry()
+    metrics = WorkerMetrics(registry, worker.info().worker_id, worker.placement.device)
+    metrics.set_pools(worker.cache.num_gpu_blocks, worker.cache.num_cpu_blocks)
+    metrics.set_weight_bytes_of(worker.model)
+    metrics.set_backend(worker.placement.backend.name, str(worker.placement.device))
+    worker.metrics = metrics
     assert cfg.server.metrics_port is not None
-    port = start_metrics_server(cfg.server.metrics_port, REGISTRY, cfg.server.host)
-    logger.info("worker metrics on %s:%d/metrics", cfg.server.host, port)
+    server = serve_metrics(cfg.server.metrics_port, registry, cfg.server.host)
+    logger.info("worker metrics on %s", server.url)
+    return server

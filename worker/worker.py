@@ -105,7 +105,8 @@ class Worker:
                      len(result.seq_ids), result.forward_seconds)
         if self.metrics is not None:
             self.metrics.observe_step(sum(w.num_new_tokens for w in work), len(result.seq_ids),
-                                      result.forward_seconds, num_seqs)
+                                      result.forward_seconds, num_seqs,
+                                      sampling_s=result.sample_seconds)
         return self._response(req.step_id, result)
 
     def reset(self) -> None:

@@ -83,12 +83,14 @@ def kv_memory() -> list[dict[str, Any]]:
     return [
         panel("KV usage per worker (scheduler view)",
               [("pagedserve_scheduler_kv_cache_usage_ratio", "{{worker}}")], "percentunit"),
-        panel("KV blocks per worker pod",
-              [(f"{w}_kv_blocks_used", "used {{instance}}"),
-               (f"{w}_kv_blocks_cached_free", "cached-free {{instance}}"),
-               (f"{w}_kv_blocks_total", "total {{instance}}")]),
-        panel("Swap usage per worker pod",
-              [(f"{w}_swap_blocks_used / clamp_min({w}_swap_blocks_total, 1)", "{{instance}}")],
+        # Which block is used is scheduler metadata; workers export only their pool capacity.
+        panel("KV blocks per worker (scheduler view)",
+              [("sum by (worker, state) (pagedserve_scheduler_kv_blocks)",
+                "{{state}} {{worker}}"),
+               (f"{w}_kv_blocks_total", "capacity {{instance}}")]),
+        panel("Swap usage per worker (scheduler view)",
+              [('sum by (worker) (pagedserve_scheduler_swap_blocks{state="used"}) / '
+                "clamp_min(sum by (worker) (pagedserve_scheduler_swap_blocks), 1)", "{{worker}}")],
               "percentunit"),
         panel("Device memory per worker pod",
               [(f"{w}_device_memory_allocated_bytes", "allocated {{instance}}"),

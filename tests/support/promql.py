@@ -56,3 +56,21 @@ def family_names(registries: Iterable[CollectorRegistry]) -> set[str]:
     """Family names as documented: counters with ``_total``, others by their base name."""
     return {f.name + ("_total" if f.type == "counter" else "")
             for registry in registries for f in registry.collect()}
+
+
+def scraped_names(text: str) -> set[str]:
+    """Every series name a /metrics page can expose (families it declares, with type suffixes),
+    including labelled families that have no samples yet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name + suffix
+            for family in text_string_to_metric_families(text)
+            for suffix in _TYPE_SUFFIXES[family.type]}
+
+
+def scraped_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``{(sample name, labels): value}`` of a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -124,18 +124,42 @@ def test_scheduler_remove_worker_drops_its_series() -> None:
 def test_worker_memory_and_backend_info() -> None:
     registry = CollectorRegistry()
     m = WorkerMetrics(registry, "w0", "cpu")
-    m.set_kv_blocks(total=100, used=40, cached_free=10)
-    m.set_swap_blocks(total=50, used=5)
-    m.set_device_memory(allocated=1 << 30, reserved=2 << 30, peak=3 << 30, total=80 << 30)
     m.set_weight_bytes(270_000_000)
     m.set_backend("torch", "cpu")
-    m.sample_device_memory("cpu")  # no CUDA: leaves the reported values alone
     m.step_finished(forward_s=0.01, sampling_s=0.001)
-    assert _sample(registry, "pagedserve_worker_kv_blocks_cached_free") == 10
-    assert _sample(registry, "pagedserve_worker_device_memory_reserved_bytes") == 2 << 30
+    assert _sample(registry, "pagedserve_worker_model_weight_bytes") == 270_000_000
     assert _sample(registry, "pagedserve_worker_attention_backend_info",
                    backend="torch", device="cpu", worker_id="w0") == 1
     assert _sample(registry, "pagedserve_worker_forward_duration_seconds_count") == 1
+
+
+def test_worker_on_cpu_reports_process_memory_at_scrape_time() -> None:
+    registry = CollectorRegistry()
+    WorkerMetrics(registry, "w0", "cpu")
+    rss = registry.get_sample_value("pagedserve_worker_device_memory_allocated_bytes")
+    total = _sample(registry, "pagedserve_worker_device_memory_total_bytes")
+    peak = _sample(registry, "pagedserve_worker_device_memory_peak_bytes")
+    assert rss is not None and total is not None and peak is not None
+    assert 0 < rss <= peak and rss < total
+
+
+def test_worker_exports_pool_capacity_only() -> None:
+    names = family_names([_all_registries()[2]])
+    assert "pagedserve_worker_kv_blocks_total" in names
+    assert not {"pagedserve_worker_kv_blocks_used", "pagedserve_worker_swap_blocks_used"} & names
+
+
+def test_scheduler_worker_blocks_by_state_sum_to_the_pool() -> None:
+    registry = CollectorRegistry()
+    m = SchedulerMetrics(registry)
+    m.set_worker_blocks("w0", total=100, free=70, cached_free=20, swap_total=8, swap_free=6)
+    blocks = {s: _sample(registry, "pagedserve_scheduler_kv_blocks", worker="w0", state=s)
+              for s in ("used", "cached_free", "free")}
+    assert blocks == {"used": 30, "cached_free": 20, "free": 50}
+    assert _sample(registry, "pagedserve_scheduler_kv_cache_usage_ratio", worker="w0") == 0.3
+    assert _sample(registry, "pagedserve_scheduler_swap_blocks", worker="w0", state="used") == 2
+    m.remove_worker("w0")
+    assert _sample(registry, "pagedserve_scheduler_kv_blocks", worker="w0", state="used") is None
 
 
 def test_worker_observe_step_counts_tokens_and_sequences() -> None:

@@ -1,0 +1,94 @@
+"""A scheduler restart over real gRPC with the tiny model and Redis: the workers keep their KV
+memory, the new scheduler restores the prefix index from Redis, and a request sharing the prefix
+hits the cache with the same output as a scheduler without prefix caching."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from protos.pagedserve.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    scheduler_pb2_grpc,
+)
+from router.config import RouterConfig
+from router.config import ServerConfig as RouterServerConfig
+from router.server import start_router
+from router.tokenizer import load_tokenizer
+from scheduler.config import CacheConfig, SchedulerConfig, ServerConfig
+from scheduler.server import build_server
+from scheduler.worker_handle import GrpcWorkerHandle
+from tests.support.cluster import ClusterThread
+from tests.support.redis_server import running_redis
+from tests.support.tiny_llama import tiny_llama_dir
+from tests.support.worker_factory import cpu_worker_config
+
+BLOCK_SIZE = 16
+
+
+@pytest.fixture
+def redis_server():
+    yield from running_redis()
+
+
+@pytest.fixture
+def cluster(redis_server):
+    c = ClusterThread([cpu_worker_config(tiny_llama_dir(), block_size=BLOCK_SIZE,
+                                         num_gpu_blocks=128)],
+                      SchedulerConfig(kvstore_url=redis_server.url))
+    yield c
+    c.stop()
+
+
+def _restart_scheduler(c: ClusterThread, config: SchedulerConfig) -> None:
+    """Stops router and scheduler; starts new ones over the same worker servers."""
+    lc = c.cluster
+    addresses = tuple(f"127.0.0.1:{w.port}" for w in lc.workers)
+    config = SchedulerConfig(batching=config.batching, cache=config.cache,
+                             server=ServerConfig(host="127.0.0.1", port=0),
+                             worker_addresses=addresses, kvstore_url=config.kvstore_url)
+
+    async def restart():
+        await lc.router.stop()
+        await lc.scheduler.stop(grace=1.0)
+        lc.scheduler = await build_server(config, [GrpcWorkerHandle(a) for a in addresses])
+        rconf = RouterConfig(model=str(lc.model_path),
+                             scheduler_address=f"127.0.0.1:{lc.scheduler.port}",
+                             server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0))
+        lc.router = await start_router(rconf, load_tokenizer(lc.model_path))
+    c.channel.close()
+    c.sched_channel.close()
+    c.run(restart())
+    c.channel = grpc.insecure_channel(lc.router_address)
+    c.generation = generation_pb2_grpc.GenerationStub(c.channel)
+    c.sched_channel = grpc.insecure_channel(lc.scheduler_address)
+    c.scheduler = scheduler_pb2_grpc.SchedulerStub(c.sched_channel)
+
+
+def _generate(c: ClusterThread, ids: list[int], max_tokens: int = 8) -> list[int]:
+    req = generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=ids),
+        params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                         ignore_eos=True))
+    return [t for m in c.generation.Generate(req, timeout=120) if m.index == 0
+            for t in m.token_ids]
+
+
+def test_prefix_hits_survive_a_scheduler_restart_with_identical_output(cluster, redis_server):
+    prefix = [3 + (11 * i) % 400 for i in range(6 * BLOCK_SIZE)]
+    first = _generate(cluster, prefix + [7, 8, 9])
+    assert cluster.stats().prefix_hit_tokens == 0
+
+    redis_config = SchedulerConfig(kvstore_url=redis_server.url)
+    _restart_scheduler(cluster, redis_config)
+    assert cluster.cluster.engine.prefix_sync.num_restored_blocks >= 6
+    second = _generate(cluster, prefix + [10, 11])
+    assert cluster.stats().prefix_hit_tokens == 6 * BLOCK_SIZE
+
+    _restart_scheduler(cluster, SchedulerConfig(cache=CacheConfig(enable_prefix_caching=False),
+                                                kvstore_url=redis_server.url))
+    assert _generate(cluster, prefix + [10, 11]) == second
+    assert _generate(cluster, prefix + [7, 8, 9]) == first
+    assert cluster.stats().prefix_hit_tokens == 0
