@@ -284,14 +284,16 @@ class Engine:
         started = time.perf_counter()
         plan = ws.sched.schedule()
         dropped, ws.sched.dropped_seq_ids = ws.sched.dropped_seq_ids, []
-        if plan.is_empty and not dropped:
+        if plan.is_empty and not dropped:  # (published blocks wait for the next real step)
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
         for item in plan.scheduled:  # forks made by this plan join the index
             if item.seq.seq_id not in self.seqs:
                 self.seqs[item.seq.seq_id] = (item.seq, self.requests[item.group.request_id])
-        request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id)
+        published, ws.kv.published = ws.kv.published, []
+        request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
+                                     published)
         response = await ws.handle.step(request)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens

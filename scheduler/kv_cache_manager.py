@@ -53,6 +53,8 @@ class KVCacheManager:
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self.hash_extra = hash_extra
         self.events = CacheEvents()
+        # Newly cached (block id, hash), told to the worker with the next step (cached_blocks).
+        self.published: list[tuple[int, bytes]] = []
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
 
@@ -153,6 +155,7 @@ class KVCacheManager:
             if block.block_hash is None and parent not in self.gpu.cached:
                 self.gpu.cache_block(block, parent, tokens)
                 self.events.stored.append((parent, block.block_id, tokens, prev))
+                self.published.append((block.block_id, parent))
 
     # ---- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:

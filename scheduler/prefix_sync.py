@@ -105,11 +105,14 @@ class PrefixSync:
             return 0
         self._set_healthy()
         if not clean:
-            if entries:
-                state.needs_resync = True  # they may be stale: replace them with the live view
-                logger.warning("prefix index of worker %s was not closed cleanly (%d entries "
-                               "ignored): starting it cold", ws.handle.name, len(entries))
-            return 0
+            # The last scheduler died between index writes: trust exactly the entries whose
+            # block the worker still vouches for (same hash, not written since).
+            vouched = {b.block_id: b.block_hash for b in ws.info.cached_blocks}
+            total = len(entries)
+            entries = [e for e in entries if vouched.get(e.block_id) == e.block_hash]
+            state.needs_resync = True  # replace what was dropped with the live view
+            logger.warning("prefix index of worker %s was not closed cleanly: %d of %d entries "
+                           "confirmed by the worker", ws.handle.name, len(entries), total)
         restored = ws.kv.restore_cached(_lru_order(entries))
         for entry in entries:
             state.parents[entry.block_hash] = entry.parent_hash

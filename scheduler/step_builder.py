@@ -27,8 +27,10 @@ def worker_params(group: SequenceGroup, seq: Sequence) -> common_pb2.SamplingPar
 def build_step_request(
     step_id: int, plan: StepPlan, dropped_seq_ids: list[int],
     seq_by_id: Callable[[int], Sequence | None],
+    published: list[tuple[int, bytes]] = (),  # type: ignore[assignment]
 ) -> worker_pb2.StepRequest:
     request = worker_pb2.StepRequest(step_id=step_id, finished_seq_ids=dropped_seq_ids)
+    request.cached.extend(worker_pb2.BlockHash(block_id=b, block_hash=h) for b, h in published)
     # Pass 1: sequences the worker has not seen. Forks copy the parent as it stands before this
     # step's appends, so this pass must run before any parent's sync state moves.
     for item in plan.scheduled:

@@ -70,6 +70,7 @@ class Worker:
         self.metrics: WorkerMetrics | None = None  # set by the server when metrics are on
         self._lock = threading.Lock()
         self.instance_id = uuid.uuid4().hex
+        self.block_hashes: dict[int, bytes] = {}  # block id -> content hash (cached_blocks)
 
     # ---------------------------------------------------------------------------------- public
 
@@ -87,6 +88,8 @@ class Worker:
             device=str(self.placement.device),
             attention_backend=self.placement.backend.name,
             instance_id=self.instance_id,
+            cached_blocks=[worker_pb2.BlockHash(block_id=b, block_hash=h)
+                           for b, h in self.block_hashes.items()],
         )
 
     def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
@@ -95,10 +98,13 @@ class Worker:
             for seq_id in req.finished_seq_ids:
                 self.seqs.pop(seq_id, None)
             self._register(req.new_seqs)
+            for c in req.cached:  # computed in an earlier step, so before this step's writes
+                self.block_hashes[c.block_id] = c.block_hash
             self.cache.swap_out([(m.src, m.dst) for m in req.swap_out])
             self.cache.swap_in([(m.src, m.dst) for m in req.swap_in])
             self.cache.copy_blocks([(m.src, m.dst) for m in req.copies])
             work = [self._apply_scheduled(s) for s in req.scheduled]
+            self._forget_written(req, work)
             result = self.runner.execute(work, self.cache.gpu_cache)
             num_seqs = len(self.seqs)
         logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", req.step_id, len(work),
@@ -130,6 +136,19 @@ class Worker:
             else:
                 seq = SequenceState(n.seq_id, list(n.token_ids), n.num_prompt_tokens, params)
             self.seqs[n.seq_id] = seq
+
+    def _forget_written(self, req: worker_pb2.StepRequest, work: list[ScheduledWork]) -> None:
+        """Blocks this step writes no longer hold the content their hash names."""
+        if not self.block_hashes:
+            return
+        for m in (*req.copies, *req.swap_in):
+            self.block_hashes.pop(m.dst, None)
+        bs = self.config.cache.block_size
+        for w in work:
+            first = w.num_computed_tokens // bs
+            last = -(-(w.num_computed_tokens + w.num_new_tokens) // bs)
+            for block_id in w.seq.block_table[first:last]:
+                self.block_hashes.pop(block_id, None)
 
     def _apply_scheduled(self, s: worker_pb2.ScheduledSequence) -> ScheduledWork:
         seq = self.seqs[s.seq_id]

@@ -42,8 +42,9 @@ def cluster(redis_server):
     c.stop()
 
 
-def _restart_scheduler(c: ClusterThread, config: SchedulerConfig) -> None:
-    """Stops router and scheduler; starts new ones over the same worker servers."""
+def _restart_scheduler(c: ClusterThread, config: SchedulerConfig, crash: bool = False) -> None:
+    """Stops router and scheduler (``crash``: without sealing the prefix index, as a killed
+    process would leave it); starts new ones over the same worker servers."""
     lc = c.cluster
     addresses = tuple(f"127.0.0.1:{w.port}" for w in lc.workers)
     config = SchedulerConfig(batching=config.batching, cache=config.cache,
@@ -52,7 +53,16 @@ def _restart_scheduler(c: ClusterThread, config: SchedulerConfig) -> None:
 
     async def restart():
         await lc.router.stop()
-        await lc.scheduler.stop(grace=1.0)
+        if crash:
+            old = lc.scheduler
+            await old.engine.prefix_sync.flush()  # the index as of some write before the crash
+            old.engine.prefix_sync.flush = _never  # ... and nothing after it
+            await old.server.stop(0)
+            await old.engine.stop()
+            if old.observer is not None:
+                await old.observer.stop()
+        else:
+            await lc.scheduler.stop(grace=1.0)
         lc.scheduler = await build_server(config, [GrpcWorkerHandle(a) for a in addresses])
         rconf = RouterConfig(model=str(lc.model_path),
                              scheduler_address=f"127.0.0.1:{lc.scheduler.port}",
@@ -92,3 +102,32 @@ def test_prefix_hits_survive_a_scheduler_restart_with_identical_output(cluster, 
     assert _generate(cluster, prefix + [10, 11]) == second
     assert _generate(cluster, prefix + [7, 8, 9]) == first
     assert cluster.stats().prefix_hit_tokens == 0
+
+
+async def _never(seal: bool = False) -> bool:
+    return False
+
+
+def test_after_a_scheduler_crash_only_blocks_the_worker_vouches_for_are_restored(
+        cluster, redis_server):
+    prefix = [5 + (13 * i) % 400 for i in range(6 * BLOCK_SIZE)]
+    first = _generate(cluster, prefix + [7, 8, 9])
+    worker = cluster.cluster.workers[0].worker
+    vouched = dict(worker.block_hashes)
+    assert len(vouched) >= 6, "the worker should hold the published prefix blocks"
+    # Since the last index write, something overwrote one prefix block (here: by hand).
+    engine = cluster.cluster.engine
+    overwritten = next(b for b, h in vouched.items()
+                       if engine.workers[0].kv.gpu.cached.get(h) is not None
+                       and engine.workers[0].kv.gpu.cached[h].token_ids[0] == prefix[3 * BLOCK_SIZE])
+    del worker.block_hashes[overwritten]
+    for layer_k, layer_v in worker.cache.gpu_cache:
+        layer_k[overwritten].normal_()
+        layer_v[overwritten].normal_()
+
+    _restart_scheduler(cluster, SchedulerConfig(kvstore_url=redis_server.url), crash=True)
+    restored = cluster.cluster.engine.prefix_sync.num_restored_blocks
+    assert 3 <= restored < len(vouched) + 1
+    second = _generate(cluster, prefix + [7, 8, 9])
+    assert second == first  # the corrupted block was not trusted: recomputed, same output
+    assert cluster.stats().prefix_hit_tokens == 3 * BLOCK_SIZE  # the chain stops before it
