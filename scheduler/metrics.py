@@ -97,9 +97,10 @@ class SchedulerMetrics:
             f"{PREFIX}_step_duration_seconds", "Wall time of one scheduling step incl. workers.",
             buckets=STEP_DURATION_BUCKETS, registry=r)
         self.step_tokens = Histogram(
-            f"{PREFIX}_step_tokens", "Tokens (prefill + decode) processed in one step.",
+            f"{PREFIX}_step_tokens", "Prompt tokens computed plus tokens sampled in one step.",
             buckets=STEP_TOKEN_BUCKETS, registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prefill tokens computed.",
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens",
+                                     "Prompt tokens computed (prefix-cache hits excluded).",
                                      registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens sampled.",
                                         registry=r)

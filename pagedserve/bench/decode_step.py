@@ -1,0 +1,82 @@
+"""Time one full decode step of a model (default: the packaged SmolLM2) on a worker: ``batch``
+sequences with ``context`` tokens each, one new token per sequence, sampling included. On CUDA
+it compares the Triton and torch attention backends; on CPU it times the torch backend.
+
+    python -m pagedserve.bench.decode_step [--batch 64] [--context 512] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from protos.pagedserve.v1 import common_pb2, worker_pb2
+from worker.config import BatchConfig, CacheConfig, LoadConfig, ServerConfig, WorkerConfig
+from worker.worker import Worker
+
+
+def _worker(model: str | None, device: str, backend: str, num_blocks: int, dtype: str) -> Worker:
+    return Worker(WorkerConfig(
+        load=LoadConfig(model, dtype, device, backend),
+        cache=CacheConfig(block_size=16, num_gpu_blocks=num_blocks, swap_space_gib=0),
+        batch=BatchConfig(max_num_batched_tokens=8192, max_num_seqs=1024),
+        server=ServerConfig(worker_id=f"bench-{backend}"), seed=0))
+
+
+def time_decode(worker: Worker, batch: int, context: int, iters: int) -> list[float]:
+    """Prefills ``batch`` sequences to ``context`` tokens, then times ``iters`` decode steps."""
+    bs = 16
+    blocks_per_seq = -(-(context + iters + 1) // bs)
+    greedy = common_pb2.SamplingParams(temperature=0.0, max_tokens=iters + 1)
+    gen = torch.Generator().manual_seed(0)
+    prefill = worker_pb2.StepRequest(step_id=1)
+    for s in range(batch):
+        ids = torch.randint(10, 1000, (context,), generator=gen).tolist()
+        table = list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
+        prefill.new_seqs.append(worker_pb2.NewSequence(seq_id=s + 1, token_ids=ids,
+                                                       num_prompt_tokens=context, params=greedy))
+        prefill.scheduled.append(worker_pb2.ScheduledSequence(
+            seq_id=s + 1, num_computed_tokens=0, num_new_tokens=context, sample=True,
+            new_block_ids=table))
+    last = {t.seq_id: t.token_id for t in worker.step(prefill).sampled}
+    times = []
+    for i in range(iters):
+        req = worker_pb2.StepRequest(step_id=i + 2)
+        for s in range(batch):
+            req.scheduled.append(worker_pb2.ScheduledSequence(
+                seq_id=s + 1, num_computed_tokens=context + i, num_new_tokens=1, sample=True,
+                append_token_ids=[last[s + 1]]))
+        if worker.placement.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        last = {t.seq_id: t.token_id for t in worker.step(req).sampled}
+        times.append(time.perf_counter() - started)
+    return times[1:] if len(times) > 1 else times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pagedserve.bench.decode_step")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(argv)
+    backends = ["triton", "torch"] if args.device.startswith("cuda") else ["torch"]
+    blocks = args.batch * -(-(args.context + args.iters + 1) // 16)
+    print(f"decode step: batch {args.batch}, context {args.context}, device {args.device}")
+    print(f"{'backend':<8} {'median ms':>10} {'tokens/s':>10}")
+    for backend in backends:
+        times = time_decode(_worker(args.model, args.device, backend, blocks, args.dtype),
+                            args.batch, args.context, args.iters)
+        med = statistics.median(times)
+        print(f"{backend:<8} {med * 1e3:>10.2f} {args.batch / med:>10.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
