@@ -67,9 +67,12 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(exc) from exc
 
-    def submit(self, request: scheduler_pb2.SubmitRequest, timeout_s: float | None) -> SubmitStream:
-        """Starts ``Scheduler.Submit``; the caller iterates the stream and must ``cancel`` it."""
-        return SubmitStream(self._stub.Submit(request, timeout=timeout_s), request.request_id)
+    def submit(self, request: scheduler_pb2.SubmitRequest, timeout_s: float | None,
+               wait_for_ready: bool = False) -> SubmitStream:
+        """Starts ``Scheduler.Submit``; the caller iterates the stream and must ``cancel`` it.
+        ``wait_for_ready`` waits (within the timeout) for a scheduler that is restarting."""
+        call = self._stub.Submit(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
+        return SubmitStream(call, request.request_id)
 
     async def close(self) -> None:
         await self._channel.close()

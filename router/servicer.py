@@ -24,10 +24,12 @@ from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
 from router.request import PreparedRequest, ServedModel, prepare_request, prompt_token_ids
-from router.scheduler_client import SchedulerClient, SubmitStream
+from router.scheduler_client import SchedulerClient, SubmitStream, UpstreamError
 from router.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+MAX_CONTINUATIONS = 5  # resubmissions of one request after its scheduler went away
 
 
 @dataclass
@@ -119,25 +121,47 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         processor = OutputProcessor(
             prepared.request_id, self._tokenizer, prepared.params, prepared.num_prompt_tokens
         )
-        stream = self._scheduler.submit(self._submit_request(prepared), self._timeout_s(context))
-        context.add_done_callback(lambda _ctx: stream.cancel())  # client gone: abort upstream now
         logger.info("request %s: %d prompt tokens, max_tokens %d, n %d", prepared.request_id,
                     prepared.num_prompt_tokens, prepared.params.max_tokens, prepared.params.n)
         record.num_prompt_tokens = prepared.num_prompt_tokens
         record.reached_scheduler = True
-        try:
-            async for message in _stream_outputs(processor, stream):
-                if message.token_ids:
-                    record.tokens_streamed(len(message.token_ids), self._metrics)
-                yield message
-        finally:
-            stream.cancel()
+        generated: list[int] = []  # output 0 so far: what a continuation must not redo
+        current: list[SubmitStream] = []
+        context.add_done_callback(lambda _ctx: current and current[-1].cancel())  # client gone
+        for attempt in range(MAX_CONTINUATIONS + 1):
+            stream = self._scheduler.submit(self._submit_request(prepared, generated),
+                                            self._timeout_s(context), wait_for_ready=attempt > 0)
+            current.append(stream)
+            try:
+                async for message in _stream_outputs(processor, _recording(stream, generated)):
+                    if message.token_ids:
+                        record.tokens_streamed(len(message.token_ids), self._metrics)
+                    yield message
+                return
+            except UpstreamError as exc:
+                if not self._may_continue(exc, prepared, attempt):
+                    raise
+                logger.warning("request %s: scheduler unavailable (%s); continuing after %d "
+                               "tokens", prepared.request_id, exc, len(generated))
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+            finally:
+                stream.cancel()
 
     @staticmethod
-    def _submit_request(prepared: PreparedRequest) -> scheduler_pb2.SubmitRequest:
+    def _may_continue(exc: UpstreamError, prepared: PreparedRequest, attempt: int) -> bool:
+        """A scheduler that went away (restart, failover) loses nothing the router does not
+        hold: a single-output request is resubmitted as a continuation (prompt + the tokens
+        already streamed, recomputed), so the client sees no gap."""
+        p = prepared.params
+        single = p.n == 1 and p.best_of <= 1 and p.beam_width <= 1
+        return exc.code == "UNAVAILABLE" and single and attempt < MAX_CONTINUATIONS
+
+    @staticmethod
+    def _submit_request(prepared: PreparedRequest, generated: list[int]
+                        ) -> scheduler_pb2.SubmitRequest:
         return scheduler_pb2.SubmitRequest(
             request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids,
-            params=prepared.params,
+            params=prepared.params, generated_token_ids=generated,
         )
 
     def _timeout_s(self, context: grpc.aio.ServicerContext) -> float | None:
@@ -168,8 +192,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
 
 
+async def _recording(
+    stream: SubmitStream, generated: list[int]
+) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+    """Passes the scheduler's stream through, remembering output 0's token ids."""
+    async for response in stream:
+        for out in response.outputs:
+            if out.index == 0 and not out.replaces:
+                generated.extend(out.token_ids)
+        yield response
+
+
 async def _stream_outputs(
-    processor: OutputProcessor, stream: SubmitStream
+    processor: OutputProcessor, stream: AsyncIterator[scheduler_pb2.SubmitResponse]
 ) -> AsyncIterator[generation_pb2.GenerateResponse]:
     """Runs the scheduler's stream through ``processor`` until every output is finished."""
     async for response in stream:
