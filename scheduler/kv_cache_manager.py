@@ -85,9 +85,14 @@ class KVCacheManager:
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks ``append_slots`` would allocate: table growth plus copy-on-write copies."""
-        end = seq.num_computed_tokens + num_new_tokens
-        grow = max(0, self.blocks_for(end) - len(seq.blocks))
-        return grow + sum(1 for b in self._written_existing(seq, num_new_tokens) if b.ref_cnt > 1)
+        bs, blocks = self.block_size, seq.blocks
+        first = seq.num_computed_tokens // bs
+        last = -(-(seq.num_computed_tokens + num_new_tokens) // bs)
+        num = max(0, last - len(blocks))
+        for i in range(first, min(last, len(blocks))):  # hot path: no generator, no slice
+            if blocks[i].ref_cnt > 1:
+                num += 1
+        return num
 
     def can_admit(self, num_blocks: int) -> bool:
         return self.gpu.num_free_blocks - num_blocks >= self.watermark_blocks

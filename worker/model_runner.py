@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.attention.metadata import AttentionMetadata
+from worker.attention.metadata import AttentionMetadata, HostMetadata
 from worker.models.llama import KVCache, LlamaForCausalLM
 from worker.sampler import Sampler, SamplerOutput, SamplingRow
 from worker.sequence_state import SequenceState
@@ -112,6 +112,7 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             block_size=bs,
             is_decode_only=bool((lens == 1).all()),
+            host=HostMetadata(seq_lens, lens, tables),
         )
         return BatchInputs(
             self._t(input_ids, torch.int64), self._t(positions, torch.int64), meta, cu[1:] - 1

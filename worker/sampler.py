@@ -186,10 +186,13 @@ class Sampler:
     def _with_logprobs(
         self, raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
     ) -> SamplerOutput:
+        max_k = max((r.params.num_logprobs for r in rows), default=0)
+        if max_k == 0:  # only the chosen token's logprob: no [N, V] log_softmax to write
+            chosen = raw.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+            return SamplerOutput(token_ids.tolist(), chosen.tolist(), [[] for _ in rows])
         logprobs = torch.log_softmax(raw, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
         out = SamplerOutput(token_ids.tolist(), chosen.tolist(), [[] for _ in rows])
-        max_k = max((r.params.num_logprobs for r in rows), default=0)
         if max_k > 0:
             top_vals, top_ids = logprobs.topk(min(max_k, raw.shape[1]), dim=-1)
             vals, ids = top_vals.tolist(), top_ids.tolist()

@@ -18,8 +18,10 @@ Caches are laid out ``[num_blocks, block_size, num_kv_heads, head_dim]``, one K 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -41,7 +43,19 @@ class AttentionMetadata:
     block_size: int
     # Host copies, so that backends can branch without a device sync.
     is_decode_only: bool = False  # every sequence has exactly one new token
+    # Host (numpy) copies of ``seq_lens`` / query lengths / ``block_tables``, when the caller has
+    # them (the model runner does), so a CPU backend can plan a step without reading tensors back.
+    host: HostMetadata | None = None
+    # What a backend derives once per step (gather indices, masks) and reuses in every layer.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
+
+
+@dataclass(frozen=True)
+class HostMetadata:
+    seq_lens: np.ndarray  # [batch] int64
+    query_lens: np.ndarray  # [batch] int64
+    block_tables: np.ndarray  # [batch, max_blocks_per_seq] int32

@@ -1,22 +1,42 @@
-"""Torch reference paged attention: the CPU backend and the oracle for the Triton kernels.
+"""Torch paged attention: the CPU backend, and the oracle for the Triton kernels.
 
 Reads K/V only through block tables and writes them only through the slot mapping (see
-``metadata.py``). There is no Python loop over sequences or blocks: one batched gather pulls each
-sequence's blocks into a padded ``[batch, max_seq_len]`` view and one masked SDPA call attends.
+``metadata.py``). Two implementations of the same semantics:
+
+- ``paged_attention_reference``: the oracle. One batched gather pulls each sequence's blocks into
+  a padded ``[batch, max_seq_len]`` view and one masked SDPA call attends. Simple, but on CPU it
+  pays for padding to the longest sequence and for a fresh multi-MB gather per layer.
+- ``TorchAttentionBackend.forward`` (what the worker runs): plans the step once (``_StepPlan``,
+  memoized in ``meta.scratch``) and reuses the plan in every layer::
+
+      decode rows (1 new token)   sorted by length, in buckets of <= DECODE_BUCKET sequences; each
+                                  bucket gathers only its own blocks into a reused workspace and
+                                  runs one SDPA with the GQA group folded into the query axis
+      prefill rows (> 1 token)    one gather of exactly the positions [0, seq_len) of each
+                                  sequence, then per sequence a causal SDPA (is_causal when there
+                                  is no cached context, an offset causal mask otherwise)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.attention.metadata import AttentionMetadata
+from worker.attention.metadata import AttentionMetadata, HostMetadata
+
+DECODE_BUCKET = 16  # sequences per decode SDPA call: bounds padding to a bucket's longest
 
 
 class TorchAttentionBackend:
     """Stateless; safe to share between layers."""
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._workspace = torch.empty(0)  # gather target reused by every layer and step
 
     def write_kv(
         self,
@@ -36,7 +56,147 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        return paged_attention_reference(query, key_cache, value_cache, meta, scale)
+        plan = meta.scratch.get("torch_plan")
+        if plan is None:
+            plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, query.device)
+        out = torch.empty_like(query)
+        for bucket in plan.decode:
+            self._decode_bucket(query, key_cache, value_cache, bucket, scale, out)
+        if plan.prefill:
+            self._prefill(query, key_cache, value_cache, plan, scale, out)
+        return out
+
+    def _buffer(self, shape: tuple[int, ...], like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A view of the workspace (two halves: ``slot`` 0 for K, 1 for V). Reusing it avoids
+        page-faulting a fresh multi-MB buffer per gather, which costs more than the copy."""
+        numel = int(np.prod(shape))
+        ws = self._workspace
+        if ws.numel() < 2 * numel or ws.dtype != like.dtype or ws.device != like.device:
+            ws = self._workspace = torch.empty(2 * numel, dtype=like.dtype, device=like.device)
+        return ws[slot * numel : (slot + 1) * numel].view(shape)
+
+    def _gather(self, cache: torch.Tensor, index: torch.Tensor, slot: int) -> torch.Tensor:
+        """``cache.index_select(0, index)`` into the workspace."""
+        out = self._buffer((index.shape[0], *cache.shape[1:]), cache, slot)
+        return torch.index_select(cache, 0, index, out=out)
+
+    def _decode_bucket(self, query: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, bucket: _DecodeBucket, scale: float,
+                       out: torch.Tensor) -> None:
+        num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+        n, length = bucket.rows.shape[0], bucket.num_blocks * key_cache.shape[1]
+        keys = self._gather(key_cache, bucket.blocks, 0).view(n, length, num_kv_heads, head_dim)
+        values = self._gather(value_cache, bucket.blocks, 1).view(n, length, num_kv_heads,
+                                                                  head_dim)
+        # One query token per sequence: its GQA group becomes the query axis, so SDPA needs no
+        # K/V expansion and no causal mask (only the length mask).
+        q = query.index_select(0, bucket.rows).view(n, num_kv_heads, -1, head_dim)
+        o = F.scaled_dot_product_attention(
+            q, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=bucket.mask, scale=scale)
+        out.index_copy_(0, bucket.rows, o.reshape(n, -1, head_dim))
+
+    def _prefill(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 plan: _StepPlan, scale: float, out: torch.Tensor) -> None:
+        assert plan.context_slots is not None
+        flat_k = key_cache.view(-1, *key_cache.shape[2:])
+        flat_v = value_cache.view(-1, *value_cache.shape[2:])
+        keys = self._gather(flat_k, plan.context_slots, 0).to(query.dtype)
+        values = self._gather(flat_v, plan.context_slots, 1).to(query.dtype)
+        for seq in plan.prefill:
+            q = query[seq.q_start : seq.q_end].transpose(0, 1)[None]  # [1, H, Lq, D]
+            k = keys[seq.ctx_start : seq.ctx_end].transpose(0, 1)[None]
+            v = values[seq.ctx_start : seq.ctx_end].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=seq.mask, is_causal=seq.mask is None, scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1])
+            out[seq.q_start : seq.q_end] = o[0].transpose(0, 1)
+
+
+@dataclass
+class _DecodeBucket:
+    rows: torch.Tensor  # [n] int64 query rows (= sequences) of this bucket
+    blocks: torch.Tensor  # [n * num_blocks] int64 physical blocks, row-major per sequence
+    num_blocks: int
+    mask: torch.Tensor | None  # [n, 1, 1, num_blocks * block_size] bool; None: all full
+
+
+@dataclass
+class _PrefillSeq:
+    q_start: int
+    q_end: int
+    ctx_start: int  # this sequence's positions [0, seq_len) in the gathered context
+    ctx_end: int
+    mask: torch.Tensor | None  # [Lq, seq_len] bool; None: no cached context, plain causal
+
+
+@dataclass
+class _StepPlan:
+    decode: list[_DecodeBucket]
+    prefill: list[_PrefillSeq]
+    context_slots: torch.Tensor | None  # [sum of prefill seq_lens] int64 cache slots
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, device: torch.device) -> _StepPlan:
+        host = meta.host or _host_copy(meta)
+        starts = np.zeros(len(host.query_lens) + 1, dtype=np.int64)
+        np.cumsum(host.query_lens, out=starts[1:])
+        is_decode = host.query_lens == 1
+        decode = _decode_buckets(np.flatnonzero(is_decode), starts, host, meta.block_size, device)
+        prefill, slots = _prefill_plan(np.flatnonzero(~is_decode), starts, host,
+                                       meta.block_size, device)
+        return cls(decode, prefill, slots)
+
+
+def _host_copy(meta: AttentionMetadata) -> HostMetadata:
+    starts = meta.query_start_loc.cpu().numpy().astype(np.int64)
+    return HostMetadata(meta.seq_lens.cpu().numpy().astype(np.int64), np.diff(starts),
+                        meta.block_tables.cpu().numpy())
+
+
+def _decode_buckets(seqs: np.ndarray, starts: np.ndarray, host: HostMetadata, block_size: int,
+                    device: torch.device) -> list[_DecodeBucket]:
+    """Sequences sorted by length, cut into buckets; each bucket is padded to its longest.
+    Padding columns of a table point at the sequence's first block (always a real block), and
+    the mask hides them."""
+    order = seqs[np.argsort(host.seq_lens[seqs], kind="stable")]
+    buckets = []
+    for first in range(0, len(order), DECODE_BUCKET):
+        members = order[first : first + DECODE_BUCKET]
+        lens = host.seq_lens[members]
+        num_blocks = int(-(-lens.max() // block_size))
+        own = -(-lens // block_size)
+        table = host.block_tables[members, :num_blocks].astype(np.int64)
+        pad = np.arange(num_blocks)[None, :] >= own[:, None]
+        table = np.where(pad, table[:, :1], table)
+        mask = None
+        if (lens != num_blocks * block_size).any():
+            valid = np.arange(num_blocks * block_size)[None, :] < lens[:, None]
+            mask = torch.from_numpy(valid[:, None, None, :]).to(device)
+        rows = torch.from_numpy(starts[members]).to(device)
+        buckets.append(_DecodeBucket(rows, torch.from_numpy(table.reshape(-1)).to(device),
+                                     num_blocks, mask))
+    return buckets
+
+
+def _prefill_plan(seqs: np.ndarray, starts: np.ndarray, host: HostMetadata, block_size: int,
+                  device: torch.device) -> tuple[list[_PrefillSeq], torch.Tensor | None]:
+    if len(seqs) == 0:
+        return [], None
+    plan, slots, offset = [], [], 0
+    for b in seqs.tolist():
+        seq_len, q_len = int(host.seq_lens[b]), int(host.query_lens[b])
+        pos = np.arange(seq_len)
+        slots.append(host.block_tables[b, pos // block_size].astype(np.int64) * block_size
+                     + pos % block_size)
+        mask = None
+        if seq_len != q_len:  # cached context: query i sits at position seq_len - q_len + i
+            allowed = pos[None, :] <= (seq_len - q_len + np.arange(q_len))[:, None]
+            mask = torch.from_numpy(allowed).to(device)
+        plan.append(_PrefillSeq(int(starts[b]), int(starts[b + 1]), offset, offset + seq_len,
+                                mask))
+        offset += seq_len
+    return plan, torch.from_numpy(np.concatenate(slots)).to(device)
 
 
 def write_kv_reference(
