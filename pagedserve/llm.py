@@ -63,7 +63,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
-        preemption_mode: str = "recompute",
+        preemption_mode: str = "swap",
         dtype: str = "auto",
         device: str = "auto",
         attention_backend: str = "auto",

@@ -31,7 +31,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kvstore", default="memory://")
-    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    parser.add_argument("--preemption-mode", default="swap", choices=["swap", "recompute"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--metrics", action="store_true",
                         help="serve Prometheus metrics (ports printed at start)")

@@ -74,15 +74,35 @@ def _prefix(argv: list[str]) -> int:
     return 0
 
 
+def _memory(argv: list[str]) -> int:
+    from pagedserve.bench.memory import main as memory_main
+
+    return memory_main(argv)
+
+
+def _preemption(argv: list[str]) -> int:
+    from pagedserve.bench.preemption import main as preemption_main
+
+    return preemption_main(argv)
+
+
+def _decode_step(argv: list[str]) -> int:
+    from pagedserve.bench.decode_step import main as decode_main
+
+    return decode_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"throughput": _throughput, "scheduler": _scheduler, "prefix": _prefix}
+    commands = {"throughput": _throughput, "scheduler": _scheduler, "prefix": _prefix,
+                "memory": _memory, "preemption": _preemption, "decode-step": _decode_step}
     if argv and argv[0] == "suite":
         from pagedserve.bench.suite import main as suite_main
 
         return suite_main(argv[1:])
     if not argv or argv[0] not in commands:
-        print("usage: pagedserve bench {throughput,scheduler,prefix,suite} [--help]",
+        print("usage: pagedserve bench {throughput,scheduler,prefix,memory,preemption,"
+              "decode-step,suite} [--help]",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,22 @@ def run(model: str | None, mode: str, num_blocks: int, prompts: list[list[int]],
     return seconds, preemptions, [o.outputs[0].token_ids for o in outs]
 
 
+def run_preemption(model: str | None = None, num_requests: int = 16, prompt_len: int = 96,
+                   max_tokens: int = 64, seed: int = 0) -> list[tuple[str, float, int, bool]]:
+    """``[(mode, seconds, preemptions, identical_to_unconstrained)]``, unconstrained first."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, 30000) for _ in range(prompt_len)] for _ in range(num_requests)]
+    per_request = -(-(prompt_len + max_tokens) // 16)
+    tight = per_request * max(2, num_requests // 3)  # about a third fits at once
+    ref_s, _, reference = run(model, "recompute", per_request * num_requests * 2, prompts,
+                              max_tokens)
+    rows = [("unconstrained", ref_s, 0, True)]
+    for mode in ("swap", "recompute"):
+        seconds, preemptions, outs = run(model, mode, tight, prompts, max_tokens)
+        rows.append((mode, seconds, preemptions, outs == reference))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve bench preemption", description=__doc__)
     parser.add_argument("--model", default=None)
@@ -35,19 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
-    prompts = [[rng.randrange(100, 30000) for _ in range(args.prompt_len)]
-               for _ in range(args.num_requests)]
-    per_request = -(-(args.prompt_len + args.max_tokens) // 16)
-    tight = per_request * max(2, args.num_requests // 3)  # about a third fits at once
-    ref_s, _, reference = run(args.model, "recompute", per_request * args.num_requests * 2,
-                              prompts, args.max_tokens)
-    print(f"{'mode':<22} {'seconds':>8} {'preemptions':>12} {'vs unconstrained':>17}  identical")
-    print(f"{'unconstrained':<22} {ref_s:>8.2f} {0:>12} {1.0:>16.2f}x  -")
-    for mode in ("swap", "recompute"):
-        seconds, preemptions, outs = run(args.model, mode, tight, prompts, args.max_tokens)
-        print(f"{mode + f' ({tight} blocks)':<22} {seconds:>8.2f} {preemptions:>12} "
-              f"{ref_s / seconds:>16.2f}x  {outs == reference}")
+    rows = run_preemption(args.model, args.num_requests, args.prompt_len, args.max_tokens,
+                          args.seed)
+    ref_s = rows[0][1]
+    print(f"{'mode':<14} {'seconds':>8} {'preemptions':>12} {'speed vs unconstrained':>23}  "
+          "identical output")
+    for mode, seconds, preemptions, same in rows:
+        print(f"{mode:<14} {seconds:>8.2f} {preemptions:>12} {ref_s / seconds:>22.2f}x  {same}")
     return 0
 
 

@@ -45,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_prefix(prefix), flush=True)
     throughput = run_throughput(spec, args.model)
     print(format_report(throughput), flush=True)
+    from pagedserve.bench.memory import memory_table
+    from pagedserve.bench.preemption import run_preemption
 
-    rows = _rows(throughput, sched, prefix)
+    memory = memory_table()
+    preemption = run_preemption(args.model)
+
+    rows = _rows(throughput, sched, prefix) + _memory_rows(memory) + _preemption_rows(preemption)
     table = _table(rows)
     print("\n" + table)
     with open(args.out, "w") as f:
@@ -77,6 +82,26 @@ def _rows(throughput, sched, prefix) -> list[tuple[str, str, str, str, str]]:
     ]
 
 
+def _memory_rows(memory) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for name, ours, base, note in memory:
+        if name.startswith("KV waste"):
+            rows.append((name, ours, f"static reservation {base}", "", "< 4% (paper)"))
+        else:
+            paper = "6-10%" if "parallel" in name else "37-55%"
+            rows.append((name, ours, f"no sharing {base}", note.split(" ")[0] + " saved",
+                         f"paper: {paper} saved"))
+    return rows
+
+
+def _preemption_rows(rows) -> list[tuple[str, str, str, str, str]]:
+    ref = rows[0][1]
+    return [(f"preemption by {mode} (tight pool, {n} preemptions)", f"{seconds:.2f} s",
+             f"unconstrained {ref:.2f} s", f"{ref / seconds:.2f}x",
+             "identical output" if same else "OUTPUT DIFFERS")
+            for mode, seconds, n, same in rows[1:]]
+
+
 def _table(rows: list[tuple[str, str, str, str, str]]) -> str:
     lines = ["| benchmark | result | baseline (same run) | ratio | target |",
              "|---|---|---|---|---|"]
@@ -103,6 +128,8 @@ def _markdown(table: str, spec: WorkloadSpec, quick: bool, seconds: float) -> st
         f"--output-len {spec.output_len[0]}:{spec.output_len[1]}"),
         "pagedserve bench scheduler --num-seqs 256",
         "pagedserve bench prefix --num-requests 32 --prefix-len 512",
+        "pagedserve bench memory",
+        "pagedserve bench preemption",
         "```", "",
     ])
 
