@@ -15,12 +15,13 @@ when every continuation ends.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence as Seq
+from collections.abc import Collection
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from protos.pagedserve.v1 import worker_pb2
+from pagedserve.step_codec import SampledRow
 from scheduler.sequence import Sequence
 
 _NEG = np.float32(-1.0e9)
@@ -53,7 +54,7 @@ class BeamState:
     improvable: bool = True
     done: bool = False
 
-    def step(self, sampled: Seq[tuple[Sequence, worker_pb2.SampledToken]]) -> list[Continuation]:
+    def step(self, sampled: Seq[tuple[Sequence, SampledRow]]) -> list[Continuation]:
         """Consumes one step's top log-probs of every running beam; returns the next beams."""
         candidates = self._top_candidates(sampled)
         gen_len = sampled[0][0].num_output_tokens + 1  # after this step's token
@@ -75,14 +76,14 @@ class BeamState:
 
     # ---- internals ---------------------------------------------------------------------------
     def _top_candidates(
-        self, sampled: Seq[tuple[Sequence, worker_pb2.SampledToken]]
+        self, sampled: Seq[tuple[Sequence, SampledRow]]
     ) -> list[Continuation]:
         pool = []
         for order, (seq, token) in enumerate(sampled):
             base = self.score_of(seq)
-            for rank, top in enumerate(token.top):
-                pool.append((np.float32(base + np.float32(top.logprob)), order, rank, seq,
-                             top.token_id))
+            for rank, (top_token_id, top_logprob) in enumerate(token.top):
+                pool.append((np.float32(base + np.float32(top_logprob)), order, rank, seq,
+                             top_token_id))
         pool.sort(key=lambda c: (-c[0], c[1], c[2]))
         return [Continuation(seq, tok, score) for score, _, _, seq, tok in pool[: 2 * self.width]]
 

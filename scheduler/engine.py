@@ -11,52 +11,25 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
+from pagedserve.step_codec import SampledRow, split_tops
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
-from scheduler.config import SchedulerConfig
 from scheduler.beam_search import BeamState
+from scheduler.config import SchedulerConfig
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import choose_worker
 from scheduler.policy import StepPlan, WorkerScheduler
+from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
 from scheduler.step_builder import build_step_request
-from scheduler.stop import check_stop
+from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
-
-_END = object()
-
-
-class RequestStream:
-    """The outputs of one request, in order; ends after every sequence has finished."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-
-    def put(self, response: scheduler_pb2.SubmitResponse) -> None:
-        self._queue.put_nowait(response)
-
-    def close(self, error: BaseException | None = None) -> None:
-        if not self.finished:
-            self.finished = True
-            self._queue.put_nowait(error if error is not None else _END)
-
-    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
 
 @dataclass
 class WorkerState:
@@ -184,7 +157,7 @@ class Engine:
         self._validate(request_id, prompt_token_ids, params, generated_token_ids)
         group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
         ws = self._place(group)
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id, group)
         req = _Request(group, stream, ws)
         self.requests[request_id] = req
         for seq in group.seqs:
@@ -249,8 +222,11 @@ class Engine:
                              (*eos, *params.stop_token_ids), params.max_tokens)
             return SequenceGroup(request_id, [seq], params, next(self._arrivals), beam=beam)
         samples = max(params.n, params.best_of, 1)
-        return SequenceGroup(request_id, [seq], params, next(self._arrivals),
-                             num_samples=samples, forked=samples == 1)
+        group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
+                              num_samples=samples, forked=samples == 1)
+        group.stop = StopCriteria(params, self.model_info.eos_token_ids,
+                                  self.model_info.max_model_len, len(prompt))
+        return group
 
     def _place(self, group: SequenceGroup) -> WorkerState:
         healthy = [ws for ws in self.workers if ws.healthy]
@@ -288,9 +264,10 @@ class Engine:
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
-        for item in plan.scheduled:  # forks made by this plan join the index
-            if item.seq.seq_id not in self.seqs:
-                self.seqs[item.seq.seq_id] = (item.seq, self.requests[item.group.request_id])
+        for group, child in plan.forks:  # forks made by this plan join the index
+            req = self.requests.get(group.request_id)
+            if req is not None:
+                self.seqs[child.seq_id] = (child, req)
         published, ws.kv.published = ws.kv.published, []
         request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
                                      published)
@@ -311,33 +288,74 @@ class Engine:
         return entry[0] if entry is not None else None
 
     def _process(self, ws: WorkerState, plan: StepPlan, response: worker_pb2.StepResponse) -> None:
-        outputs: dict[str, list[scheduler_pb2.SeqOutput]] = {}
-        for item in plan.scheduled:
-            if not item.seq.is_finished:
-                ws.kv.cache_full_blocks(item.seq)
-        beams: dict[str, list[tuple[Sequence, worker_pb2.SampledToken]]] = {}
-        for sampled in response.sampled:
-            entry = self.seqs.get(sampled.seq_id)
+        """Appends each sampled token to its sequence and finishes what stopped. The hot path:
+        per token a few attribute reads, one append and a set lookup; no message is built here
+        (the request's stream reads the new tokens when its consumer wakes)."""
+        self._cache_full_blocks(ws.kv, plan)
+        sampled = response.sampled
+        if not len(sampled.seq_ids) == len(sampled.token_ids) == len(sampled.logprobs):
+            raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
+        tops = split_tops(sampled) if len(sampled.num_top) else None
+        seqs_get = self.seqs.get
+        done: list[_Request] = []
+        beams: dict[str, list[tuple[Sequence, SampledRow]]] = {}
+        num_generated = 0
+        for i, (seq_id, token_id, logprob) in enumerate(
+                zip(sampled.seq_ids, sampled.token_ids, sampled.logprobs)):
+            entry = seqs_get(seq_id)
             if entry is None:  # aborted while the step ran
                 continue
             seq, req = entry
-            if req.group.beam is not None:
-                beams.setdefault(req.group.request_id, []).append((seq, sampled))
+            group = req.group
+            if group.beam is not None:
+                top = tops[i] if tops is not None else []
+                beams.setdefault(group.request_id, []).append(
+                    (seq, SampledRow(seq_id, token_id, logprob, top)))
                 continue
-            out = self._append_token(seq, req, sampled)
-            if not req.group.holds_outputs:
-                outputs.setdefault(req.group.request_id, []).append(out)
-            elif req.group.is_finished:
-                outputs[req.group.request_id] = self._best_outputs(req.group)
+            tokens = seq.token_ids
+            tokens.append(token_id)
+            seq.cumulative_logprob += logprob
+            num_generated += 1
+            stream = req.stream
+            if group.num_logprobs and group.streams_tokens:
+                stream.add_logprobs(seq.index, _token_logprobs(
+                    token_id, logprob, tops[i] if tops is not None else ()))
+            stop = group.stop
+            assert stop is not None, "the engine sets it on every group it creates"
+            if len(tokens) >= stop.max_len or (token_id in stop.stop_ids
+                                               and len(tokens) >= stop.min_len):
+                status = stop.status(len(tokens), token_id)
+                if status is not None:
+                    seq.status = status
+                    req.worker.sched.release(seq)
+                    done.append(req)
+            if not stream.has_data and group.streams_tokens:
+                stream.notify()
+        self.num_generated_tokens += num_generated
         for request_id, batch in beams.items():
-            outs = self._beam_step(self.requests[request_id], batch)
-            if outs:
-                outputs[request_id] = outs
-        for request_id, outs in outputs.items():
             req = self.requests[request_id]
-            req.stream.put(scheduler_pb2.SubmitResponse(outputs=outs))
-            if req.group.is_finished:
+            outs = self._beam_step(req, batch)
+            if outs:
+                req.stream.put_outputs(outs)
+            done.append(req)
+        for req in done:
+            group = req.group
+            if group.is_finished and self.requests.get(group.request_id) is req:
+                if group.holds_outputs:
+                    req.stream.put_outputs(self._best_outputs(group))
                 self._finish_request(req)
+
+    @staticmethod
+    def _cache_full_blocks(kv: KVCacheManager, plan: StepPlan) -> None:
+        """Publishes the blocks this step filled (a check per sequence; work once per block)."""
+        if not kv.enable_caching:
+            return
+        bs = kv.block_size
+        for item in plan.scheduled:
+            seq = item.seq
+            if (seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs
+                    and not seq.is_finished):
+                kv.cache_full_blocks(seq)
 
     def _best_outputs(self, group: SequenceGroup) -> list[scheduler_pb2.SeqOutput]:
         """``best_of > n``: the n samples with the highest cumulative log-prob, whole."""
@@ -353,7 +371,7 @@ class Engine:
             cumulative_logprob=cumulative, num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens)
 
-    def _beam_step(self, req: _Request, batch: list[tuple[Sequence, worker_pb2.SampledToken]]
+    def _beam_step(self, req: _Request, batch: list[tuple[Sequence, SampledRow]]
                    ) -> list[scheduler_pb2.SeqOutput]:
         """Advances a beam-search group by one token: continuations reuse or fork their beam's
         sequence, beams without a continuation are freed. Returns the final outputs when done."""
@@ -378,7 +396,9 @@ class Engine:
         used: set[int] = set()
         for cont in running:  # forks copy the parent before the parent's own token is appended
             if cont.parent.seq_id in used:
-                carriers.append(sched.fork(cont.parent, index=0))
+                child = sched.fork(cont.parent, index=0)
+                self.seqs[child.seq_id] = (child, req)
+                carriers.append(child)
             else:
                 used.add(cont.parent.seq_id)
                 carriers.append(cont.parent)
@@ -392,27 +412,6 @@ class Engine:
                 self.seqs.pop(seq.seq_id, None)
         group.seqs = carriers
         return []
-
-    def _append_token(self, seq: Sequence, req: _Request,
-                      sampled: worker_pb2.SampledToken) -> scheduler_pb2.SeqOutput:
-        params = req.group.params
-        seq.token_ids.append(sampled.token_id)
-        seq.cumulative_logprob += sampled.logprob
-        out = scheduler_pb2.SeqOutput(
-            index=seq.index, token_ids=[sampled.token_id], num_cached_tokens=seq.num_cached_tokens,
-            num_prompt_tokens=seq.num_prompt_tokens, cumulative_logprob=seq.cumulative_logprob,
-        )
-        if params.logprobs > 0:
-            out.logprobs.append(common_pb2.TokenLogprobs(
-                token_id=sampled.token_id, logprob=sampled.logprob, top=sampled.top))
-        self.num_generated_tokens += 1
-        status = check_stop(seq, params, self.model_info.eos_token_ids,
-                            self.model_info.max_model_len)
-        if status is not None:
-            seq.status = status
-            out.finish_reason = status.finish_reason
-            req.worker.sched.release(seq)
-        return out
 
     def _finish_request(self, req: _Request, error: BaseException | None = None) -> None:
         """The one exit path for a request: finished, aborted, failed. Frees every block."""
@@ -489,3 +488,10 @@ class Engine:
                 healthy=ws.healthy,
             ))
         return stats
+
+
+def _token_logprobs(token_id: int, logprob: float,
+                    top: Seq[tuple[int, float]]) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        token_id=token_id, logprob=logprob,
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in top])

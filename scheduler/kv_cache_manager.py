@@ -149,15 +149,16 @@ class KVCacheManager:
         """Publishes every block of ``seq`` that is full and computed under its chain hash."""
         if not self.enable_caching:
             return
-        bs = self.block_size
+        bs, hashes, token_ids = self.block_size, seq.block_hashes, seq.token_ids
         num_full = min(seq.num_computed_tokens // bs, len(seq.blocks))
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
-        for i in range(len(seq.block_hashes), num_full):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+        parent = hashes[-1] if hashes else None
+        cached = self.gpu.cached
+        for i in range(len(hashes), num_full):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             prev, parent = parent, hash_block(parent, tokens, self.hash_extra)
-            seq.block_hashes.append(parent)
+            hashes.append(parent)
             block = seq.blocks[i]
-            if block.block_hash is None and parent not in self.gpu.cached:
+            if block.block_hash is None and parent not in cached:
                 self.gpu.cache_block(block, parent, tokens)
                 self.events.stored.append((parent, block.block_id, tokens, prev))
                 self.published.append((block.block_id, parent))

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
+from scheduler.block_pool import BlockPool
 from scheduler.config import BatchingConfig, CacheConfig
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     group: SequenceGroup
     seq: Sequence
@@ -37,6 +39,7 @@ class StepPlan:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[tuple[SequenceGroup, str]] = field(default_factory=list)
+    forks: list[tuple[SequenceGroup, Sequence]] = field(default_factory=list)  # made this step
 
     @property
     def num_tokens(self) -> int:
@@ -110,10 +113,19 @@ class WorkerScheduler:
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
-        queue = sorted(self.running, key=lambda g: g.arrival_order)
-        self.running = []
+        queue = deque(sorted(self.running, key=_ARRIVAL))
+        running: list[SequenceGroup] = []
+        self.running = running
+        scheduled = plan.scheduled
+        gpu, bs = self.kv.gpu, self.kv.block_size
         while queue:
-            group = queue.pop(0)
+            group = queue.popleft()
+            if (budget > 0 and group.forked and len(group.seqs) == 1
+                    and self._try_decode(group.seqs[0], gpu, bs)):  # the steady-state fast path
+                scheduled.append(ScheduledSeq(group, group.seqs[0], 1, True))
+                running.append(group)
+                budget -= 1
+                continue
             while not self._try_schedule(group, plan, budget):
                 victim = queue.pop() if queue else group
                 self._preempt(victim, plan)
@@ -123,6 +135,23 @@ class WorkerScheduler:
                 self.running.append(group)
                 budget -= self._tokens_of(plan, group)
         return budget
+
+    @staticmethod
+    def _try_decode(seq: Sequence, gpu: BlockPool, bs: int) -> bool:
+        """Plans one decode token for a lone running sequence whose write slot needs no
+        copy-on-write and at most one fresh block; ``False`` (nothing changed) otherwise, and the
+        general path decides. Equivalent to ``_try_schedule`` for this case, minus its work."""
+        pos = seq.num_computed_tokens
+        if len(seq.token_ids) - pos != 1 or seq.status is not SequenceStatus.RUNNING:
+            return False
+        blocks = seq.blocks
+        index = pos // bs
+        if index < len(blocks):
+            return blocks[index].ref_cnt == 1
+        if index == len(blocks) and gpu.num_free_blocks > 0:
+            blocks.extend(gpu.allocate(1))  # type: ignore[arg-type]
+            return True
+        return False
 
     def _schedule_swapped(self, plan: StepPlan, budget: int) -> int:
         while self.swapped and budget > 0:
@@ -140,6 +169,8 @@ class WorkerScheduler:
         return budget
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        if not self.waiting:
+            return
         num_seqs = sum(len(g.live_seqs) for g in self.running)
         while self.waiting and budget > 0 and num_seqs < self.batching.max_num_seqs:
             group = self.waiting[0]
@@ -184,7 +215,7 @@ class WorkerScheduler:
         if group.num_samples > 1 and not group.forked:
             seq = group.seqs[0]
             if seq.num_computed_tokens >= seq.num_tokens - 1:
-                self._fork_samples(group)
+                self._fork_samples(group, plan)
         work = self._group_work(group, budget)
         if sum(self.kv.num_new_blocks(s, n) for s, n, _ in work) > self.kv.num_free_blocks:
             return False
@@ -210,10 +241,12 @@ class WorkerScheduler:
             budget -= num_new
         return work
 
-    def _fork_samples(self, group: SequenceGroup) -> None:
+    def _fork_samples(self, group: SequenceGroup, plan: StepPlan) -> None:
         parent = group.seqs[0]
         for index in range(1, group.num_samples):
-            group.seqs.append(self.fork(parent, index))
+            child = self.fork(parent, index)
+            group.seqs.append(child)
+            plan.forks.append((group, child))
         group.forked = True
 
     def fork(self, parent: Sequence, index: int) -> Sequence:
@@ -267,6 +300,9 @@ class WorkerScheduler:
             self.release(seq)
             if not seq.is_finished:
                 seq.reset_for_recompute()
+
+
+_ARRIVAL = operator.attrgetter("arrival_order")
 
 
 def _insert_by_arrival(queue: deque[SequenceGroup], group: SequenceGroup) -> None:

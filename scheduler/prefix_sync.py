@@ -110,7 +110,8 @@ class PrefixSync:
             vouched = {b.block_id: b.block_hash for b in ws.info.cached_blocks}
             total = len(entries)
             entries = [e for e in entries if vouched.get(e.block_id) == e.block_hash]
-            state.needs_resync = True  # replace what was dropped with the live view
+            if len(entries) < total:
+                state.needs_resync = True  # replace what was dropped with the live view
             logger.warning("prefix index of worker %s was not closed cleanly: %d of %d entries "
                            "confirmed by the worker", ws.handle.name, len(entries), total)
         restored = ws.kv.restore_cached(_lru_order(entries))
@@ -135,6 +136,8 @@ class PrefixSync:
         if state.key is None or state.needs_resync:
             if events.removed:
                 self._resync_parents(state)
+            if state.needs_resync and (events.stored or events.removed):
+                self._wake.set()  # the next flush writes the whole live view
             return
         now = time.time_ns()
         pool = ws.kv.gpu

@@ -12,9 +12,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from protos.pagedserve.v1 import common_pb2
 from scheduler.block_pool import Block
+
+if TYPE_CHECKING:
+    from scheduler.stop import StopCriteria
 
 
 class SequenceStatus(enum.IntEnum):
@@ -113,6 +117,18 @@ class SequenceGroup:
     num_samples: int = 1  # sequences to run: best_of (>= n); 1 for beam search's start
     forked: bool = False
     beam: object | None = None  # scheduler.beam_search.BeamState when beam search
+    stop: StopCriteria | None = None  # set by the engine
+    # Resolved once from ``params`` (the step loop reads these per token):
+    # ``best_of > n``: outputs are chosen at the end, so nothing streams before.
+    holds_outputs: bool = field(init=False)
+    # Tokens stream as they are sampled (not beam search, not best_of > n).
+    streams_tokens: bool = field(init=False)
+    num_logprobs: int = field(init=False)  # top log-probs per streamed token; 0 = none
+
+    def __post_init__(self) -> None:
+        self.holds_outputs = self.params.best_of > max(self.params.n, 1) and self.beam is None
+        self.streams_tokens = self.beam is None and not self.holds_outputs
+        self.num_logprobs = self.params.logprobs
 
     @property
     def live_seqs(self) -> list[Sequence]:
@@ -121,11 +137,6 @@ class SequenceGroup:
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs) and (self.forked or self.num_samples == 1)
-
-    @property
-    def holds_outputs(self) -> bool:
-        """``best_of > n``: outputs are chosen at the end, so nothing streams before."""
-        return self.params.best_of > max(self.params.n, 1) and self.beam is None
 
     @property
     def num_prompt_tokens(self) -> int:

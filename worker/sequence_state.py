@@ -1,7 +1,7 @@
 """``SequenceState``: what a worker remembers about one sequence between steps.
 
 The scheduler decides what a sequence contains; the worker only mirrors it: token ids (appended
-from ``NewSequence.token_ids`` and ``ScheduledSequence.append_token_ids``, never from its own
+from ``NewSequence.token_ids`` and ``ScheduledBatch.append_token_ids``, never from its own
 samples), the prompt length (for penalties), resolved sampling params and the block table.
 
 Tokens live in a growable numpy buffer, so slicing out a step's new tokens or a penalty's prompt /

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from pagedserve.errors import InvalidArgument, NotFound
+from pagedserve.step_codec import ScheduledRow
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import CacheEngine
 from worker.sequence_state import SequenceState
@@ -19,11 +20,13 @@ from worker.sequence_state import SequenceState
 
 def validate_step(
     req: worker_pb2.StepRequest,
+    scheduled: Sequence[ScheduledRow],
     seqs: Mapping[int, SequenceState],
     cache: CacheEngine,
     vocab_size: int,
 ) -> None:
-    """Raises ``InvalidArgument`` / ``NotFound`` naming the offending field."""
+    """Raises ``InvalidArgument`` / ``NotFound`` naming the offending field. ``scheduled`` is
+    ``req.scheduled`` decoded (``pagedserve.step_codec.scheduled_rows``)."""
     finished = set(req.finished_seq_ids)
     lengths = {sid: s.num_tokens for sid, s in seqs.items() if sid not in finished}
     tables = {sid: len(s.block_table) for sid, s in seqs.items() if sid not in finished}
@@ -31,7 +34,7 @@ def validate_step(
     cache.check_pairs([(m.src, m.dst) for m in req.swap_out], "swap_out", "gpu", "cpu")
     cache.check_pairs([(m.src, m.dst) for m in req.swap_in], "swap_in", "cpu", "gpu")
     cache.check_pairs([(m.src, m.dst) for m in req.copies], "copies", "gpu", "gpu")
-    _check_scheduled(req.scheduled, lengths, tables, cache, vocab_size)
+    _check_scheduled(scheduled, lengths, tables, cache, vocab_size)
 
 
 def _check_tokens(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
@@ -66,7 +69,7 @@ def _check_new_seqs(
 
 
 def _check_scheduled(
-    scheduled: Iterable[worker_pb2.ScheduledSequence],
+    scheduled: Iterable[ScheduledRow],
     lengths: dict[int, int],
     tables: dict[int, int],
     cache: CacheEngine,
@@ -90,7 +93,7 @@ def _check_scheduled(
         _check_span(s, num_tokens, num_blocks * cache.block_size)
 
 
-def _check_span(s: worker_pb2.ScheduledSequence, num_tokens: int, capacity: int) -> None:
+def _check_span(s: ScheduledRow, num_tokens: int, capacity: int) -> None:
     end = s.num_computed_tokens + s.num_new_tokens
     if s.num_new_tokens == 0:
         raise InvalidArgument("scheduled.num_new_tokens", f"seq {s.seq_id}: must be >= 1")

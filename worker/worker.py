@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.models import resolve_model_path
+from pagedserve.step_codec import ScheduledRow, scheduled_rows
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import GIB, CacheEngine, block_bytes, num_blocks_for_budget
 from worker.config import WorkerConfig
@@ -94,7 +95,8 @@ class Worker:
 
     def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         with self._lock:
-            validate_step(req, self.seqs, self.cache, self.model_config.vocab_size)
+            rows = scheduled_rows(req.scheduled)
+            validate_step(req, rows, self.seqs, self.cache, self.model_config.vocab_size)
             for seq_id in req.finished_seq_ids:
                 self.seqs.pop(seq_id, None)
             self._register(req.new_seqs)
@@ -103,7 +105,7 @@ class Worker:
             self.cache.swap_out([(m.src, m.dst) for m in req.swap_out])
             self.cache.swap_in([(m.src, m.dst) for m in req.swap_in])
             self.cache.copy_blocks([(m.src, m.dst) for m in req.copies])
-            work = [self._apply_scheduled(s) for s in req.scheduled]
+            work = [self._apply_scheduled(s) for s in rows]
             self._forget_written(req, work)
             result = self.runner.execute(work, self.cache.gpu_cache)
             num_seqs = len(self.seqs)
@@ -150,11 +152,11 @@ class Worker:
             for block_id in w.seq.block_table[first:last]:
                 self.block_hashes.pop(block_id, None)
 
-    def _apply_scheduled(self, s: worker_pb2.ScheduledSequence) -> ScheduledWork:
+    def _apply_scheduled(self, s: ScheduledRow) -> ScheduledWork:
         seq = self.seqs[s.seq_id]
-        seq.append(list(s.append_token_ids))
+        seq.append(s.append_token_ids)
         if s.replace_block_table:
-            seq.block_table = list(s.new_block_ids)
+            seq.block_table = s.new_block_ids
         else:
             seq.block_table.extend(s.new_block_ids)
         return ScheduledWork(seq, s.num_computed_tokens, s.num_new_tokens, s.sample)
@@ -162,17 +164,20 @@ class Worker:
     @staticmethod
     def _response(step_id: int, result: StepResult) -> worker_pb2.StepResponse:
         out = result.output
-        sampled = [
-            worker_pb2.SampledToken(
-                seq_id=seq_id, token_id=out.token_ids[i], logprob=out.logprobs[i],
-                top=[{"token_id": t, "logprob": lp} for t, lp in out.top_logprobs[i]],
-            )
-            for i, seq_id in enumerate(result.seq_ids)
-        ]
-        return worker_pb2.StepResponse(
-            step_id=step_id, sampled=sampled,
-            forward_seconds=result.forward_seconds, sample_seconds=result.sample_seconds,
+        response = worker_pb2.StepResponse(
+            step_id=step_id, forward_seconds=result.forward_seconds,
+            sample_seconds=result.sample_seconds,
         )
+        sampled = response.sampled
+        sampled.seq_ids.extend(result.seq_ids)
+        sampled.token_ids.extend(out.token_ids[: len(result.seq_ids)])
+        sampled.logprobs.extend(out.logprobs[: len(result.seq_ids)])
+        tops = out.top_logprobs[: len(result.seq_ids)]
+        if any(tops):
+            sampled.num_top.extend(len(top) for top in tops)
+            sampled.top_token_ids.extend(t for top in tops for t, _ in top)
+            sampled.top_logprobs.extend(lp for top in tops for _, lp in top)
+        return response
 
     def _size_pools(self) -> tuple[int, int]:
         cc, mc = self.config.cache, self.model_config

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from pagedserve.step_codec import ScheduledRow, add_scheduled
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 from worker.config import BatchConfig, CacheConfig, LoadConfig, ServerConfig, WorkerConfig
 from worker.worker import Worker
@@ -38,23 +39,26 @@ def time_decode(worker: Worker, batch: int, context: int, iters: int) -> list[fl
         table = list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
         prefill.new_seqs.append(worker_pb2.NewSequence(seq_id=s + 1, token_ids=ids,
                                                        num_prompt_tokens=context, params=greedy))
-        prefill.scheduled.append(worker_pb2.ScheduledSequence(
+        add_scheduled(prefill.scheduled, [ScheduledRow(
             seq_id=s + 1, num_computed_tokens=0, num_new_tokens=context, sample=True,
-            new_block_ids=table))
-    last = {t.seq_id: t.token_id for t in worker.step(prefill).sampled}
+            new_block_ids=table)])
+    last = _tokens(worker.step(prefill))
     times = []
     for i in range(iters):
         req = worker_pb2.StepRequest(step_id=i + 2)
-        for s in range(batch):
-            req.scheduled.append(worker_pb2.ScheduledSequence(
-                seq_id=s + 1, num_computed_tokens=context + i, num_new_tokens=1, sample=True,
-                append_token_ids=[last[s + 1]]))
+        add_scheduled(req.scheduled, [ScheduledRow(
+            seq_id=s + 1, num_computed_tokens=context + i, num_new_tokens=1, sample=True,
+            append_token_ids=[last[s + 1]]) for s in range(batch)])
         if worker.placement.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        last = {t.seq_id: t.token_id for t in worker.step(req).sampled}
+        last = _tokens(worker.step(req))
         times.append(time.perf_counter() - started)
     return times[1:] if len(times) > 1 else times
+
+
+def _tokens(response: worker_pb2.StepResponse) -> dict[int, int]:
+    return dict(zip(response.sampled.seq_ids, response.sampled.token_ids))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import random
 
-from protos.pagedserve.v1 import common_pb2, worker_pb2
+from pagedserve.step_codec import SampledRow, add_sampled
+from protos.pagedserve.v1 import worker_pb2
 
 
 class NullWorker:
@@ -36,17 +37,14 @@ class NullWorker:
         for seq_id in request.finished_seq_ids:
             self.logprobs.pop(seq_id, None)
         response = worker_pb2.StepResponse(step_id=request.step_id)
-        for item in request.scheduled:
-            if item.sample:
-                response.sampled.append(self._sample(item.seq_id))
+        batch = request.scheduled
+        add_sampled(response.sampled, [self._sample(seq_id)
+                                       for seq_id, sample in zip(batch.seq_ids, batch.sample)
+                                       if sample])
         return response
 
-    def _sample(self, seq_id: int) -> worker_pb2.SampledToken:
+    def _sample(self, seq_id: int) -> SampledRow:
         k = self.logprobs.get(seq_id, 0)
         top = sorted((-self.rng.expovariate(1.0) for _ in range(max(k, 1))), reverse=True)
         tokens = self.rng.sample(range(1, self.vocab_size), len(top))
-        out = worker_pb2.SampledToken(seq_id=seq_id, token_id=tokens[0], logprob=top[0])
-        if k:
-            out.top.extend(common_pb2.TokenLogprob(token_id=t, logprob=lp)
-                           for t, lp in zip(tokens, top))
-        return out
+        return SampledRow(seq_id, tokens[0], top[0], list(zip(tokens, top)) if k else [])

@@ -46,11 +46,14 @@ class InstantWorker:
 
     def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         cpu, wall = time.process_time(), time.perf_counter()
-        response = worker_pb2.StepResponse(step_id=request.step_id, sampled=[
-            worker_pb2.SampledToken(seq_id=s.seq_id, token_id=7, logprob=-0.5)
-            for s in request.scheduled if s.sample])
-        self.last_num_scheduled = len(request.scheduled)
-        self.last_all_decode = all(s.num_new_tokens == 1 for s in request.scheduled)
+        batch = request.scheduled
+        seq_ids = [s for s, sample in zip(batch.seq_ids, batch.sample) if sample]
+        response = worker_pb2.StepResponse(step_id=request.step_id)
+        response.sampled.seq_ids.extend(seq_ids)
+        response.sampled.token_ids.extend([7] * len(seq_ids))
+        response.sampled.logprobs.extend([-0.5] * len(seq_ids))
+        self.last_num_scheduled = len(batch.seq_ids)
+        self.last_all_decode = all(n == 1 for n in batch.num_new_tokens)
         self.cpu_seconds += time.process_time() - cpu
         self.wall_seconds += time.perf_counter() - wall
         return response

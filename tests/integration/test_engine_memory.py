@@ -137,7 +137,7 @@ def test_chunked_prefill_keeps_decodes_running_and_matches(model_dir):
         original_step = llm.worker.step
 
         def recording_step(req):
-            steps.append(sum(s.num_new_tokens for s in req.scheduled))
+            steps.append(sum(req.scheduled.num_new_tokens))
             return original_step(req)
 
         llm.worker.step = recording_step

@@ -101,7 +101,7 @@ def test_greedy_worker_steps_match_hf_generate(block_size: int) -> None:
     prompts = _prompts(2, [7, 12, 3], worker.model_config.vocab_size)
     driver = StepDriver(worker.step, num_blocks=128, block_size=block_size, seed=block_size)
     seqs = driver.generate(prompts, max_new_tokens=20, first_chunk=2)
-    assert any(not s.sample for r in driver.requests for s in r.scheduled), "no chunked prefill"
+    assert any(not s for r in driver.requests for s in r.scheduled.sample), "no chunked prefill"
     for prompt, seq in zip(prompts, seqs, strict=True):
         assert seq.outputs == _hf_greedy(hf, prompt, 20)
     assert worker.seqs == {}, "finished sequences must be dropped"

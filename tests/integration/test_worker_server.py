@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.step_codec import ScheduledRow, sampled_rows, scheduled_request
 from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
@@ -61,7 +62,7 @@ async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list
 
 
 async def _bad_step_code(stub: worker_pb2_grpc.WorkerStub) -> grpc.StatusCode:
-    req = worker_pb2.StepRequest(scheduled=[worker_pb2.ScheduledSequence(seq_id=999, num_new_tokens=1)])
+    req = scheduled_request(rows=[ScheduledRow(seq_id=999, num_new_tokens=1)])
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Step(req, timeout=10)
     return err.value.code()
@@ -80,9 +81,10 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
 
     local = cpu_worker(path, block_size=4)
     local_responses = [local.step(req) for req in requests]
-    sampled = [[(t.seq_id, t.token_id) for t in r.sampled] for r in responses]
-    assert sampled == [[(t.seq_id, t.token_id) for t in r.sampled] for r in local_responses]
+    sampled = [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)] for r in responses]
+    assert sampled == [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)]
+                       for r in local_responses]
     assert sum(len(s) for s in sampled) == 6 * len(PROMPTS)
-    first = responses[0].sampled[0]
+    first = sampled_rows(responses[0].sampled)[0]
     assert len(first.top) == 3 and first.logprob <= 0.0
     assert responses[0].forward_seconds > 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.errors import InvalidArgument, NotFound
+from pagedserve.step_codec import ScheduledRow, add_scheduled, sampled_rows
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
@@ -30,14 +31,20 @@ def _reset(worker: Worker) -> None:
 
 
 def _sched(seq_id: int, computed: int, new: int, blocks: list[int] = (), append: list[int] = (),
-           replace: bool = False, sample: bool = True) -> worker_pb2.ScheduledSequence:
-    return worker_pb2.ScheduledSequence(
-        seq_id=seq_id, num_computed_tokens=computed, num_new_tokens=new, new_block_ids=blocks,
-        append_token_ids=append, replace_block_table=replace, sample=sample)
+           replace: bool = False, sample: bool = True) -> ScheduledRow:
+    return ScheduledRow(
+        seq_id=seq_id, num_computed_tokens=computed, num_new_tokens=new, new_block_ids=list(blocks),
+        append_token_ids=list(append), replace_block_table=replace, sample=sample)
+
+
+def _batch(*rows: ScheduledRow) -> worker_pb2.ScheduledBatch:
+    batch = worker_pb2.ScheduledBatch()
+    add_scheduled(batch, rows)
+    return batch
 
 
 def _token(resp: worker_pb2.StepResponse, seq_id: int) -> int:
-    return next(t.token_id for t in resp.sampled if t.seq_id == seq_id)
+    return next(t.token_id for t in sampled_rows(resp.sampled) if t.seq_id == seq_id)
 
 
 def _reference(worker: Worker, n: int) -> list[int]:
@@ -49,7 +56,7 @@ def _prefill(worker: Worker, seq_id: int, blocks: list[int]) -> int:
     resp = worker.step(worker_pb2.StepRequest(
         new_seqs=[worker_pb2.NewSequence(seq_id=seq_id, token_ids=PROMPT,
                                          num_prompt_tokens=len(PROMPT), params=GREEDY)],
-        scheduled=[_sched(seq_id, 0, len(PROMPT), blocks)]))
+        scheduled=_batch(_sched(seq_id, 0, len(PROMPT), blocks))))
     return _token(resp, seq_id)
 
 
@@ -61,8 +68,8 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one(worker: Worker) -> N
     resp = worker.step(worker_pb2.StepRequest(
         new_seqs=[worker_pb2.NewSequence(seq_id=2, parent_seq_id=1, num_prompt_tokens=6)],
         copies=[worker_pb2.BlockMapping(src=7, dst=9)],
-        scheduled=[_sched(1, 6, 1, append=[first]),
-                   _sched(2, 6, 1, blocks=[3, 9], append=[first], replace=True)]))
+        scheduled=_batch(_sched(1, 6, 1, append=[first]),
+                         _sched(2, 6, 1, blocks=[3, 9], append=[first], replace=True))))
     assert _token(resp, 1) == _token(resp, 2) == expected[1]
     assert worker.seqs[2].token_ids.tolist() == PROMPT + [first]
     assert worker.seqs[2].block_table == [3, 9]
@@ -76,11 +83,11 @@ def test_swap_out_and_back_in_elsewhere_resumes_identically(worker: Worker) -> N
     worker.step(worker_pb2.StepRequest(  # clobber the old device blocks
         new_seqs=[worker_pb2.NewSequence(seq_id=3, token_ids=[1] * 8, num_prompt_tokens=8,
                                          params=GREEDY)],
-        scheduled=[_sched(3, 0, 8, [2, 5])], finished_seq_ids=[]))
+        scheduled=_batch(_sched(3, 0, 8, [2, 5])), finished_seq_ids=[]))
     resp = worker.step(worker_pb2.StepRequest(
         finished_seq_ids=[3],
         swap_in=[worker_pb2.BlockMapping(src=0, dst=11), worker_pb2.BlockMapping(src=1, dst=12)],
-        scheduled=[_sched(1, 6, 1, blocks=[11, 12], append=[first], replace=True)]))
+        scheduled=_batch(_sched(1, 6, 1, blocks=[11, 12], append=[first], replace=True))))
     assert _token(resp, 1) == expected[1]
 
 
@@ -92,13 +99,13 @@ def test_worker_never_appends_its_own_samples(worker: Worker) -> None:
 @pytest.mark.parametrize(
     "req, error",
     [
-        (worker_pb2.StepRequest(scheduled=[_sched(1, 6, 2, append=[5])]), InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=[_sched(1, 6, 1, append=[5], blocks=[99])]),
+        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 2, append=[5]))), InvalidArgument),
+        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5], blocks=[99]))),
          InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=[_sched(1, 6, 1, append=[5]), _sched(8, 0, 1)]),
+        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5]), _sched(8, 0, 1))),
          NotFound),
-        (worker_pb2.StepRequest(scheduled=[_sched(1, 6, 1, append=[100000])]), InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=[_sched(1, 6, 1, append=[5])],
+        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[100000]))), InvalidArgument),
+        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5])),
                                 copies=[worker_pb2.BlockMapping(src=0, dst=32)]),
          InvalidArgument),
         (worker_pb2.StepRequest(new_seqs=[worker_pb2.NewSequence(seq_id=1, token_ids=[1])]),
@@ -121,7 +128,7 @@ def test_seeded_sampling_survives_preemption_by_recompute(worker: Worker) -> Non
     req = worker_pb2.StepRequest(
         new_seqs=[worker_pb2.NewSequence(seq_id=50, token_ids=PROMPT + head,
                                          num_prompt_tokens=len(PROMPT), params=params)],
-        scheduled=[_sched(50, 0, len(PROMPT) + 3, blocks=[20, 21, 22])])
+        scheduled=_batch(_sched(50, 0, len(PROMPT) + 3, blocks=[20, 21, 22])))
     assert head == full[:3]
     assert _token(worker.step(req), 50) == full[3]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+from pagedserve.step_codec import SampledRow, add_sampled, scheduled_rows
 from protos.pagedserve.v1 import worker_pb2
 
 
@@ -65,7 +66,8 @@ class ShadowWorker:
         self._move(req.swap_in, self.cpu, self.gpu)
         self._move(req.copies, self.gpu, self.gpu)
         resp = worker_pb2.StepResponse(step_id=req.step_id)
-        for item in req.scheduled:
+        sampled = []
+        for item in scheduled_rows(req.scheduled):
             seq = self.seqs[item.seq_id]
             seq["tokens"].extend(item.append_token_ids)
             if item.replace_block_table:
@@ -76,8 +78,8 @@ class ShadowWorker:
             if item.sample:
                 assert item.num_computed_tokens + item.num_new_tokens == len(seq["tokens"])
                 token = next_token(seq["tokens"], seq["seed"], self.vocab_size)
-                resp.sampled.append(worker_pb2.SampledToken(seq_id=item.seq_id, token_id=token,
-                                                            logprob=-1.0))
+                sampled.append(SampledRow(item.seq_id, token, -1.0))
+        add_sampled(resp.sampled, sampled)
         return resp
 
     def _slot(self, table: list[int], pos: int) -> int:

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from pagedserve.step_codec import SampledRow, ScheduledRow, add_scheduled, sampled_rows
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 
 StepFn = Callable[[worker_pb2.StepRequest], worker_pb2.StepResponse]
@@ -25,7 +26,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # sampled, not yet sent back
     outputs: list[int] = field(default_factory=list)
-    logprobs: list[worker_pb2.SampledToken] = field(default_factory=list)
+    logprobs: list[SampledRow] = field(default_factory=list)
     registered: bool = False
 
 
@@ -60,23 +61,25 @@ class StepDriver:
         self, seqs: list[_Seq], params: common_pb2.SamplingParams, first_chunk: int | None
     ) -> None:
         req = worker_pb2.StepRequest(step_id=self.step_id)
+        rows = []
         for s in seqs:
             if not s.registered:
                 req.new_seqs.add(seq_id=s.seq_id, token_ids=s.tokens,
                                  num_prompt_tokens=s.num_prompt_tokens, params=params)
                 s.registered = True
-            req.scheduled.append(self._schedule(s, first_chunk))
+            rows.append(self._schedule(s, first_chunk))
+        add_scheduled(req.scheduled, rows)
         self.requests.append(req)
         resp = self.step_fn(req)
         self.step_id += 1
         by_id = {s.seq_id: s for s in seqs}
-        for tok in resp.sampled:
+        for tok in sampled_rows(resp.sampled):
             seq = by_id[tok.seq_id]
             seq.pending.append(tok.token_id)
             seq.outputs.append(tok.token_id)
             seq.logprobs.append(tok)
 
-    def _schedule(self, s: _Seq, first_chunk: int | None) -> worker_pb2.ScheduledSequence:
+    def _schedule(self, s: _Seq, first_chunk: int | None) -> ScheduledRow:
         appended, s.pending = s.pending, []
         s.tokens.extend(appended)
         num_new = len(s.tokens) - s.num_computed
@@ -86,7 +89,7 @@ class StepDriver:
         need = -(-end // self.block_size) - len(s.blocks)
         new_blocks = [self.free.pop() for _ in range(max(need, 0))]
         s.blocks.extend(new_blocks)
-        sched = worker_pb2.ScheduledSequence(
+        sched = ScheduledRow(
             seq_id=s.seq_id, num_computed_tokens=s.num_computed, num_new_tokens=num_new,
             new_block_ids=new_blocks, sample=end == len(s.tokens), append_token_ids=appended,
         )

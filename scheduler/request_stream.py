@@ -1,0 +1,106 @@
+"""``RequestStream``: the outputs of one request, from the step loop to one consumer (the
+scheduler servicer's ``Submit`` or ``LLM``), coalesced so the step loop builds no messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from protos.pagedserve.v1 import common_pb2, scheduler_pb2
+from scheduler.sequence import SequenceGroup, SequenceStatus
+
+_STREAMED_FINISH = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH)
+
+
+class RequestStream:
+    """The outputs of one request, in order; ends after every sequence has finished.
+
+    The step loop builds no messages: it appends sampled tokens to the group's sequences and
+    calls ``notify``. The consumer, when it wakes, turns everything not yet streamed into ONE
+    ``SubmitResponse`` (so a slow consumer gets several tokens per message): per sequence, the
+    tokens past ``num_prompt_tokens + num_streamed_tokens`` and, once, the finish reason of a
+    sequence that stopped or hit its length (an aborted one just ends). Top log-probs and whole
+    outputs (beam search, ``best_of > n``) are handed over with ``add_logprobs``/``put_outputs``.
+    ``close`` ends the stream after what is pending; with an error, the error is raised then.
+    """
+
+    def __init__(self, request_id: str, group: SequenceGroup | None = None) -> None:
+        self.request_id = request_id
+        self.group = group
+        self.finished = False  # closed: nothing more will be added
+        self.has_data = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self._logprobs: dict[int, list[common_pb2.TokenLogprobs]] = {}  # output index -> pending
+        self._whole: list[scheduler_pb2.SeqOutput] = []
+        self._finish_sent: set[int] = set()  # seq ids whose finish reason was streamed
+
+    def notify(self) -> None:
+        """New tokens are on the group's sequences."""
+        self.has_data = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def add_logprobs(self, index: int, logprobs: common_pb2.TokenLogprobs) -> None:
+        self._logprobs.setdefault(index, []).append(logprobs)
+
+    def put_outputs(self, outputs: list[scheduler_pb2.SeqOutput]) -> None:
+        self._whole.extend(outputs)
+        self.notify()
+
+    def close(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self._error = error
+            self.notify()
+
+    async def __aiter__(self) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+        while True:
+            if not self.has_data:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            closed = self.finished  # read before draining: a closed stream gets nothing more
+            response = self._drain()
+            if response is not None:
+                yield response
+            if closed:
+                if self._error is not None:
+                    raise self._error
+                return
+
+    def _drain(self) -> scheduler_pb2.SubmitResponse | None:
+        self.has_data = False
+        outputs = self._token_outputs() if self.group is not None else []
+        if self._whole:
+            outputs.extend(self._whole)
+            self._whole = []
+        return scheduler_pb2.SubmitResponse(outputs=outputs) if outputs else None
+
+    def _token_outputs(self) -> list[scheduler_pb2.SeqOutput]:
+        group = self.group
+        assert group is not None
+        if not group.streams_tokens:
+            return []
+        outputs = []
+        for seq in group.seqs:
+            start = seq.num_prompt_tokens + seq.num_streamed_tokens
+            finish = (seq.status in _STREAMED_FINISH and seq.seq_id not in self._finish_sent)
+            if len(seq.token_ids) <= start and not finish:
+                continue
+            out = scheduler_pb2.SeqOutput(
+                index=seq.index, token_ids=seq.token_ids[start:],
+                num_cached_tokens=seq.num_cached_tokens, num_prompt_tokens=seq.num_prompt_tokens,
+                cumulative_logprob=seq.cumulative_logprob)
+            seq.num_streamed_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+            if finish:
+                out.finish_reason = seq.status.finish_reason  # type: ignore[assignment]
+                self._finish_sent.add(seq.seq_id)
+            logprobs = self._logprobs.pop(seq.index, None)
+            if logprobs:
+                out.logprobs.extend(logprobs)
+            outputs.append(out)
+        return outputs
