@@ -115,7 +115,7 @@ class RedisPrefixStore:
             for key in keys:
                 pipe.hexists(key, block_hash)
             found = await pipe.execute()
-        return [k.decode()[len(KEY_PREFIX):] for k, hit in zip(keys, found) if hit]
+        return [k.decode()[len(KEY_PREFIX):] for k, hit in zip(keys, found, strict=True) if hit]
 
     async def clear(self, worker_key: str) -> None:
         await self._client.delete(self.key(worker_key))

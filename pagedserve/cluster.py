@@ -16,8 +16,10 @@ from router.config import RouterConfig
 from router.config import ServerConfig as RouterServerConfig
 from router.server import RouterServer, start_router
 from router.tokenizer import load_tokenizer
-from scheduler.config import SchedulerConfig, ServerConfig as SchedulerServerConfig
-from scheduler.server import SchedulerServer, build_server as build_scheduler
+from scheduler.config import SchedulerConfig
+from scheduler.config import ServerConfig as SchedulerServerConfig
+from scheduler.server import SchedulerServer
+from scheduler.server import build_server as build_scheduler
 from scheduler.worker_handle import GrpcWorkerHandle
 from worker.config import WorkerConfig
 from worker.server import WorkerServer, start_worker_server

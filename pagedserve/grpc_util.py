@@ -41,7 +41,9 @@ def add_health_and_reflection(
     return health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, names: list[str], ok: bool) -> None:
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, names: list[str], ok: bool
+) -> None:
     status = (
         health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
     )

@@ -14,8 +14,9 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from pagedserve.models import resolve_model_path
 from pagedserve.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from router.output import OutputProcessor
@@ -23,10 +24,9 @@ from router.tokenizer import Tokenizer, load_tokenizer
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle
-from worker.config import CacheConfig as WorkerCacheConfig
 from worker.config import BatchConfig, LoadConfig, ServerConfig, WorkerConfig
+from worker.config import CacheConfig as WorkerCacheConfig
 from worker.worker import Worker
-from pagedserve.models import resolve_model_path
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -81,7 +81,9 @@ class LLM:
         self.worker = Worker(worker_config)
         self.tokenizer: Tokenizer = load_tokenizer(path)
         config = SchedulerConfig(
-            batching=BatchingConfig(max_num_batched_tokens, max_num_seqs, max_waiting_requests=1 << 20),
+            batching=BatchingConfig(
+                max_num_batched_tokens, max_num_seqs, max_waiting_requests=1 << 20
+            ),
             cache=CacheConfig(enable_prefix_caching, preemption_mode),
         )
         self.engine = Engine(config, [InProcessWorkerHandle(self.worker, "offline-0")])
@@ -108,14 +110,15 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion, continuously batched. A prompt is text (no chat
         template), token ids, or chat messages (``[{"role": ..., "content": ...}]``)."""
-        if isinstance(prompts, str) or _is_ids(prompts) or _is_chat(prompts):
-            prompts = [prompts]  # type: ignore[list-item]
+        batch = _as_batch(prompts)
         if params is None:
             params = make_sampling_params(**sampling)
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        return self._loop.run_until_complete(self._all(list(zip(prompts, plist, strict=True))))
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        return self._loop.run_until_complete(self._all(list(zip(batch, plist, strict=True))))
 
-    async def _all(self, items: list[tuple[Prompt, common_pb2.SamplingParams]]) -> list[RequestOutput]:
+    async def _all(
+        self, items: list[tuple[Prompt, common_pb2.SamplingParams]]
+    ) -> list[RequestOutput]:
         return list(await asyncio.gather(*(self._one(p, q) for p, q in items)))
 
     async def _one(self, prompt: Prompt, params: common_pb2.SamplingParams) -> RequestOutput:
@@ -139,7 +142,8 @@ class LLM:
                 out.token_ids.extend(message.token_ids)
                 out.logprobs.extend(message.logprobs)
                 if message.finish_reason:
-                    out.finish_reason = common_pb2.FinishReason.Name(message.finish_reason)[14:].lower()
+                    name = common_pb2.FinishReason.Name(message.finish_reason)
+                    out.finish_reason = name[14:].lower()
             if processor.all_finished:
                 self.engine.abort(request_id)  # a stop string ended it early
                 break
@@ -149,8 +153,16 @@ class LLM:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if _is_chat(prompt):
-            return self.tokenizer.encode_chat(prompt)  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+            return self.tokenizer.encode_chat(cast(Sequence[dict[str, str]], prompt))
+        return list(cast(Sequence[int], prompt))
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt becomes a batch of one. The casts record what the runtime checks establish,
+    which the ``Prompt`` union cannot express (a list of ids is one prompt, a list of str many)."""
+    if isinstance(prompts, str) or _is_ids(prompts) or _is_chat(prompts):
+        return [cast(Prompt, prompts)]
+    return list(cast(Sequence[Prompt], prompts))
 
 
 def _is_ids(x: object) -> bool:

@@ -163,7 +163,7 @@ def text_format_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes
 
     def text_only(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         environ.pop("HTTP_ACCEPT", None)
-        return app(environ, start_response)  # type: ignore[no-any-return]
+        return app(environ, start_response)
 
     return text_only
 
@@ -180,8 +180,11 @@ def serve_metrics(port: int, registry: CollectorRegistry, host: str = "127.0.0.1
 _RUNNING: dict[int, MetricsServer] = {}
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> int:
-    """Start serving ``registry`` and return the bound port; stop it with :func:`stop_metrics_server`.
+def start_metrics_server(
+    port: int, registry: CollectorRegistry, host: str = "127.0.0.1"
+) -> int:
+    """Start serving ``registry`` and return the bound port; stop it with
+    :func:`stop_metrics_server`.
 
     Use :func:`serve_metrics` when you want the handle itself.
     """

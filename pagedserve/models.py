@@ -26,7 +26,8 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """``None`` or ``"default"`` -> the packaged SmolLM2; otherwise an HF directory or .gguf file."""
+    """``None`` or ``"default"`` -> the packaged SmolLM2; otherwise an HF directory or a .gguf
+    file."""
     if model in (None, "", "default"):
         return default_model_path()
     path = Path(model).expanduser()

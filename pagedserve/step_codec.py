@@ -57,6 +57,7 @@ def add_scheduled(batch: worker_pb2.ScheduledBatch, rows: Iterable[ScheduledRow]
 def scheduled_request(step_id: int = 0, rows: Iterable[ScheduledRow] = (),
                       **fields: object) -> worker_pb2.StepRequest:
     """A ``StepRequest`` with ``rows`` scheduled; ``fields`` are its other fields."""
+    # The stub types each keyword separately; ``fields`` is a pass-through of any of them.
     request = worker_pb2.StepRequest(step_id=step_id, **fields)  # type: ignore[arg-type]
     add_scheduled(request.scheduled, rows)
     return request
@@ -76,7 +77,7 @@ def scheduled_rows(batch: worker_pb2.ScheduledBatch) -> list[ScheduledRow]:
     blocks = _split(batch.new_block_ids, batch.num_new_blocks, "scheduled.new_block_ids")
     return [ScheduledRow(*cols) for cols in zip(
         seq_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.sample,
-        batch.replace_block_table, appends, blocks)]
+        batch.replace_block_table, appends, blocks, strict=True)]
 
 
 def add_sampled(batch: worker_pb2.SampledBatch, rows: Iterable[SampledRow]) -> None:
@@ -98,16 +99,18 @@ def sampled_rows(batch: worker_pb2.SampledBatch) -> list[SampledRow]:
     _check_len(batch.token_ids, n, "sampled.token_ids")
     _check_len(batch.logprobs, n, "sampled.logprobs")
     if not len(batch.num_top):
-        return [SampledRow(*cols) for cols in zip(seq_ids, batch.token_ids, batch.logprobs)]
+        columns = zip(seq_ids, batch.token_ids, batch.logprobs, strict=True)
+        return [SampledRow(*cols) for cols in columns]
     tops = split_tops(batch)
-    return [SampledRow(*cols) for cols in zip(seq_ids, batch.token_ids, batch.logprobs, tops)]
+    columns_with_tops = zip(seq_ids, batch.token_ids, batch.logprobs, tops, strict=True)
+    return [SampledRow(*cols) for cols in columns_with_tops]
 
 
 def split_tops(batch: worker_pb2.SampledBatch) -> list[list[tuple[int, float]]]:
     """Per sampled row, its (token id, log-prob) top pairs; needs a non-empty ``num_top``."""
     _check_len(batch.num_top, len(batch.seq_ids), "sampled.num_top")
     _check_len(batch.top_logprobs, len(batch.top_token_ids), "sampled.top_logprobs")
-    pairs = list(zip(batch.top_token_ids, batch.top_logprobs))
+    pairs = list(zip(batch.top_token_ids, batch.top_logprobs, strict=True))
     return _split(pairs, batch.num_top, "sampled.top_token_ids")
 
 
@@ -123,4 +126,4 @@ def _split(flat: Sequence[object], counts: Sequence[int], name: str) -> list[lis
                                     f"{sum(counts)}")
     ends = list(itertools.accumulate(counts))
     flat = list(flat)
-    return [flat[end - count:end] for end, count in zip(ends, counts)]
+    return [flat[end - count:end] for end, count in zip(ends, counts, strict=True)]

@@ -45,13 +45,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
+def _module_of(proc: subprocess.Popen[bytes]) -> str:
+    """The module a child runs: ``Supervisor.spawn`` starts each as
+    ``[python, "-m", module, ...]``."""
+    argv = proc.args
+    assert isinstance(argv, list) and isinstance(argv[2], str), "children come from spawn()"
+    return argv[2]
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[2]} exited with code {proc.returncode}")
+                raise RuntimeError(f"{_module_of(proc)} exited with code {proc.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -65,9 +73,9 @@ def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
 class Supervisor:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, module: str, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, module: str, argv: list[str]) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
         proc = subprocess.Popen(cmd)
         self.procs.append(proc)
@@ -124,7 +132,7 @@ class Supervisor:
         while not stop["signal"]:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    logger.error("%s exited with code %s; stopping the cluster", proc.args[2],
+                    logger.error("%s exited with code %s; stopping the cluster", _module_of(proc),
                                  proc.returncode)
                     return 1
             time.sleep(0.3)
@@ -142,7 +150,9 @@ class Supervisor:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     sup = Supervisor(args)
     try:
         address = sup.start()

@@ -3,7 +3,8 @@
 Templates come with model files, so they are untrusted code: they run in jinja2's immutable sandbox.
 The environment matches HF's (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a ``tojson``
 that does not HTML-escape, ``raise_exception``, ``strftime_now``) and the template sees the special
-tokens (``bos_token``, ``eos_token``, ...) as HF passes them, so a prompt renders byte for byte alike.
+tokens (``bos_token``, ``eos_token``, ...) as HF passes them, so a prompt renders byte for byte
+alike.
 """
 
 from __future__ import annotations

@@ -53,12 +53,14 @@ def _env(name: str, default: str | None) -> str | None:
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the router's flags; each falls back to ``PAGEDSERVE_ROUTER_<NAME>``, then the default."""
+    """Adds the router's flags; each falls back to ``PAGEDSERVE_ROUTER_<NAME>``, then the
+    default."""
     d, s = RouterConfig(), ServerConfig()
     group = parser.add_argument_group("router")
     group.add_argument("--model", default=_env("MODEL", d.model),
                        help="tokenizer source: HF directory or .gguf (default: packaged SmolLM2)")
-    group.add_argument("--scheduler-address", default=_env("SCHEDULER_ADDRESS", d.scheduler_address))
+    group.add_argument("--scheduler-address",
+                       default=_env("SCHEDULER_ADDRESS", d.scheduler_address))
     group.add_argument("--host", default=_env("HOST", s.host))
     group.add_argument("--port", type=int, default=int(_env("PORT", str(s.port)) or s.port))
     metrics_port = _env("METRICS_PORT", None)

@@ -107,7 +107,7 @@ class RouterMetrics:
 
     def track_stream(self) -> AbstractContextManager[None]:
         """Context manager counting one open stream (decrements on any exit path)."""
-        return self.streams_in_flight.track_inprogress()  # type: ignore[return-value]
+        return self.streams_in_flight.track_inprogress()
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds)

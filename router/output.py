@@ -16,7 +16,7 @@ from protos.pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.tokenizer import Tokenizer
 
-FinishReason = int  # a common_pb2.FinishReason value
+FinishReason = common_pb2.FinishReason
 
 
 @dataclass
@@ -55,7 +55,9 @@ class OutputProcessor:
     def all_finished(self) -> bool:
         return all(state.is_finished for state in self._outputs)
 
-    def process(self, response: scheduler_pb2.SubmitResponse) -> list[generation_pb2.GenerateResponse]:
+    def process(
+        self, response: scheduler_pb2.SubmitResponse
+    ) -> list[generation_pb2.GenerateResponse]:
         """The messages to send for one scheduler message (possibly none)."""
         messages = []
         for seq in response.outputs:
@@ -82,7 +84,9 @@ class OutputProcessor:
 
     def _new_state(self) -> _OutputState:
         return _OutputState(
-            IncrementalDetokenizer(self._tokenizer, skip_special_tokens=self._params.skip_special_tokens),
+            IncrementalDetokenizer(
+                self._tokenizer, skip_special_tokens=self._params.skip_special_tokens
+            ),
             StopStringMatcher(self._params.stop,
                               include_stop_in_output=self._params.include_stop_str_in_output),
         )
@@ -113,7 +117,9 @@ class OutputProcessor:
         state.replaced_ids = list(seq.token_ids)
         state.num_tokens = len(state.replaced_ids)
         text_ids = self._ids_to_detokenize(state.replaced_ids, seq.finish_reason)
-        full_text = self._tokenizer.decode(text_ids, skip_special_tokens=self._params.skip_special_tokens)
+        full_text = self._tokenizer.decode(
+            text_ids, skip_special_tokens=self._params.skip_special_tokens
+        )
         matcher = StopStringMatcher(self._params.stop,
                                     include_stop_in_output=self._params.include_stop_str_in_output)
         text, stopped = matcher.feed(full_text, can_stop=self._can_stop(state))
@@ -149,7 +155,7 @@ class OutputProcessor:
     ) -> generation_pb2.GenerateResponse:
         state.is_finished = True
         message = self._message(index, text, token_ids, logprobs)
-        message.finish_reason = reason  # type: ignore[assignment]
+        message.finish_reason = reason
         message.usage.CopyFrom(common_pb2.Usage(
             prompt_tokens=self._num_prompt_tokens, completion_tokens=state.num_tokens,
             cached_tokens=state.num_cached_tokens,

@@ -1,4 +1,5 @@
-"""Checks a ``GenerateRequest`` and turns it into what the scheduler runs: prompt ids + resolved params.
+"""Checks a ``GenerateRequest`` and turns it into what the scheduler runs: prompt ids + resolved
+params.
 
 Everything a client can get wrong is found here, before the scheduler sees the request, and raised
 as ``InvalidArgument`` naming the field (``prompt.text``, ``params.top_p``, ``model``).

@@ -127,7 +127,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         record.reached_scheduler = True
         generated: list[int] = []  # output 0 so far: what a continuation must not redo
         current: list[SubmitStream] = []
-        context.add_done_callback(lambda _ctx: current and current[-1].cancel())  # client gone
+
+        def cancel_current(_ctx: object) -> None:  # the client went away
+            if current:
+                current[-1].cancel()
+
+        context.add_done_callback(cancel_current)
         for attempt in range(MAX_CONTINUATIONS + 1):
             stream = self._scheduler.submit(self._submit_request(prepared, generated),
                                             self._timeout_s(context), wait_for_ready=attempt > 0)

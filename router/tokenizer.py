@@ -68,8 +68,9 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """Renders a conversation to prompt text. Raises ``ValueError`` if the model has no template;
-        ``ChatTemplateError`` (an ``InvalidArgument``) if the template rejects the conversation."""
+        """Renders a conversation to prompt text. Raises ``ValueError`` if the model has no
+        template; ``ChatTemplateError`` (an ``InvalidArgument``) if the template rejects the
+        conversation."""
         if self.chat_template is None:
             raise ValueError("the model has no chat template")
         return render_chat_template(
@@ -94,7 +95,8 @@ def load_tokenizer(model_path: str | Path) -> Tokenizer:
         path = ggufs[0]
     tokenizer = _load_gguf(path) if path.is_file() else _load_hf_dir(path)
     if tokenizer.chat_template is not None:
-        compile_chat_template(tokenizer.chat_template)  # a broken template fails at start, not per request
+        # A broken template fails at start, not per request.
+        compile_chat_template(tokenizer.chat_template)
     logger.info(
         "tokenizer loaded from %s: vocab %d, eos %s, chat template %s",
         path, tokenizer.vocab_size, list(tokenizer.eos_token_ids), tokenizer.has_chat_template,
@@ -109,7 +111,9 @@ def _load_gguf(path: Path) -> Tokenizer:
     meta = read_gguf_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' BPE)")
+        raise ValueError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' BPE)"
+        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     backend = _gguf_bpe(tokens, meta["tokenizer.ggml.merges"], meta.get("tokenizer.ggml.pre"))
     token_types = meta.get("tokenizer.ggml.token_type", [])
@@ -122,7 +126,9 @@ def _load_gguf(path: Path) -> Tokenizer:
         for name, key in _GGUF_SPECIAL_KEYS.items() if f"tokenizer.ggml.{key}_token_id" in meta
     }
     _set_post_processor(
-        backend, tokens, special_ids.get("bos") if meta.get("tokenizer.ggml.add_bos_token") else None,
+        backend,
+        tokens,
+        special_ids.get("bos") if meta.get("tokenizer.ggml.add_bos_token") else None,
         special_ids.get("eos") if meta.get("tokenizer.ggml.add_eos_token") else None,
     )
     eos_ids = [special_ids[n] for n in ("eos",) if n in special_ids]

@@ -15,10 +15,14 @@ def main(argv: list[str] | None = None) -> None:
     add_scheduler_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = scheduler_config_from_args(args)
     if not config.worker_addresses and not config.worker_discovery:
-        parser.error("give --worker HOST:PORT (repeatable) or --worker-discovery k8s-headless=NAME:PORT")
+        parser.error(
+            "give --worker HOST:PORT (repeatable) or --worker-discovery k8s-headless=NAME:PORT"
+        )
     asyncio.run(serve(config))
 
 

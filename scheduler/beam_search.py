@@ -98,10 +98,12 @@ class BeamState:
             chosen.append(Continuation(c.parent, c.token_id, c.score + (_NEG if ends[i] else 0)))
         return chosen
 
-    def _update_finished(self, candidates: list[Continuation], ends: list[bool], gen_len: int) -> None:
+    def _update_finished(
+        self, candidates: list[Continuation], ends: list[bool], gen_len: int
+    ) -> None:
         if not self.improvable or (len(self.finished) == self.width and self.early_stopping):
             return
-        for rank, (c, end) in enumerate(zip(candidates, ends)):
+        for rank, (c, end) in enumerate(zip(candidates, ends, strict=True)):
             if rank >= self.width or not end:
                 continue
             output = [*c.parent.output_token_ids, c.token_id]

@@ -1,4 +1,5 @@
-"""Scheduler configuration: one frozen dataclass built from small sub-configs (CLI > env > defaults)."""
+"""Scheduler configuration: one frozen dataclass built from small sub-configs (CLI > env >
+defaults)."""
 
 from __future__ import annotations
 

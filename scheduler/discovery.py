@@ -34,7 +34,9 @@ async def resolve(host: str, port: int) -> list[str]:
     return sorted({f"{info[4][0]}:{port}" for info in infos})
 
 
-async def wait_for_workers(host: str, port: int, timeout: float, interval: float = 2.0) -> list[str]:
+async def wait_for_workers(
+    host: str, port: int, timeout: float, interval: float = 2.0
+) -> list[str]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         found = await resolve(host, port)

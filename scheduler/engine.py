@@ -81,7 +81,7 @@ class Engine:
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         infos = await asyncio.gather(*(h.info() for h in self.handles))
-        for handle, info in zip(self.handles, infos):
+        for handle, info in zip(self.handles, infos, strict=True):
             await handle.reset()  # drops sequences; the KV memory (cached prefixes) stays
             ws = self._new_worker_state(handle, info)
             if self.prefix_sync is not None:
@@ -200,7 +200,8 @@ class Engine:
                                   f"exceeds the model's context of {info.max_model_len}")
         samples = max(params.n, params.best_of, params.beam_width, 1)
         bs = info.block_size
-        needed = -(-len(prompt) // bs) + samples * (-(-(len(generated) + params.max_tokens) // bs) + 1)
+        blocks_per_sample = -(-(len(generated) + params.max_tokens) // bs) + 1
+        needed = -(-len(prompt) // bs) + samples * blocks_per_sample
         capacity = info.max_num_tokens_per_request // bs
         if -(-len(prompt) // bs) > capacity or needed > capacity:
             raise ResourceExhausted(
@@ -301,7 +302,7 @@ class Engine:
         beams: dict[str, list[tuple[Sequence, SampledRow]]] = {}
         num_generated = 0
         for i, (seq_id, token_id, logprob) in enumerate(
-                zip(sampled.seq_ids, sampled.token_ids, sampled.logprobs)):
+                zip(sampled.seq_ids, sampled.token_ids, sampled.logprobs, strict=True)):
             entry = seqs_get(seq_id)
             if entry is None:  # aborted while the step ran
                 continue
@@ -364,7 +365,8 @@ class Engine:
                                    s.status.finish_reason, s.cumulative_logprob, s)
                 for i, s in enumerate(best)]
 
-    def _whole_output(self, index: int, token_ids: list[int], finish_reason: int,
+    def _whole_output(self, index: int, token_ids: list[int],
+                      finish_reason: common_pb2.FinishReason,
                       cumulative: float, seq: Sequence) -> scheduler_pb2.SeqOutput:
         return scheduler_pb2.SeqOutput(
             index=index, token_ids=token_ids, finish_reason=finish_reason, replaces=True,
@@ -402,7 +404,7 @@ class Engine:
             else:
                 used.add(cont.parent.seq_id)
                 carriers.append(cont.parent)
-        for seq, cont in zip(carriers, running):
+        for seq, cont in zip(carriers, running, strict=True):
             seq.token_ids.append(cont.token_id)
             beam.scores[seq.seq_id] = cont.score
         for seq in group.seqs:

@@ -119,7 +119,9 @@ class KVCacheManager:
         for i in range(first, last):
             old = seq.blocks[i]
             if old.ref_cnt > 1:
-                (new,) = self.gpu.allocate(1) or ()
+                allocated = self.gpu.allocate(1)
+                assert allocated is not None, "num_new_blocks counted this copy"
+                new = allocated[0]
                 copies.append((old.block_id, new.block_id))
                 self.gpu.free([old])
                 seq.blocks[i] = new
@@ -218,7 +220,7 @@ class KVCacheManager:
         old_blocks = self._distinct_blocks(group)
         new_blocks = dst.allocate(len(old_blocks))
         assert new_blocks is not None, "caller checks can_swap_*"
-        mapping = {bid: new for bid, new in zip(old_blocks, new_blocks)}
+        mapping = {bid: new for bid, new in zip(old_blocks, new_blocks, strict=True)}
         for new in new_blocks:  # references are re-counted below, one per user in the group
             new.ref_cnt = 0
         for seq in group.live_seqs:

@@ -7,9 +7,12 @@ ties (including "no prefix anywhere") go to the least loaded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from scheduler.kv_cache_manager import KVCacheManager
+
+if TYPE_CHECKING:
+    from scheduler.policy import WorkerScheduler
 
 
 class _Worker(Protocol):
@@ -17,10 +20,13 @@ class _Worker(Protocol):
     def kv(self) -> KVCacheManager: ...
 
     @property
-    def sched(self): ...
+    def sched(self) -> WorkerScheduler: ...
 
 
-def choose_worker(workers: Sequence[_Worker], token_ids: Sequence[int]) -> tuple[_Worker, str]:
+W = TypeVar("W", bound=_Worker)
+
+
+def choose_worker(workers: Sequence[W], token_ids: Sequence[int]) -> tuple[W, str]:
     """Returns the chosen worker and why: ``prefix``, ``least_loaded`` or ``only``."""
     if len(workers) == 1:
         return workers[0], "only"

@@ -149,7 +149,9 @@ class WorkerScheduler:
         if index < len(blocks):
             return blocks[index].ref_cnt == 1
         if index == len(blocks) and gpu.num_free_blocks > 0:
-            blocks.extend(gpu.allocate(1))  # type: ignore[arg-type]
+            new_blocks = gpu.allocate(1)
+            assert new_blocks is not None, "a free block was checked for above"
+            blocks.extend(new_blocks)
             return True
         return False
 
@@ -207,7 +209,9 @@ class WorkerScheduler:
         """Tokens the first sequence computes alone. Parallel samples stop one short: the last
         prompt token is computed by each fork, so each samples its own first token."""
         seq = group.seqs[0]
-        return seq.num_tokens - 1 if (group.num_samples > 1 and not group.forked) else seq.num_tokens
+        if group.num_samples > 1 and not group.forked:
+            return seq.num_tokens - 1
+        return seq.num_tokens
 
     def _try_schedule(self, group: SequenceGroup, plan: StepPlan, budget: int) -> bool:
         """Plans the group's work this step; ``False`` (nothing changed) when blocks are short.

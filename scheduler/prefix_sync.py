@@ -343,7 +343,9 @@ def _lru_order(entries: list[PrefixEntry]) -> Iterator[tuple[bytes, int, tuple[i
                 path.append(cur)
                 cur = parent
         for node in reversed(path):
-            parent_depth = depth[by_hash[node].parent_hash]  # type: ignore[index]
+            parent = by_hash[node].parent_hash
+            assert parent is not None, "only nodes with a parent are put on the path"
+            parent_depth = depth[parent]
             depth[node] = -1 if parent_depth < 0 else parent_depth + 1
 
     for e in sorted(entries, key=lambda e: -e.stamp):  # propagate recency to the ancestors

@@ -97,7 +97,7 @@ class RequestStream:
                 cumulative_logprob=seq.cumulative_logprob)
             seq.num_streamed_tokens = len(seq.token_ids) - seq.num_prompt_tokens
             if finish:
-                out.finish_reason = seq.status.finish_reason  # type: ignore[assignment]
+                out.finish_reason = seq.status.finish_reason
                 self._finish_sent.add(seq.seq_id)
             logprobs = self._logprobs.pop(seq.index, None)
             if logprobs:

@@ -34,7 +34,7 @@ class SequenceStatus(enum.IntEnum):
         return self >= SequenceStatus.FINISHED_STOPPED
 
     @property
-    def finish_reason(self) -> int:
+    def finish_reason(self) -> common_pb2.FinishReason:
         return {
             SequenceStatus.FINISHED_STOPPED: common_pb2.FINISH_REASON_STOP,
             SequenceStatus.FINISHED_LENGTH: common_pb2.FINISH_REASON_LENGTH,

@@ -4,7 +4,7 @@ now knows. A sequence's tokens and block ids travel once; after that only what w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 from scheduler.policy import ScheduledSeq, StepPlan
@@ -27,7 +27,7 @@ def worker_params(group: SequenceGroup, seq: Sequence) -> common_pb2.SamplingPar
 def build_step_request(
     step_id: int, plan: StepPlan, dropped_seq_ids: list[int],
     seq_by_id: Callable[[int], Sequence | None],
-    published: list[tuple[int, bytes]] = (),  # type: ignore[assignment]
+    published: Iterable[tuple[int, bytes]] = (),
 ) -> worker_pb2.StepRequest:
     request = worker_pb2.StepRequest(step_id=step_id, finished_seq_ids=dropped_seq_ids)
     add_cached = request.cached.add  # add(): a third of the cost of building then extending

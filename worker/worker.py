@@ -202,7 +202,9 @@ class Worker:
         total = torch.cuda.get_device_properties(self.placement.device).total_memory
         budget = total * self.config.cache.gpu_memory_utilization - peak
         num = num_blocks_for_budget(budget, per_block)
-        logger.info("profiled peak %.2f GiB of %.2f GiB: %d KV blocks", peak / GIB, total / GIB, num)
+        logger.info(
+            "profiled peak %.2f GiB of %.2f GiB: %d KV blocks", peak / GIB, total / GIB, num
+        )
         if num <= 0:
             raise RuntimeError(
                 "no memory left for the KV cache: raise gpu_memory_utilization or lower "

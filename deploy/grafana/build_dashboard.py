@@ -90,7 +90,8 @@ def kv_memory() -> list[dict[str, Any]]:
                (f"{w}_kv_blocks_total", "capacity {{instance}}")]),
         panel("Swap usage per worker (scheduler view)",
               [(('sum by (worker) (pagedserve_scheduler_swap_blocks{state="used"}) / '
-                 "clamp_min(sum by (worker) (pagedserve_scheduler_swap_blocks), 1)"), "{{worker}}")],
+                 "clamp_min(sum by (worker) (pagedserve_scheduler_swap_blocks), 1)"),
+                "{{worker}}")],
               "percentunit"),
         panel("Device memory per worker pod",
               [(f"{w}_device_memory_allocated_bytes", "allocated {{instance}}"),

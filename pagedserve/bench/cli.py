@@ -12,7 +12,8 @@ from pagedserve.bench.workload import WorkloadSpec, parse_range
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory or .gguf (default: packaged SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="HF directory or .gguf (default: packaged SmolLM2)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", type=parse_range, default=(32, 256), metavar="LOW:HIGH",
                    help="prompt lengths, uniform (default 32:256)")

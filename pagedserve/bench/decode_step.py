@@ -58,7 +58,7 @@ def time_decode(worker: Worker, batch: int, context: int, iters: int) -> list[fl
 
 
 def _tokens(response: worker_pb2.StepResponse) -> dict[int, int]:
-    return dict(zip(response.sampled.seq_ids, response.sampled.token_ids))
+    return dict(zip(response.sampled.seq_ids, response.sampled.token_ids, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

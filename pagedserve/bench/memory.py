@@ -49,7 +49,9 @@ def mixed(num: int, seed: int) -> list[tuple[int, int]]:
     return [(rng.randint(16, 512), rng.randint(16, 256)) for _ in range(num)]
 
 
-def _measure(engine: Engine, worker: NullWorker, usage: Usage, reserved: dict) -> None:
+def _measure(
+    engine: Engine, worker: NullWorker, usage: Usage, reserved: dict[str, int]
+) -> None:
     kv = engine.workers[0].kv
     used = kv.gpu.num_blocks - kv.gpu.num_free_blocks
     usage.steps += 1
@@ -59,7 +61,7 @@ def _measure(engine: Engine, worker: NullWorker, usage: Usage, reserved: dict) -
     usage.peak_blocks = used
     filled: dict[int, int] = {}
     live = 0
-    for seq, req in engine.seqs.values():
+    for seq, _req in engine.seqs.values():
         if seq.is_finished:
             continue
         live += seq.num_tokens
@@ -83,13 +85,15 @@ def run(lengths: list[tuple[int, int]], *, n: int = 1, beam: int = 1, share: boo
                                                                 max_waiting_requests=1 << 20),
                                         cache=CacheConfig(enable_prefix_caching=share)),
                         [InProcessWorkerHandle(worker)])
-        usage, reserved = Usage(), {}
+        usage = Usage()
+        reserved: dict[str, int] = {}  # request id -> slots a static allocator reserves
         worker.on_step = lambda _req: _measure(engine, worker, usage, reserved)
         await engine.start()
         rng = random.Random(1)
         streams = []
         for i, (p, o) in enumerate(lengths):
             prompt = [rng.randrange(1, 32000) for _ in range(p)]
+            kw: dict[str, int | float]
             copies, kw = (1, {"n": n} if n > 1 else {}) if share else (max(n, beam), {})
             if share and beam > 1:
                 kw = {"beam_width": beam, "temperature": 0}
@@ -118,11 +122,11 @@ def memory_table(num_requests: int = 200, seed: int = 0) -> list[tuple[str, str,
                  f"{u.waste_at_peak:.1%}", f"{u.reserved_waste_at_peak:.1%}",
                  "pagedserve vs static reservation of prompt+max_tokens"))
     lengths = alpaca_like(num_requests, seed)
-    for label, kw in [("parallel sampling n=2", {"n": 2}), ("parallel sampling n=4", {"n": 4}),
-                      ("parallel sampling n=6", {"n": 6}), ("beam search width=2", {"beam": 2}),
-                      ("beam search width=4", {"beam": 4}), ("beam search width=6", {"beam": 6})]:
-        shared = run(lengths, **kw)
-        alone = run(lengths, share=False, **kw)
+    for label, n, beam in [("parallel sampling n=2", 2, 1), ("parallel sampling n=4", 4, 1),
+                           ("parallel sampling n=6", 6, 1), ("beam search width=2", 1, 2),
+                           ("beam search width=4", 1, 4), ("beam search width=6", 1, 6)]:
+        shared = run(lengths, n=n, beam=beam)
+        alone = run(lengths, n=n, beam=beam, share=False)
         saving = 1 - shared.mean_blocks / alone.mean_blocks
         rows.append((f"blocks, {label} (Alpaca-like)", f"{shared.mean_blocks:.0f}",
                      f"{alone.mean_blocks:.0f}", f"{saving:.1%} fewer blocks with sharing"))

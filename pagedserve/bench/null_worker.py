@@ -5,6 +5,7 @@ step) — never for outputs or speed of the model."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from pagedserve.step_codec import SampledRow, add_sampled
 from protos.pagedserve.v1 import worker_pb2
@@ -17,7 +18,8 @@ class NullWorker:
         self.block_size, self.vocab_size, self.max_model_len = block_size, vocab_size, max_model_len
         self.rng = random.Random(seed)
         self.logprobs: dict[int, int] = {}
-        self.on_step = None  # optional callable(request), e.g. to sample memory use
+        # Called with each request before it is answered, e.g. to sample memory use.
+        self.on_step: Callable[[worker_pb2.StepRequest], None] | None = None
 
     def info(self) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -38,13 +40,13 @@ class NullWorker:
             self.logprobs.pop(seq_id, None)
         response = worker_pb2.StepResponse(step_id=request.step_id)
         batch = request.scheduled
-        add_sampled(response.sampled, [self._sample(seq_id)
-                                       for seq_id, sample in zip(batch.seq_ids, batch.sample)
-                                       if sample])
+        rows = zip(batch.seq_ids, batch.sample, strict=True)
+        add_sampled(response.sampled, [self._sample(seq_id) for seq_id, sample in rows if sample])
         return response
 
     def _sample(self, seq_id: int) -> SampledRow:
         k = self.logprobs.get(seq_id, 0)
         top = sorted((-self.rng.expovariate(1.0) for _ in range(max(k, 1))), reverse=True)
         tokens = self.rng.sample(range(1, self.vocab_size), len(top))
-        return SampledRow(seq_id, tokens[0], top[0], list(zip(tokens, top)) if k else [])
+        pairs = list(zip(tokens, top, strict=True)) if k else []
+        return SampledRow(seq_id, tokens[0], top[0], pairs)

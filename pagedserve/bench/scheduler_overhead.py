@@ -28,7 +28,9 @@ class InstantWorker:
     its own ``step`` took so the benchmark can leave it out."""
 
     def __init__(self, num_gpu_blocks: int, block_size: int = 16, vocab_size: int = 32000) -> None:
-        self.num_gpu_blocks, self.block_size, self.vocab_size = num_gpu_blocks, block_size, vocab_size
+        self.num_gpu_blocks = num_gpu_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
         self.cpu_seconds = 0.0
         self.wall_seconds = 0.0
         self.last_num_scheduled = 0
@@ -47,7 +49,7 @@ class InstantWorker:
     def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
         cpu, wall = time.process_time(), time.perf_counter()
         batch = request.scheduled
-        seq_ids = [s for s, sample in zip(batch.seq_ids, batch.sample) if sample]
+        seq_ids = [s for s, sample in zip(batch.seq_ids, batch.sample, strict=True) if sample]
         response = worker_pb2.StepResponse(step_id=request.step_id)
         response.sampled.seq_ids.extend(seq_ids)
         response.sampled.token_ids.extend([7] * len(seq_ids))

@@ -66,7 +66,8 @@ def _rows(throughput, sched, prefix) -> list[tuple[str, str, str, str, str]]:
     cpu_mean, cpu_p50, cpu_p99 = sched.summary(sched.cpu_us)
     return [
         ("offline engine throughput", (f"{offline.tokens_per_s:.1f} out tok/s "
-         f"({offline.requests_per_s:.2f} req/s)"), f"HF static batching {hf.tokens_per_s:.1f} tok/s",
+         f"({offline.requests_per_s:.2f} req/s)"),
+         f"HF static batching {hf.tokens_per_s:.1f} tok/s",
          f"{offline.tokens_per_s / hf.tokens_per_s:.2f}x", ">= 3.5x"),
         ("gRPC cluster throughput", (f"{cluster.tokens_per_s:.1f} out tok/s "
          f"({cluster.requests_per_s:.2f} req/s)"), f"offline {offline.tokens_per_s:.1f} tok/s",

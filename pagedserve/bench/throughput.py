@@ -148,6 +148,7 @@ def _hf_batch(hf: torch.nn.Module, batch: Sequence[Request]) -> list[list[int]]:
         mask[row, width - len(r.prompt_token_ids):] = 1
     longest = max(r.max_tokens for r in batch)
     with torch.inference_mode():
+        # ``generate`` comes from transformers' GenerationMixin, which nn.Module does not declare.
         out = hf.generate(  # type: ignore[operator]
             ids, attention_mask=mask, do_sample=False, max_new_tokens=longest,
             min_new_tokens=longest, pad_token_id=0)

@@ -29,7 +29,7 @@ from protos.pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 try:  # optional: a native async client; urllib in a thread otherwise
     import httpx
 except ImportError:  # pragma: no cover - depends on the environment
-    httpx = None  # type: ignore[assignment]
+    httpx = None  # type: ignore[assignment]  # the optional module is None when absent
 
 BACKEND_NAMES = ("grpc", "openai")
 

@@ -93,7 +93,7 @@ def format_sweep_table(points: list[dict[str, Any]]) -> str:
         for p in points
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
@@ -176,11 +176,11 @@ def plot_sweep(path: str | Path, points: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     xs = [p["summary"]["output_token_throughput"] for p in points]
     for ax, (key, label) in zip(
-        axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E"))
+        axes, (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E")), strict=True
     ):
         for pct, style in (("p50", "o-"), ("p99", "s--")):
             ax.plot(xs, [p["summary"][key][pct] for p in points], style, label=f"{label} {pct}")
-        for x, p in zip(xs, points):
+        for x, p in zip(xs, points, strict=True):
             ax.annotate(f"{_fmt(p['rate'], 1)}/s", (x, p["summary"][key]["p50"]), fontsize=7)
         ax.set(
             xlabel="output throughput (tok/s)",

@@ -129,7 +129,7 @@ class Phase:
     ) -> None:
         tasks: list[asyncio.Task[None]] = []
         try:
-            for spec, offset in zip(specs, offsets):
+            for spec, offset in zip(specs, offsets, strict=True):
                 delay = self._origin + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)

@@ -24,11 +24,12 @@ def _free_port() -> int:
 def test_up_generate_and_ctrl_c(tmp_path):
     model = tiny_llama_dir()
     port = _free_port()
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--workers", "2",
-         "--port", str(port), "--kv-cache-memory-gib", "0.01", "--log-level", "WARNING"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # The child keeps its own copy of the descriptor, so ours can close once it has started.
+    with open(tmp_path / "up.log", "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--workers", "2",
+             "--port", str(port), "--kv-cache-memory-gib", "0.01", "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "pagedserve is up" not in (tmp_path / "up.log").read_text():

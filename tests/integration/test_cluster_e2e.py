@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import grpc
@@ -97,7 +96,7 @@ def test_greedy_through_the_offline_api_equals_hf(model_dir, hf_model):
     with LLM(str(model_dir), num_gpu_blocks=64, dtype="float32") as llm:
         outs = llm.generate(prompts, make_sampling_params(max_tokens=20, temperature=0,
                                                           ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, 20)
 
 
@@ -197,7 +196,9 @@ def test_text_chat_and_stop_strings_through_the_cluster(cluster):
         chat=generation_pb2.ChatMessages(messages=[
             generation_pb2.ChatMessage(role="user", content="hello there")]),
         params=common_pb2.SamplingParams(max_tokens=12, temperature=0.0)), timeout=60))
-    assert msgs[-1].finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+    assert msgs[-1].finish_reason in (
+        common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH
+    )
     text = "".join(m.text for m in msgs)
     assert msgs[-1].usage.completion_tokens >= 1
     if len(text) > 3:  # stop on a substring of what greedy produced: output ends right before it

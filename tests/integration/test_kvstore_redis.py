@@ -138,7 +138,7 @@ def test_redis_outage_keeps_serving_reports_unhealthy_and_catches_up(redis_serve
         redis_server.stop()
         prompts = {f"r{i}": [i + 1] * 4 + list(range(10, 30)) for i in range(4)}
         outs = await asyncio.gather(*(_generate(engine, r, p, 4) for r, p in prompts.items()))
-        for (rid, prompt), out in zip(prompts.items(), outs):
+        for (rid, prompt), out in zip(prompts.items(), outs, strict=True):
             assert out == reference_output(prompt, 4, None), rid
         await _wait_for(lambda: _false(lambda: sync.healthy))
         assert sync.num_errors > 0

@@ -117,9 +117,10 @@ def test_after_a_scheduler_crash_only_blocks_the_worker_vouches_for_are_restored
     assert len(vouched) >= 6, "the worker should hold the published prefix blocks"
     # Since the last index write, something overwrote one prefix block (here: by hand).
     engine = cluster.cluster.engine
+    cached = engine.workers[0].kv.gpu.cached
     overwritten = next(b for b, h in vouched.items()
-                       if engine.workers[0].kv.gpu.cached.get(h) is not None
-                       and engine.workers[0].kv.gpu.cached[h].token_ids[0] == prefix[3 * BLOCK_SIZE])
+                       if cached.get(h) is not None
+                       and cached[h].token_ids[0] == prefix[3 * BLOCK_SIZE])
     del worker.block_hashes[overwritten]
     for layer_k, layer_v in worker.cache.gpu_cache:
         layer_k[overwritten].normal_()

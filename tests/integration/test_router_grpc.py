@@ -104,7 +104,8 @@ def test_text_streams_and_final_message_has_usage(tokenizer: Tokenizer) -> None:
         sent = fake.requests[0]
         assert list(sent.prompt_token_ids) == tokenizer.encode("Hi there")
         assert sent.params.max_tokens == 20 and sent.params.temperature == 1.0
-        remaining = fake.time_remaining[0]  # deadline passed downstream (grpc rounds it up a little)
+        # The deadline is passed downstream (grpc rounds it up a little).
+        remaining = fake.time_remaining[0]
         assert remaining is not None and 0 < remaining <= 10.5
 
     asyncio.run(main())

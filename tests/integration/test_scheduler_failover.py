@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from pagedserve.cluster import LocalCluster
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from scheduler.config import SchedulerConfig, ServerConfig
 from scheduler.server import build_server
@@ -14,7 +15,6 @@ from scheduler.worker_handle import GrpcWorkerHandle
 from tests.support.cluster import ClusterThread
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_factory import cpu_worker_config
-
 
 MAX_TOKENS = 400
 
@@ -25,6 +25,17 @@ def _request(max_tokens: int, **params) -> generation_pb2.GenerateRequest:
         params=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params))
 
 
+async def _restart_scheduler(lc: LocalCluster) -> None:
+    """Replaces the cluster's scheduler with a fresh one on the same port and workers."""
+    port = lc.scheduler.port
+    addresses = tuple(f"127.0.0.1:{w.port}" for w in lc.workers)
+    await lc.scheduler.stop(grace=0)  # in-flight Submit streams end UNAVAILABLE
+    lc.scheduler = await build_server(
+        SchedulerConfig(server=ServerConfig(host="127.0.0.1", port=port),
+                        worker_addresses=addresses, log_interval_seconds=0),
+        [GrpcWorkerHandle(a) for a in addresses])
+
+
 def test_scheduler_restart_mid_stream_is_invisible_to_the_client(caplog):
     caplog.set_level(logging.WARNING, logger="router.servicer")
     c = ClusterThread([cpu_worker_config(tiny_llama_dir(), num_gpu_blocks=64)],
@@ -33,18 +44,7 @@ def test_scheduler_restart_mid_stream_is_invisible_to_the_client(caplog):
         for params in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 42, "top_k": 50}):
             expected = [t for m in c.generation.Generate(_request(MAX_TOKENS, **params), timeout=60)
                         for t in m.token_ids]
-            lc = c.cluster
-            port = lc.scheduler.port
-            addresses = tuple(f"127.0.0.1:{w.port}" for w in lc.workers)
             restarted = threading.Event()
-
-            async def restart():
-                await lc.scheduler.stop(grace=0)  # in-flight Submit streams end UNAVAILABLE
-                lc.scheduler = await build_server(
-                    SchedulerConfig(server=ServerConfig(host="127.0.0.1", port=port),
-                                    worker_addresses=addresses, log_interval_seconds=0),
-                    [GrpcWorkerHandle(a) for a in addresses])
-
             got: list[int] = []
             finish = None
             for message in c.generation.Generate(_request(MAX_TOKENS, **params), timeout=120):
@@ -52,7 +52,7 @@ def test_scheduler_restart_mid_stream_is_invisible_to_the_client(caplog):
                 finish = message.finish_reason or finish
                 if len(got) >= 20 and not restarted.is_set():
                     restarted.set()
-                    c.run(restart())
+                    c.run(_restart_scheduler(c.cluster))
             assert restarted.is_set()
             assert any("continuing after" in r.getMessage() for r in caplog.records), \
                 "the stream finished before the restart: nothing was tested"

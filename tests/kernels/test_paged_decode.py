@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.kernels.kernel_cases import (
     GPU_SWEEP,
     PagedBatch,
@@ -13,7 +14,6 @@ from tests.kernels.kernel_cases import (
     reference_output,
     requires_gpu,
 )
-
 from worker.kernels.paged_decode import paged_decode
 
 # Context lengths: a single token, exactly one block, mid-block, several partitions.

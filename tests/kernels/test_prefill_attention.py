@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.kernels.kernel_cases import (
     GPU_SWEEP,
     PagedBatch,
@@ -13,7 +14,6 @@ from tests.kernels.kernel_cases import (
     reference_output,
     requires_gpu,
 )
-
 from worker.kernels.prefill_attention import prefill_attention
 
 # (cached context, new tokens): fresh prompt, prefix-cached extend ending mid-block, a decode

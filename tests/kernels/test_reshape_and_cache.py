@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels.kernel_cases import DEVICE, GPU_SWEEP, requires_gpu
 
+from tests.kernels.kernel_cases import DEVICE, GPU_SWEEP, requires_gpu
 from worker.attention.torch_backend import write_kv_reference
 from worker.kernels.reshape_and_cache import reshape_and_cache
 

@@ -6,8 +6,8 @@ import importlib
 import inspect
 
 import torch
-from tests.kernels.kernel_cases import DEVICE, assert_close, make_batch
 
+from tests.kernels.kernel_cases import DEVICE, assert_close, make_batch
 from worker.attention.torch_backend import TorchAttentionBackend
 from worker.attention.triton_backend import TritonAttentionBackend
 from worker.kernels import _launch, paged_decode

@@ -4,8 +4,9 @@ Every cache slot records which content it holds: the hash of the sequence's toke
 including that position (a token's real K/V depend on exactly that). When a step computes a token
 the double reads every earlier position of the sequence *through its block table* and checks the
 slot holds the right content, so a wrong block table, a missed copy-on-write, a bad swap or a stale
-prefix-cache hit fails loudly. The "model" samples ``hash(all tokens, seed) % vocab``: deterministic,
-so a scheduler run under memory pressure must give exactly the tokens of an unconstrained run.
+prefix-cache hit fails loudly. The "model" samples ``hash(all tokens, seed) % vocab``:
+deterministic, so a scheduler run under memory pressure must give exactly the tokens of an
+unconstrained run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class ShadowWorker:
                  name: str = "shadow") -> None:
         self.block_size = block_size
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu_blocks, num_cpu_blocks
-        self.vocab_size, self.max_model_len, self.eos, self.name = vocab_size, max_model_len, eos, name
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.eos, self.name = eos, name
         self.gpu: dict[int, bytes] = {}
         self.cpu: dict[int, bytes] = {}
         self.seqs: dict[int, dict] = {}
@@ -58,7 +60,8 @@ class ShadowWorker:
             del self.seqs[seq_id]
         for new in req.new_seqs:
             assert new.seq_id not in self.seqs, f"seq {new.seq_id} sent twice"
-            tokens = list(self.seqs[new.parent_seq_id]["tokens"]) if new.HasField("parent_seq_id") else []
+            tokens = (list(self.seqs[new.parent_seq_id]["tokens"])
+                      if new.HasField("parent_seq_id") else [])
             tokens.extend(new.token_ids)
             seed = new.params.seed if new.params.HasField("seed") else None
             self.seqs[new.seq_id] = {"tokens": tokens, "table": [], "seed": seed}

@@ -97,7 +97,8 @@ class StepDriver:
         return sched
 
     def _finish(self, seqs: list[_Seq]) -> None:
-        req = worker_pb2.StepRequest(step_id=self.step_id, finished_seq_ids=[s.seq_id for s in seqs])
+        req = worker_pb2.StepRequest(step_id=self.step_id,
+                                     finished_seq_ids=[s.seq_id for s in seqs])
         self.requests.append(req)
         self.step_fn(req)
         self.step_id += 1

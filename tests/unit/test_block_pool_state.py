@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from protos.pagedserve.v1 import common_pb2
 from scheduler.block_pool import BlockPool, FreeBlockQueue
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from protos.pagedserve.v1 import common_pb2
 
 BLOCK = 4
 TOKENS = st.lists(st.integers(0, 3), min_size=1, max_size=14)  # tiny alphabet: many shared prefixes
@@ -42,7 +43,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     def admit(self, tokens):
         seq = self._new_seq(tokens)
         hit = self.kv.lookup_prefix(seq.token_ids, seq.num_tokens - 1)
-        for block, start in zip(hit.blocks, range(0, len(tokens), BLOCK)):
+        for block, start in zip(hit.blocks, range(0, len(tokens), BLOCK), strict=False):
             assert block.token_ids == tuple(tokens[start:start + BLOCK])
         needed = self.kv.blocks_for(seq.num_tokens) - hit.num_blocks + sum(
             1 for b in hit.blocks if b.ref_cnt == 0)

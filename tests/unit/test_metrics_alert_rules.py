@@ -27,8 +27,8 @@ def _promtool() -> str:
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_promtool(), *args], check=False, capture_output=True, text=True, timeout=60,
-                          cwd=cwd)
+    return subprocess.run([_promtool(), *args], check=False, capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
 
 
 def test_promtool_check_rules_passes() -> None:
@@ -75,7 +75,8 @@ tests:
           - exp_labels: {severity: critical, job: pagedserve-worker, instance: "w0:9402"}
             exp_annotations:
               summary: Worker w0:9402 is down
-              description: Prometheus cannot scrape this worker; the scheduler re-places its requests.
+              description: Prometheus cannot scrape this worker; the scheduler re-places
+                its requests.
       - eval_time: 6m
         alertname: PagedserveNoWorkers
         exp_alerts:

@@ -58,7 +58,9 @@ def test_concatenated_deltas_equal_full_decode(
     assert not any(d.endswith("\ufffd") for d in deltas[:-1])  # no half characters mid-stream
 
 
-def test_multibyte_character_split_across_tokens_is_held_until_complete(tokenizer: Tokenizer) -> None:
+def test_multibyte_character_split_across_tokens_is_held_until_complete(
+    tokenizer: Tokenizer,
+) -> None:
     ids = tokenizer.encode("a 👋")
     assert len(ids) >= 3  # the emoji spans several byte tokens
     detok = IncrementalDetokenizer(tokenizer)

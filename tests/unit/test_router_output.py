@@ -70,7 +70,8 @@ def test_each_of_n_outputs_streams_and_finishes_independently(tokenizer: Tokeniz
 
 def test_length_finish_flushes_held_stop_prefix(tokenizer: Tokenizer) -> None:
     proc = processor(tokenizer, stop=["END"])
-    messages = run(proc, [seq(0, tokenizer.encode("wait E")), seq(0, tokenizer.encode("N"), LENGTH)])
+    messages = run(proc, [seq(0, tokenizer.encode("wait E")),
+                          seq(0, tokenizer.encode("N"), LENGTH)])
     assert "".join(m.text for m in messages) == "wait EN"
     assert messages[-1].finish_reason == LENGTH
 

@@ -50,7 +50,8 @@ def _mixed_requests(num: int, seed: int = 0):
 
 def _free_everything(engine: Engine) -> bool:
     kv = engine.workers[0].kv
-    return kv.gpu.num_free_blocks == kv.gpu.num_blocks and kv.cpu.num_free_blocks == kv.cpu.num_blocks
+    return (kv.gpu.num_free_blocks == kv.gpu.num_blocks
+            and kv.cpu.num_free_blocks == kv.cpu.num_blocks)
 
 
 def test_outputs_equal_the_reference_and_every_block_is_freed():
@@ -167,7 +168,8 @@ def test_a_failed_worker_loses_only_kv_its_requests_finish_elsewhere_without_a_g
                 toks.extend(t for o in resp.outputs for t in o.token_ids)
             return toks
 
-        results = dict(zip(streams, await asyncio.gather(*(collect(s) for s in streams.values()))))
+        collected = await asyncio.gather(*(collect(s) for s in streams.values()))
+        results = dict(zip(streams, collected, strict=True))
         for rid, (prompt, params) in reqs.items():
             assert results[rid] == reference_output(prompt, params.max_tokens, None), rid
         await engine.stop()

@@ -57,7 +57,8 @@ def test_swap_out_then_in_round_trips_named_blocks_only() -> None:
     for i in range(len(cpu)):
         assert torch.equal(cpu[i][0], gpu_before[i][3]) and torch.equal(cpu[i][4], gpu_before[i][7])
         assert not cpu[i][[1, 2, 3, 5]].any(), "untouched host blocks stay zero"
-    assert all(torch.equal(a, b) for a, b in zip(_snapshot(engine.gpu_cache), gpu_before))
+    gpu_after = _snapshot(engine.gpu_cache)
+    assert all(torch.equal(a, b) for a, b in zip(gpu_after, gpu_before, strict=True))
 
     engine.swap_in([(4, 1), (0, 2)])
     after = _snapshot(engine.gpu_cache)
@@ -72,10 +73,12 @@ def test_swap_out_then_in_round_trips_named_blocks_only() -> None:
     [("copy_blocks", [(0, 8)]), ("swap_out", [(0, 6)]), ("swap_in", [(6, 0)]),
      ("copy_blocks", [(0, 1), (2, 1)]), ("swap_in", [(-1, 0)])],
 )
-def test_out_of_range_or_duplicate_destinations_are_refused_before_moving(op: str, pairs: list) -> None:
+def test_out_of_range_or_duplicate_destinations_are_refused_before_moving(
+    op: str, pairs: list
+) -> None:
     engine = _engine()
     before = _snapshot(engine.gpu_cache) + _snapshot(engine.cpu_cache)
     with pytest.raises(InvalidArgument):
         getattr(engine, op)(pairs)
     after = _snapshot(engine.gpu_cache) + _snapshot(engine.cpu_cache)
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -1,4 +1,5 @@
-"""WorkerConfig: CLI > env > defaults, and bad values are refused with a message saying what to do."""
+"""WorkerConfig: CLI > env > defaults, and bad values are refused with a message saying what to
+do."""
 
 from __future__ import annotations
 

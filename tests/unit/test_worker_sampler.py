@@ -22,7 +22,9 @@ VOCAB = 50
 EOS = 7
 
 
-def _row(prompt: list[int] | None = None, output: list[int] | None = None, **params: object) -> SamplingRow:
+def _row(
+    prompt: list[int] | None = None, output: list[int] | None = None, **params: object
+) -> SamplingRow:
     resolved = ResolvedParams.from_proto(common_pb2.SamplingParams(**params))  # type: ignore[arg-type]
     return SamplingRow(resolved, np.array(prompt or [1, 2], dtype=np.int64),
                        np.array(output or [], dtype=np.int64))
@@ -142,5 +144,6 @@ def test_logprobs_are_raw_log_softmax_and_sum_to_one() -> None:
 
 
 def test_rows_without_logprobs_get_no_top_list() -> None:
-    out = Sampler([EOS]).sample(_logits(2), [_row(temperature=0.0), _row(temperature=0.0, logprobs=2)])
+    rows = [_row(temperature=0.0), _row(temperature=0.0, logprobs=2)]
+    out = Sampler([EOS]).sample(_logits(2), rows)
     assert out.top_logprobs[0] == [] and len(out.top_logprobs[1]) == 2

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_cases import make_batch, reference_output
+from worker.attention import torch_backend
 from worker.attention.torch_backend import DECODE_BUCKET, TorchAttentionBackend
 
 CASES = {
@@ -20,7 +21,13 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_backend_matches_reference(name: str, group_size: int) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_backend_matches_reference(name: str, group_size: int, fused: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused``: decode rows go through the C++ kernel when it builds; ``torch``: the bucketed
+    torch path that every machine falls back to."""
+    if not fused:
+        monkeypatch.setattr(torch_backend, "_fused_ops", lambda *_: None)
     seqs = CASES[name]
     backend = TorchAttentionBackend()
     for shared in (0, 1):

@@ -1,1 +1,2 @@
-"""One attention interface, two backends: a torch reference (CPU, and the test oracle) and Triton."""
+"""One attention interface, two backends: a torch reference (CPU, and the test oracle) and
+Triton."""

@@ -22,7 +22,8 @@ def next_power_of_2(n: int) -> int:
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """Head dims are padded (and masked) to a power of two of at least 16, the ``tl.dot`` minimum."""
+    """Head dims are padded (and masked) to a power of two of at least 16, the ``tl.dot``
+    minimum."""
     return max(16, next_power_of_2(head_dim))
 
 
@@ -98,7 +99,8 @@ def check_head_dim(head_dim: int) -> None:
 def check_query(
     query: torch.Tensor, key_cache: torch.Tensor, num_kv_heads: int, head_dim: int
 ) -> int:
-    """Validates ``[num_tokens, num_heads, head_dim]`` against the cache; returns the GQA group size."""
+    """Validates ``[num_tokens, num_heads, head_dim]`` against the cache; returns the GQA group
+    size."""
     check_ndim("query", query, 3, "[num_tokens, num_heads, head_dim]")
     check_dtype("query", query, CACHE_DTYPES)
     check_last_dim_contiguous("query", query)

@@ -140,8 +140,8 @@ def _decode_reduce_kernel(
     dims = tl.arange(0, DIM_PAD)
     stat = (seq * tl.num_programs(1) + head) * max_parts + parts
     m = tl.load(part_max_ptr + stat, mask=part_ok, other=float("-inf"))
-    l = tl.load(part_sum_ptr + stat, mask=part_ok, other=0.0)
-    weight = l * tl.exp2(m - tl.max(m, axis=0))  # base 2, as in the partition kernel
+    sums = tl.load(part_sum_ptr + stat, mask=part_ok, other=0.0)
+    weight = sums * tl.exp2(m - tl.max(m, axis=0))  # base 2, as in the partition kernel
     weight = tl.where(part_ok, weight, 0.0)
     o = tl.load(
         part_out_ptr + stat.to(tl.int64)[:, None] * DIM_PAD + dims[None, :],

@@ -1,4 +1,5 @@
-"""``ModelConfig``: the shape of a Llama-family decoder, read from HF ``config.json`` or GGUF metadata.
+"""``ModelConfig``: the shape of a Llama-family decoder, read from HF ``config.json`` or GGUF
+metadata.
 
 Both sources are reduced to the same frozen dataclass, so the model code never knows where the
 weights came from. RoPE scaling is kept as a small ``RopeScaling`` record ("default", "linear" or
@@ -110,7 +111,8 @@ class ModelConfig:
     def from_gguf_fields(
         cls, fields: dict[str, Any], tensor_names: set[str], name: str = "gguf"
     ) -> ModelConfig:
-        """``fields`` maps GGUF metadata keys to plain Python values (see ``loader.gguf_fields``)."""
+        """``fields`` maps GGUF metadata keys to plain Python values (see
+        ``loader.gguf_fields``)."""
         arch = fields["general.architecture"]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"GGUF architecture {arch!r} is not a supported Llama-family model")
