@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 STAMP_RUN := $(VENV)/.stamp-run
 STAMP_TEST := $(VENV)/.stamp-test
 ARGS ?=
+# The venv's tools (ninja for the fused CPU kernels) on PATH for everything make runs.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test bench lint proto services install clean
 

@@ -6,7 +6,7 @@ given its identity value, so there is no per-row branching)::
     raw logits ─┬─> min_tokens stop suppression -> penalties ─┬─> argmax ............ greedy rows
                 │                                             └─> / temperature -> min_p -> top-k
                 │                                                 -> top-p -> softmax -> draw
-                └─> log_softmax -> sampled token's logprob, top-K logprobs   (always from RAW logits)
+                └─> log_softmax -> sampled token's logprob, top-K logprobs  (from RAW logits)
 
 Penalties follow vLLM: repetition over prompt ∪ output tokens (divide positive logits, multiply
 negative ones), frequency × output count and presence × [output count > 0] subtracted.
@@ -128,14 +128,17 @@ class Sampler:
 
     # ---------------------------------------------------------------------------------- stages
 
-    def _suppress_stop_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Rows that have produced fewer than ``min_tokens`` outputs cannot emit EOS or a stop id."""
+    def _suppress_stop_tokens(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> torch.Tensor:
+        """Rows with fewer than ``min_tokens`` outputs cannot emit EOS or a stop id."""
         row_idx: list[int] = []
         tok_idx: list[int] = []
         for i, row in enumerate(rows):
             if row.output_position >= row.params.min_tokens:
                 continue
-            stops = row.params.stop_token_ids + (() if row.params.ignore_eos else self.eos_token_ids)
+            eos = () if row.params.ignore_eos else self.eos_token_ids
+            stops = row.params.stop_token_ids + eos
             row_idx.extend([i] * len(stops))
             tok_idx.extend(stops)
         if not row_idx:
@@ -152,8 +155,9 @@ class Sampler:
         if all(greedy):
             return argmax
         dev = logits.device
-        temps = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(greedy, rows)],
-                             device=dev)
+        temps = torch.tensor(
+            [1.0 if g else r.params.temperature for g, r in zip(greedy, rows, strict=True)],
+            device=dev)
         scaled = logits / temps[:, None]
         scaled = apply_min_p(scaled, torch.tensor([r.params.min_p for r in rows], device=dev))
         scaled = apply_top_k_top_p(
@@ -166,7 +170,8 @@ class Sampler:
         return torch.where(torch.tensor(greedy, device=dev), argmax, drawn)
 
     def _exponential_noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self._unseeded_generator(probs.device))
+        generator = self._unseeded_generator(probs.device)
+        noise = torch.empty_like(probs).exponential_(generator=generator)
         for i, row in enumerate(rows):
             if row.params.seed is None or row.params.is_greedy:
                 continue
@@ -198,14 +203,16 @@ class Sampler:
             vals, ids = top_vals.tolist(), top_ids.tolist()
             for i, row in enumerate(rows):
                 k = row.params.num_logprobs
-                out.top_logprobs[i] = list(zip(ids[i][:k], vals[i][:k]))
+                out.top_logprobs[i] = list(zip(ids[i][:k], vals[i][:k], strict=True))
         return out
 
 
 # -------------------------------------------------------------------------- batched transforms
 
 
-def token_counts(token_lists: Sequence[np.ndarray], vocab_size: int, device: torch.device) -> torch.Tensor:
+def token_counts(
+    token_lists: Sequence[np.ndarray], vocab_size: int, device: torch.device
+) -> torch.Tensor:
     """``[N, V]`` counts of each token id per row: one accumulating scatter over all tokens."""
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     counts = torch.zeros(len(token_lists), vocab_size, device=device)
@@ -241,7 +248,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Top-k (0 = off) then top-p over the top-k-renormalised distribution; the most likely
     token always survives."""
     use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1.0).any())

@@ -1,7 +1,8 @@
 """Attention metadata: how one step's flattened tokens map onto paged KV memory.
 
 A step runs a *ragged batch*: the new tokens of every scheduled sequence are concatenated into one
-flat dimension of ``num_tokens``. Sequence ``b`` owns rows ``query_start_loc[b]:query_start_loc[b+1]``
+flat dimension of ``num_tokens``. Sequence ``b`` owns rows
+``query_start_loc[b]:query_start_loc[b+1]``
 and, counting its cached context, is ``seq_lens[b]`` tokens long after this step::
 
     seq b:  [ ...cached context (seq_lens[b] - query_len_b)... | query_len_b new tokens ]

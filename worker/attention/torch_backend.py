@@ -12,6 +12,8 @@ Reads K/V only through block tables and writes them only through the slot mappin
       decode rows (1 new token)   sorted by length, in buckets of <= DECODE_BUCKET sequences; each
                                   bucket gathers only its own blocks into a reused workspace and
                                   runs one SDPA with the GQA group folded into the query axis
+                                  (fp32 on CPU: one fused C++ kernel instead, ``cpu_ops.cpp``,
+                                  that reads K/V straight from the blocks, with no gather)
       prefill rows (> 1 token)    one gather of exactly the positions [0, seq_len) of each
                                   sequence, then per sequence a causal SDPA (is_causal when there
                                   is no cached context, an offset causal mask otherwise)
@@ -20,12 +22,14 @@ Reads K/V only through block tables and writes them only through the slot mappin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.attention.metadata import AttentionMetadata, HostMetadata
+from worker.kernels import cpu_ops
 
 DECODE_BUCKET = 16  # sequences per decode SDPA call: bounds padding to a bucket's longest
 
@@ -59,9 +63,20 @@ class TorchAttentionBackend:
         plan = meta.scratch.get("torch_plan")
         if plan is None:
             plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, query.device)
+        ops = _fused_ops(query, key_cache)
+        if ops is not None and plan.fused_decode is not None and not plan.prefill:
+            fd = plan.fused_decode  # decode only: rows are sequences, in order
+            return ops.paged_decode(query, key_cache, value_cache, fd.block_tables, fd.seq_lens,
+                                    scale)
         out = torch.empty_like(query)
-        for bucket in plan.decode:
-            self._decode_bucket(query, key_cache, value_cache, bucket, scale, out)
+        if ops is not None and plan.fused_decode is not None:
+            fd = plan.fused_decode
+            out.index_copy_(0, fd.rows, ops.paged_decode(
+                query.index_select(0, fd.rows), key_cache, value_cache, fd.block_tables,
+                fd.seq_lens, scale))
+        else:
+            for bucket in plan.decode:
+                self._decode_bucket(query, key_cache, value_cache, bucket, scale, out)
         if plan.prefill:
             self._prefill(query, key_cache, value_cache, plan, scale, out)
         return out
@@ -113,6 +128,20 @@ class TorchAttentionBackend:
             out[seq.q_start : seq.q_end] = o[0].transpose(0, 1)
 
 
+def _fused_ops(query: torch.Tensor, key_cache: torch.Tensor) -> ModuleType | None:
+    """The fused CPU kernels, when query and cache are fp32 on CPU and the kernels built."""
+    if query.device.type != "cpu" or query.dtype != torch.float32 or key_cache.dtype != query.dtype:
+        return None
+    return cpu_ops.load()
+
+
+@dataclass
+class _FusedDecode:
+    rows: torch.Tensor  # [n] int64 query rows of the decode sequences
+    block_tables: torch.Tensor  # [n, max_blocks] int32
+    seq_lens: torch.Tensor  # [n] int32
+
+
 @dataclass
 class _DecodeBucket:
     rows: torch.Tensor  # [n] int64 query rows (= sequences) of this bucket
@@ -135,6 +164,7 @@ class _StepPlan:
     decode: list[_DecodeBucket]
     prefill: list[_PrefillSeq]
     context_slots: torch.Tensor | None  # [sum of prefill seq_lens] int64 cache slots
+    fused_decode: _FusedDecode | None  # the decode rows for the fused kernel; None: no decodes
 
     @classmethod
     def build(cls, meta: AttentionMetadata, device: torch.device) -> _StepPlan:
@@ -145,13 +175,23 @@ class _StepPlan:
         decode = _decode_buckets(np.flatnonzero(is_decode), starts, host, meta.block_size, device)
         prefill, slots = _prefill_plan(np.flatnonzero(~is_decode), starts, host,
                                        meta.block_size, device)
-        return cls(decode, prefill, slots)
+        return cls(decode, prefill, slots, _fused_decode(np.flatnonzero(is_decode), starts, host,
+                                                         device))
 
 
 def _host_copy(meta: AttentionMetadata) -> HostMetadata:
     starts = meta.query_start_loc.cpu().numpy().astype(np.int64)
     return HostMetadata(meta.seq_lens.cpu().numpy().astype(np.int64), np.diff(starts),
                         meta.block_tables.cpu().numpy())
+
+
+def _fused_decode(seqs: np.ndarray, starts: np.ndarray, host: HostMetadata,
+                  device: torch.device) -> _FusedDecode | None:
+    if len(seqs) == 0 or device.type != "cpu":
+        return None
+    return _FusedDecode(torch.from_numpy(starts[seqs]),
+                        torch.from_numpy(np.ascontiguousarray(host.block_tables[seqs], np.int32)),
+                        torch.from_numpy(host.seq_lens[seqs].astype(np.int32)))
 
 
 def _decode_buckets(seqs: np.ndarray, starts: np.ndarray, host: HostMetadata, block_size: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.attention.metadata import AttentionMetadata
+from worker.kernels import cpu_ops
 from worker.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -58,6 +60,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _fused_ops(x)
+        if ops is not None and x.dim() == 2:
+            return ops.rms_norm(x.contiguous(), self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -76,7 +81,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a smooth blend between."""
+    """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a blend between."""
     old_len = s.original_max_position_embeddings
     low_freq_wavelen = old_len / s.low_freq_factor
     high_freq_wavelen = old_len / s.high_freq_factor
@@ -103,7 +108,7 @@ class RotaryEmbedding(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self, freq_divisors: torch.Tensor | None = None) -> None:
-        """``freq_divisors`` (GGUF ``rope_freqs``) divide the base frequencies, as llama.cpp does."""
+        """``freq_divisors`` (GGUF ``rope_freqs``) divide the base frequencies (as llama.cpp)."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         if freq_divisors is not None:
             inv_freq = inv_freq / freq_divisors.float().cpu()
@@ -114,6 +119,13 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """The fused CPU kernels when ``x`` is an fp32 CPU tensor and they could be built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return cpu_ops.load()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -140,9 +152,15 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos_sin: KVCache, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), *cos_sin)
+        qkv = self.qkv_proj(x)
+        ops = _fused_ops(qkv)
+        if ops is not None:  # rotates q and k in place, in one pass over the fused rows
+            ops.rope_(qkv, *cos_sin, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if ops is None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
@@ -159,7 +177,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer, not two
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -273,7 +291,8 @@ class LlamaForCausalLM(nn.Module):
         for pname, _ in self.named_parameters():
             base = pname.rsplit(".", 1)[0]
             parts = next((n for k, n in expected_parts.items() if base.endswith(k)), 0)
-            if parts == 0 and pname not in loaded or parts and sum(1 for x in loaded if x.startswith(pname + "[")) != parts:
+            num_loaded = sum(1 for x in loaded if x.startswith(pname + "["))
+            if (parts == 0 and pname not in loaded) or (parts and num_loaded != parts):
                 missing.append(pname)
         if missing:
             raise ValueError(f"checkpoint for {cfg.name!r} lacks weights: {missing[:5]}")
