@@ -112,8 +112,10 @@ class PrefixSync:
             entries = [e for e in entries if vouched.get(e.block_id) == e.block_hash]
             if len(entries) < total:
                 state.needs_resync = True  # replace what was dropped with the live view
-            logger.warning("prefix index of worker %s was not closed cleanly: %d of %d entries "
-                           "confirmed by the worker", ws.handle.name, len(entries), total)
+            if total:  # (a first start has nothing to confirm)
+                logger.warning("prefix index of worker %s was not closed cleanly: %d of %d "
+                               "entries confirmed by the worker", ws.handle.name, len(entries),
+                               total)
         restored = ws.kv.restore_cached(_lru_order(entries))
         for entry in entries:
             state.parents[entry.block_hash] = entry.parent_hash

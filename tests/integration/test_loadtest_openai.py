@@ -84,7 +84,7 @@ def server() -> Iterator[str]:
 @pytest.mark.parametrize("use_httpx", [False, True], ids=["urllib", "httpx"])
 def test_openai_backend_streams_and_counts(server: str, use_httpx: bool, monkeypatch) -> None:
     if use_httpx and backends.httpx is None:
-        pytest.skip("httpx not installed")
+        pytest.fail("httpx not installed: `make test` installs the bench extra")
     if not use_httpx:
         monkeypatch.setattr(backends, "httpx", None)
     args = build_parser().parse_args(

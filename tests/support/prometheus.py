@@ -32,7 +32,7 @@ def prometheus_binary() -> str:
     """Path of the prometheus binary, or skip the calling test."""
     path = shutil.which("prometheus")
     if path is None:
-        pytest.skip("prometheus not installed (run scripts/install_services.sh)")
+        pytest.fail("prometheus not installed: `make test` installs it")
     return path
 
 

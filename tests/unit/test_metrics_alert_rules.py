@@ -22,7 +22,7 @@ ALERTS = ROOT / "deploy/prometheus/alerts.yaml"
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool not installed (run scripts/install_services.sh)")
+        pytest.fail("promtool not installed: `make test` installs it")
     return path
 
 
