@@ -11,6 +11,7 @@ The engine is the scheduler's ``Engine`` driving a ``worker.worker.Worker`` thro
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,9 +90,12 @@ class LLM:
         self.engine = Engine(config, [InProcessWorkerHandle(self.worker, "offline-0")])
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(self.engine.start())
+        atexit.register(self.close)  # a forgotten close() must not leave step loops dangling
         self._ids = itertools.count()
 
     def close(self) -> None:
+        """Stops the engine; idempotent."""
+        atexit.unregister(self.close)
         if not self._loop.is_closed():
             self._loop.run_until_complete(self.engine.stop())
             self._loop.close()
