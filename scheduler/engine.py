@@ -434,16 +434,14 @@ class Engine:
         continuations (prompt + generated tokens, recomputed); clients see no gap."""
         ws.healthy = False
         groups = ws.sched.groups()
-        ws.sched = self._new_worker_state(ws.handle, ws.info).sched
+        ws.sched = self._new_worker_state(ws.handle, ws.info).sched  # its metadata is void
+        healthy = [w for w in self.workers if w.healthy]
         for group in groups:
             req = self.requests.get(group.request_id)
             if req is None:
                 continue
-            for seq in group.seqs:
-                seq.blocks = []
-                if not seq.is_finished:
-                    seq.reset_for_recompute()
-            healthy = [w for w in self.workers if w.healthy]
+            for seq in group.live_seqs:  # finished ones were released already
+                seq.reset_for_recompute()
             if not healthy:
                 self._finish_request(req, error=Unavailable("no healthy worker left"))
                 continue

@@ -208,11 +208,6 @@ class KVCacheManager:
         return events
 
     # ---- internals ---------------------------------------------------------------------------
-    def _written_existing(self, seq: Sequence, num_new_tokens: int) -> Iterable[Block]:
-        first = seq.num_computed_tokens // self.block_size
-        last = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
-        return seq.blocks[first : min(last, len(seq.blocks))]
-
     def _distinct_blocks(self, group: SequenceGroup) -> dict[int, Block]:
         return {b.block_id: b for s in group.live_seqs for b in s.blocks}
 
