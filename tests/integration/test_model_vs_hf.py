@@ -19,7 +19,9 @@ from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
 from tests.support.worker_factory import cpu_worker
 from worker.attention.torch_backend import TorchAttentionBackend
+from worker.kernels import cpu_ops
 from worker.model_runner import ModelRunner, ScheduledWork
+from worker.models.llama import PackedLinear
 from worker.models.loader import load_model
 from worker.sampler import ResolvedParams, Sampler
 from worker.sequence_state import SequenceState
@@ -63,11 +65,19 @@ def _prompts(seed: int, lengths: list[int], vocab: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 @pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_ops", "torch_ops"])
 def test_prefill_logits_through_shuffled_paged_cache_match_hf(
-    variant: str, block_size: int
+    variant: str, block_size: int, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``torch_ops``: the fused CPU kernels turned off (packed matmuls, RMSNorm, RoPE, SwiGLU),
+    the path of machines where they cannot be built."""
+    if not fused:
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)
     path = tiny_llama_dir(**TINY_VARIANTS[variant])
     model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())
+    assert packed == (fused and cpu_ops.load() is not None
+                      and cpu_ops.load().packed_linear_supported())
     hf = _hf(path)
     prompts = _prompts(1, [13, 5, 21], config.vocab_size)
     num_blocks = 32

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_cases import make_batch, poison_dead_slots, reference_output
+from worker.attention.torch_backend import TorchAttentionBackend
 from worker.kernels import cpu_ops
 from worker.models.llama import RMSNorm, apply_rope
 
@@ -82,3 +83,97 @@ def test_rope_in_place_is_bit_exact() -> None:
     assert torch.equal(qkv[:, :q_size].view(-1, heads, head_dim), expected_q)
     assert torch.equal(qkv[:, q_size : q_size + kv_size].view(-1, kv_heads, head_dim), expected_k)
     assert torch.equal(qkv[:, q_size + kv_size :], v_before)
+
+
+needs_packed = pytest.mark.skipif(ops is None or not ops.packed_linear_supported(),
+                                  reason="packed_linear needs AVX-512 (the torch matmul is used)")
+
+
+@needs_packed
+@pytest.mark.parametrize("num_rows", [1, 5, 8, 9, 64, 300])
+@pytest.mark.parametrize(("out_features", "in_features"),
+                         [(960, 576), (576, 1536), (100, 70), (17, 1100), (49, 3)])
+def test_packed_linear_matches_torch(num_rows: int, out_features: int, in_features: int) -> None:
+    """Every row tile (1-8 rows), column padding (N not a multiple of 48) and K chunking
+    (K > 512) path."""
+    assert ops is not None
+    weight = torch.randn(out_features, in_features) / in_features**0.5
+    x = torch.randn(num_rows, in_features)
+    got = ops.packed_linear(x, cpu_ops.pack_weight(weight), torch.empty(0), out_features)
+    torch.testing.assert_close(got, x @ weight.T, atol=2e-5, rtol=1e-5)
+
+
+@needs_packed
+def test_packed_linear_adds_bias_and_reads_strided_rows() -> None:
+    assert ops is not None
+    weight, bias = torch.randn(200, 64), torch.randn(200)
+    wide = torch.randn(13, 100)
+    x = wide[:, 10:74]  # rows 100 floats apart
+    got = ops.packed_linear(x, cpu_ops.pack_weight(weight), bias, 200)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias),
+                               atol=2e-5, rtol=1e-5)
+
+
+@needs_packed
+def test_packed_linear_rows_do_not_depend_on_the_batch() -> None:
+    """Each output is the sum over k in order, whatever the batch: a sequence's logits are the
+    same alone or in a batch of 37."""
+    assert ops is not None
+    weight = cpu_ops.pack_weight(torch.randn(300, 576))
+    x = torch.randn(37, 576)
+    batched = ops.packed_linear(x, weight, torch.empty(0), 300)
+    for row in (0, 8, 36):
+        alone = ops.packed_linear(x[row : row + 1], weight, torch.empty(0), 300)
+        assert torch.equal(alone[0], batched[row])
+
+
+def test_packed_linear_refuses_a_mismatched_weight() -> None:
+    assert ops is not None
+    packed = cpu_ops.pack_weight(torch.randn(96, 32))
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.packed_linear(torch.randn(4, 33), packed, torch.empty(0), 96)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.packed_linear(torch.randn(4, 32), packed, torch.empty(0), 200)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 64])
+@pytest.mark.parametrize("intermediate", [1536, 40])  # 40: the 16-lane body and a scalar tail
+def test_silu_mul_matches_torch(num_tokens: int, intermediate: int) -> None:
+    assert ops is not None
+    gate_up = torch.randn(num_tokens, 2 * intermediate) * 6
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp under/overflow stays finite
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up,
+                               atol=1e-5, rtol=2e-6)
+
+
+# (cached context, new tokens): plain prompts, prompts over a cached prefix (mid-block and
+# block-aligned), a 130-token prompt (three query blocks of 64) and decode rows between them.
+MIXED_SEQS = [(0, 5), (0, 70), (13, 1), (40, 30), (16, 16), (100, 1), (0, 130), (7, 2)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 32, 80, 128])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_backend_prefill_and_decode_through_the_fused_kernels(head_dim: int,
+                                                             group_size: int) -> None:
+    assert ops is not None
+    batch = make_batch(MIXED_SEQS, num_kv_heads=2, group_size=group_size, head_dim=head_dim,
+                       block_size=16, dtype=torch.float32)
+    expected = reference_output(batch)
+    poison_dead_slots(batch)
+    got = TorchAttentionBackend().forward(batch.query, batch.key_cache, batch.value_cache,
+                                          batch.meta, batch.scale)
+    assert batch.meta.scratch["torch_plan"].fused_prefill is not None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_attention_rejects_inconsistent_lengths() -> None:
+    assert ops is not None
+    batch = make_batch([(0, 20)], num_kv_heads=1, group_size=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    out = torch.empty_like(batch.query)
+    table = batch.meta.block_tables
+    with pytest.raises(RuntimeError, match="bad lengths"):  # 21 new tokens in a 20-token context
+        ops.prefill_attention(batch.query, batch.key_cache, batch.value_cache, table,
+                              torch.tensor([20]), torch.tensor([0]), torch.tensor([21]), 0.125,
+                              out)

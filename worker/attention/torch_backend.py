@@ -17,6 +17,8 @@ Reads K/V only through block tables and writes them only through the slot mappin
       prefill rows (> 1 token)    one gather of exactly the positions [0, seq_len) of each
                                   sequence, then per sequence a causal SDPA (is_causal when there
                                   is no cached context, an offset causal mask otherwise)
+                                  (fp32 on CPU: one fused C++ call for all prefill sequences
+                                  that reads the blocks directly, ``prefill_attention``)
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        ops = _fused_ops(query, key_cache)
         plan = meta.scratch.get("torch_plan")
         if plan is None:
-            plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, query.device)
-        ops = _fused_ops(query, key_cache)
-        if ops is not None and plan.fused_decode is not None and not plan.prefill:
+            fused_prefill = ops is not None and ops.prefill_attention_supported(query.shape[-1])
+            plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, query.device, fused_prefill)
+        if ops is not None and plan.fused_decode is not None and not plan.has_prefill:
             fd = plan.fused_decode  # decode only: rows are sequences, in order
             return ops.paged_decode(query, key_cache, value_cache, fd.block_tables, fd.seq_lens,
                                     scale)
@@ -77,7 +80,12 @@ class TorchAttentionBackend:
         else:
             for bucket in plan.decode:
                 self._decode_bucket(query, key_cache, value_cache, bucket, scale, out)
-        if plan.prefill:
+        if plan.fused_prefill is not None:
+            assert ops is not None
+            fp = plan.fused_prefill
+            ops.prefill_attention(query, key_cache, value_cache, fp.block_tables, fp.seq_lens,
+                                  fp.q_starts, fp.q_lens, scale, out)
+        elif plan.prefill:
             self._prefill(query, key_cache, value_cache, plan, scale, out)
         return out
 
@@ -143,6 +151,14 @@ class _FusedDecode:
 
 
 @dataclass
+class _FusedPrefill:
+    block_tables: torch.Tensor  # [n, max_blocks] int32 of the prefill sequences
+    seq_lens: torch.Tensor  # [n] int64
+    q_starts: torch.Tensor  # [n] int64 first query row
+    q_lens: torch.Tensor  # [n] int64
+
+
+@dataclass
 class _DecodeBucket:
     rows: torch.Tensor  # [n] int64 query rows (= sequences) of this bucket
     blocks: torch.Tensor  # [n * num_blocks] int64 physical blocks, row-major per sequence
@@ -165,18 +181,31 @@ class _StepPlan:
     prefill: list[_PrefillSeq]
     context_slots: torch.Tensor | None  # [sum of prefill seq_lens] int64 cache slots
     fused_decode: _FusedDecode | None  # the decode rows for the fused kernel; None: no decodes
+    fused_prefill: _FusedPrefill | None  # the prefill rows for the fused kernel
+
+    @property
+    def has_prefill(self) -> bool:
+        return bool(self.prefill) or self.fused_prefill is not None
 
     @classmethod
-    def build(cls, meta: AttentionMetadata, device: torch.device) -> _StepPlan:
+    def build(cls, meta: AttentionMetadata, device: torch.device,
+              fused_prefill: bool = False) -> _StepPlan:
         host = meta.host or _host_copy(meta)
         starts = np.zeros(len(host.query_lens) + 1, dtype=np.int64)
         np.cumsum(host.query_lens, out=starts[1:])
         is_decode = host.query_lens == 1
         decode = _decode_buckets(np.flatnonzero(is_decode), starts, host, meta.block_size, device)
-        prefill, slots = _prefill_plan(np.flatnonzero(~is_decode), starts, host,
-                                       meta.block_size, device)
-        return cls(decode, prefill, slots, _fused_decode(np.flatnonzero(is_decode), starts, host,
-                                                         device))
+        fused_decode = _fused_decode(np.flatnonzero(is_decode), starts, host, device)
+        prefill_seqs = np.flatnonzero(~is_decode)
+        if fused_prefill and len(prefill_seqs) and device.type == "cpu":
+            fp = _FusedPrefill(
+                torch.from_numpy(np.ascontiguousarray(host.block_tables[prefill_seqs], np.int32)),
+                torch.from_numpy(host.seq_lens[prefill_seqs].astype(np.int64)),
+                torch.from_numpy(starts[prefill_seqs]),
+                torch.from_numpy(host.query_lens[prefill_seqs].astype(np.int64)))
+            return cls(decode, [], None, fused_decode, fp)
+        prefill, slots = _prefill_plan(prefill_seqs, starts, host, meta.block_size, device)
+        return cls(decode, prefill, slots, fused_decode, None)
 
 
 def _host_copy(meta: AttentionMetadata) -> HostMetadata:

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
+#include <algorithm>
+#include <atomic>
 #include <limits>
 
 namespace {
@@ -24,6 +26,28 @@ inline float dot(const float* a, const float* b, int64_t n) {
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": want fp32 CPU");
 }
+
+#if defined(__AVX512F__)
+// exp on 16 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial, scale by 2^n);
+// within 2 ulp of std::exp over the float range, 0 below -87.3 (and for -inf), +inf above 88.7.
+inline __m512 exp512(__m512 x) {
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.72284f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), underflow, _mm512_setzero_ps());
+}
+#endif
 
 }  // namespace
 
@@ -187,6 +211,317 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
     }
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense fp32 projections: out[M, N] = x[M, K] @ W[N, K]^T (+ bias), W pre-packed into panels.
+//
+// MKL's sgemm is far from this machine's peak (2-5x slower than the loop below at the small M of
+// decode steps, ~1.2x at prefill sizes). The weight of an nn.Linear is packed once, at load, into
+// panels of PANEL = 48 output columns stored k-major: packed[p][k][0..47] = W[p*48 + j][k] (zero
+// padded past N). The micro-kernel keeps an 8-row x 48-column tile of the output in 24 zmm
+// registers, streams the panel once per 8 rows and broadcasts x. Every output element is the sum
+// over k in increasing order, whatever M is, so a row's result does not depend on its batch.
+constexpr int64_t PANEL = 48;
+constexpr int64_t K_CHUNK = 512;  // keeps the panel slice (96 KiB) in L2 across row tiles
+
+bool packed_linear_supported() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
+template <int MB>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1,
+                       const float* init, int64_t ldi, float* out, int64_t ldo, __mmask16 m0,
+                       __mmask16 m1, __mmask16 m2) {
+  // init: the partial sums so far (ldi = ldo), or the bias (ldi = 0), or nullptr for zeros.
+  __m512 c[MB][3];
+  for (int i = 0; i < MB; ++i) {
+    if (init != nullptr) {
+      c[i][0] = _mm512_maskz_loadu_ps(m0, init + i * ldi);
+      c[i][1] = _mm512_maskz_loadu_ps(m1, init + i * ldi + 16);
+      c[i][2] = _mm512_maskz_loadu_ps(m2, init + i * ldi + 32);
+    } else {
+      c[i][0] = c[i][1] = c[i][2] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* w = panel + k * PANEL;
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * PANEL), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * PANEL + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * PANEL + 32), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+    const __m512 w2 = _mm512_loadu_ps(w + 32);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
+      c[i][0] = _mm512_fmadd_ps(xv, w0, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(xv, w1, c[i][1]);
+      c[i][2] = _mm512_fmadd_ps(xv, w2, c[i][2]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    _mm512_mask_storeu_ps(out + i * ldo, m0, c[i][0]);
+    _mm512_mask_storeu_ps(out + i * ldo + 16, m1, c[i][1]);
+    _mm512_mask_storeu_ps(out + i * ldo + 32, m2, c[i][2]);
+  }
+}
+
+inline __mmask16 column_mask(int64_t remaining) {
+  if (remaining >= 16) return 0xFFFF;
+  if (remaining <= 0) return 0;
+  return static_cast<__mmask16>((1u << remaining) - 1u);
+}
+#endif
+
+// x [M, K] (rows may be strided, k contiguous); packed [P, K, 48]; bias [N] or empty.
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias,
+                            int64_t N) {
+  check_f32(x, "x");
+  check_f32(packed, "packed");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == PANEL &&
+              packed.size(1) == x.size(1) && packed.size(0) * PANEL >= N &&
+              packed.size(0) * PANEL < N + PANEL, "packed weight does not match x / N");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  if (has_bias) {
+    check_f32(bias, "bias");
+    TORCH_CHECK(bias.is_contiguous() && bias.numel() == N, "bias must be [N]");
+  }
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0), ldx = x.stride(0);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+#if defined(__AVX512F__)
+  const float* xp = x.data_ptr<float>();
+  const float* pp = packed.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p_begin, int64_t p_end) {
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t n0 = p * PANEL;
+      const __mmask16 m0 = column_mask(N - n0), m1 = column_mask(N - n0 - 16);
+      const __mmask16 m2 = column_mask(N - n0 - 32);
+      const float* panel = pp + p * K * PANEL;
+      for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK) {
+        const int64_t k1 = std::min(K, k0 + K_CHUNK);
+        for (int64_t m = 0; m < M; m += 8) {
+          const float* xm = xp + m * ldx;
+          float* om = op + m * N + n0;
+          const float* init = k0 > 0 ? om : (bp != nullptr ? bp + n0 : nullptr);
+          const int64_t ldi = k0 > 0 ? N : 0;
+          switch (std::min<int64_t>(8, M - m)) {
+#define PS_TILE(R) case R: panel_tile<R>(xm, ldx, panel, k0, k1, init, ldi, om, N, m0, m1, m2); break;
+            PS_TILE(1) PS_TILE(2) PS_TILE(3) PS_TILE(4) PS_TILE(5) PS_TILE(6) PS_TILE(7)
+            default: panel_tile<8>(xm, ldx, panel, k0, k1, init, ldi, om, N, m0, m1, m2);
+#undef PS_TILE
+          }
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "packed_linear needs AVX-512 (see packed_linear_supported)");
+#endif
+  return out;
+}
+
+// SwiGLU's elementwise half: gate_up [T, 2I] (gate | up, rows may be strided) ->
+// silu(gate) * up [T, I], in one pass. silu(g) = g / (1 + exp(-g)), torch's expression.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [T, 2I] with contiguous rows");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, ld = gate_up.stride(0);
+  auto out = torch::empty({T, I}, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = src + t * ld;
+      const float* u = g + I;
+      float* o = dst + t * I;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= I; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)),
+                                              _mm512_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill / extend attention straight from the paged cache. Sequence b has q_lens[b] new query
+// rows starting at row q_starts[b]; they sit at positions seq_lens[b] - q_lens[b] + i and attend
+// causally over the cached positions [0, position]. Work items are (sequence, query head, block
+// of 64 query rows), longest first, taken by the threads from a shared counter. An item copies
+// its K^T [D, L] out of the blocks once, then per tile of R query rows computes the scores
+// (R zmm accumulators over 16 keys), the softmax, and P V (R x D/16 accumulators).
+#if defined(__AVX512F__)
+constexpr int64_t PREFILL_Q_BLOCK = 64;
+
+struct PrefillItem {
+  int64_t seq, head, q0, q1, cost;
+};
+
+template <int DV>
+void prefill_item(const PrefillItem& it, const float* q, int64_t qs0, int64_t qs1,
+                  const float* kc, const float* vc, const int32_t* table, int64_t ctx_len,
+                  int64_t q_len, int64_t q_row0, int64_t BS, int64_t blk_stride,
+                  int64_t tok_stride, int64_t kvh, float scale, float* o, int64_t os0,
+                  int64_t os1, std::vector<float>& kt, std::vector<float>& sc) {
+  constexpr int64_t D = 16 * DV;
+  constexpr int R = DV <= 4 ? 6 : (DV <= 6 ? 4 : 3);
+  const int64_t first_pos = ctx_len - q_len;
+  const int64_t L = first_pos + it.q1;  // keys needed by the last row of this item
+  const int64_t Lp = (L + 15) / 16 * 16;
+  kt.assign(D * Lp, 0.f);
+  for (int64_t t = 0; t < L; ++t) {
+    const float* k = kc + table[t / BS] * blk_stride + (t % BS) * tok_stride + kvh * D;
+    for (int64_t d = 0; d < D; ++d) kt[d * Lp + t] = k[d];
+  }
+  sc.resize(R * Lp);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i0 = it.q0; i0 < it.q1; i0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, it.q1 - i0));
+    const float* qr[R];
+    int64_t limit[R];  // keys [0, limit) are visible to row r
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = i0 + (r < rows ? r : 0);
+      qr[r] = q + (q_row0 + i) * qs0 + it.head * qs1;
+      limit[r] = first_pos + i + 1;
+    }
+    const int64_t span = (limit[rows - 1] + 15) / 16 * 16;
+    for (int64_t t0 = 0; t0 < span; t0 += 16) {
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 kv = _mm512_loadu_ps(kt.data() + d * Lp + t0);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), kv, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t visible = limit[r] - t0;
+        const __mmask16 m = visible >= 16 ? 0xFFFF
+                            : (visible <= 0 ? 0 : static_cast<__mmask16>((1u << visible) - 1u));
+        _mm512_storeu_ps(sc.data() + r * Lp + t0,
+                         _mm512_mask_mov_ps(neg_inf, m, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale))));
+      }
+    }
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+      float* sr = sc.data() + r * Lp;
+      __m512 mx = neg_inf;
+      for (int64_t t0 = 0; t0 < span; t0 += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t0));
+      const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t t0 = 0; t0 < span; t0 += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + t0), mv));
+        _mm512_storeu_ps(sr + t0, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[R][DV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_setzero_ps();
+    const int64_t last = limit[rows - 1];
+    for (int64_t t = 0; t < last; ++t) {
+      const float* v = vc + table[t / BS] * blk_stride + (t % BS) * tok_stride + kvh * D;
+      __m512 vv[DV];
+      for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_ps(v + 16 * j);
+      for (int r = 0; r < R; ++r) {
+        const __m512 p = _mm512_set1_ps(sc[r * Lp + t]);  // 0 past the row's own limit
+        for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_fmadd_ps(p, vv[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      float* orow = o + (q_row0 + i0 + r) * os0 + it.head * os1;
+      const __m512 iv = _mm512_set1_ps(inv[r]);
+      for (int j = 0; j < DV; ++j) _mm512_storeu_ps(orow + 16 * j, _mm512_mul_ps(acc[r][j], iv));
+    }
+  }
+}
+#endif
+
+bool prefill_attention_supported(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim % 16 == 0 && head_dim >= 16 && head_dim <= 128;
+#else
+  return false;
+#endif
+}
+
+// query [T, H, D] (rows may be strided, D contiguous); out [T, H, D] written only at the rows of
+// these sequences; caches [NB, BS, KVH, D] contiguous; block_tables [N, max_blocks] int32;
+// seq_lens, q_starts, q_lens [N] int64.
+void prefill_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                       torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_starts,
+                       torch::Tensor q_lens, double scale, torch::Tensor out) {
+  check_f32(query, "query");
+  check_f32(key_cache, "key_cache");
+  check_f32(value_cache, "value_cache");
+  check_f32(out, "out");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt64 &&
+              q_starts.scalar_type() == torch::kInt64 && q_lens.scalar_type() == torch::kInt64);
+  const int64_t H = query.size(1), D = query.size(2);
+  const int64_t BS = key_cache.size(1), KVH = key_cache.size(2);
+  TORCH_CHECK(prefill_attention_supported(D) && key_cache.size(3) == D && H % KVH == 0,
+              "prefill_attention: unsupported head_dim or heads");
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto starts = q_starts.contiguous();
+  auto qlens = q_lens.contiguous();
+  const int64_t N = lens.size(0), G = H / KVH, max_blocks = tables.size(1);
+  const int64_t* sl = lens.data_ptr<int64_t>();
+  const int64_t* qst = starts.data_ptr<int64_t>();
+  const int64_t* ql = qlens.data_ptr<int64_t>();
+#if defined(__AVX512F__)
+  std::vector<PrefillItem> items;
+  for (int64_t b = 0; b < N; ++b) {
+    TORCH_CHECK(ql[b] >= 1 && ql[b] <= sl[b] && sl[b] <= max_blocks * BS, "bad lengths");
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t q0 = 0; q0 < ql[b]; q0 += PREFILL_Q_BLOCK) {
+        const int64_t q1 = std::min(ql[b], q0 + PREFILL_Q_BLOCK);
+        items.push_back({b, h, q0, q1, (q1 - q0) * (sl[b] - ql[b] + q1)});
+      }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const PrefillItem& a, const PrefillItem& b) { return a.cost > b.cost; });
+  const float* qp = query.data_ptr<float>();
+  const float* kc = key_cache.data_ptr<float>();
+  const float* vc = value_cache.data_ptr<float>();
+  const int32_t* bt = tables.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t tok_stride = KVH * D, blk_stride = BS * KVH * D;
+  const float fscale = static_cast<float>(scale);
+  std::atomic<int64_t> next{0};
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> kt, sc;
+    for (int64_t n = next++; n < num_items; n = next++) {
+      const PrefillItem& it = items[n];
+      const int64_t b = it.seq;
+      switch (D / 16) {
+#define PS_DV(V) case V: prefill_item<V>(it, qp, query.stride(0), query.stride(1), kc, vc, \
+    bt + b * max_blocks, sl[b], ql[b], qst[b], BS, blk_stride, tok_stride, it.head / G, fscale, \
+    op, out.stride(0), out.stride(1), kt, sc); break;
+        PS_DV(1) PS_DV(2) PS_DV(3) PS_DV(4) PS_DV(5) PS_DV(6) PS_DV(7) PS_DV(8)
+#undef PS_DV
+      }
+    }
+  });
+#endif
 }
 
 // HF LlamaRMSNorm in fp32: weight * (x * rsqrt(mean(x^2) + eps)). x [T, C] contiguous.

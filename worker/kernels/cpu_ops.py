@@ -1,4 +1,6 @@
-"""Fused fp32 CPU kernels (``cpu_ops.cpp``): paged decode attention, RMSNorm, in-place RoPE.
+"""Fused fp32 CPU kernels (``cpu_ops.cpp``): paged decode and prefill attention, RMSNorm,
+in-place RoPE, SwiGLU's silu(gate) * up, and the dense projections (``packed_linear`` over
+weights packed by ``pack_weight``).
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` into a per-user cache folder
 (keyed by the source, the flags and the CPU's instruction set, so a cached build is never loaded
@@ -21,11 +23,15 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-_FUNCTIONS = ["paged_decode", "rms_norm", "rope_"]
+_FUNCTIONS = ["paged_decode", "rms_norm", "rope_", "packed_linear", "packed_linear_supported",
+              "silu_mul", "prefill_attention", "prefill_attention_supported"]
+PANEL = 48  # output columns per packed panel; must equal PANEL in cpu_ops.cpp
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -72,9 +78,17 @@ def _build() -> ModuleType | None:
         return None
 
 
-def _fingerprint(source: str) -> str:
-    import torch
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Linear`` weight ``[N, K]`` -> the panel layout ``packed_linear`` reads:
+    ``[ceil(N / 48), K, 48]`` with ``packed[p, k, j] = weight[48 p + j, k]``, zero padded."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype, device=weight.device)
+    padded[:n] = weight
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
+
+def _fingerprint(source: str) -> str:
     h = hashlib.sha256()
     for part in (source, " ".join(_FLAGS), torch.__version__, platform.machine(), _cpu_flags()):
         h.update(part.encode())

@@ -69,6 +69,27 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class PackedLinear(nn.Module):
+    """``nn.Linear`` on fp32 CPU with its weight in the panel layout of ``cpu_ops.packed_linear``
+    (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here). Same function; the weight is packed
+    once and the original freed."""
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, ops: ModuleType) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed: torch.Tensor
+        self.register_buffer("packed", cpu_ops.pack_weight(weight.detach()))
+        self.bias = bias
+        self._no_bias = torch.empty(0)
+        self._ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        bias = self._no_bias if self.bias is None else self.bias
+        out = self._ops.packed_linear(flat, self.packed, bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
     """``[head_dim // 2]`` fp32 inverse frequencies, with "linear" or "llama3" scaling applied."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
@@ -142,10 +163,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj: nn.Module = nn.Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.o_proj: nn.Module = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.backend = backend
 
     def forward(
@@ -172,11 +193,16 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)  # PackedLinear
+        self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)  # once packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = _fused_ops(gate_up)
+        if ops is not None and gate_up.dim() == 2:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer, not two
 
 
@@ -211,11 +237,12 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = (
+        self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        self.packed_logits: PackedLinear | None = None  # tied embeddings, once packed
 
     def set_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:
@@ -239,8 +266,37 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` fp32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.packed_logits is not None:
+            return self.packed_logits(hidden)
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()
+
+    def pack_weights(self) -> bool:
+        """After ``load_weights``, on fp32 CPU where the fused kernels built: every projection and
+        the logits matmul move to ``PackedLinear``. Tied embeddings keep their table for lookups
+        and gain a packed copy for the logits (one more vocab x hidden matrix). Returns whether
+        the weights were packed."""
+        ops = cpu_ops.load()
+        table = self.embed_tokens.weight
+        if (ops is None or table.device.type != "cpu" or table.dtype != torch.float32
+                or not ops.packed_linear_supported()):
+            return False
+
+        def packed(linear: nn.Module) -> PackedLinear:
+            assert isinstance(linear, nn.Linear)
+            return PackedLinear(linear.weight, linear.bias, ops)
+
+        for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
+            mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
+        if self.lm_head is None:
+            self.packed_logits = PackedLinear(table, None, ops)
+        else:
+            self.lm_head = packed(self.lm_head)
+        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors in, fusing q/k/v and gate/up. Raises ValueError on an unknown

@@ -56,10 +56,14 @@ def load_model(
 
         backend = TorchAttentionBackend()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, torch.device(device), backend)
-    if path.is_dir() and (path / "config.json").exists():
-        return _load_hf_dir(path, dtype, torch.device(device), backend)
-    raise ValueError(f"model {path}: expected a .gguf file or a directory with config.json")
+        model, config = _load_gguf(path, dtype, torch.device(device), backend)
+    elif path.is_dir() and (path / "config.json").exists():
+        model, config = _load_hf_dir(path, dtype, torch.device(device), backend)
+    else:
+        raise ValueError(f"model {path}: expected a .gguf file or a directory with config.json")
+    if model.pack_weights():
+        logger.info("projections packed for the fused fp32 CPU matmul kernel")
+    return model, config
 
 
 def build_empty_model(
