@@ -177,3 +177,33 @@ def test_prefill_attention_rejects_inconsistent_lengths() -> None:
         ops.prefill_attention(batch.query, batch.key_cache, batch.value_cache, table,
                               torch.tensor([20]), torch.tensor([0]), torch.tensor([21]), 0.125,
                               out)
+
+
+@needs_packed
+def test_kernels_release_the_gil_while_they_compute() -> None:
+    """A step's matmuls must not stall the other threads of the process (the worker's gRPC
+    loop, or router and scheduler in a local cluster): Python runs while the kernel computes."""
+    import threading
+    import time
+
+    assert ops is not None
+    weight = cpu_ops.pack_weight(torch.randn(4096, 1024))
+    x = torch.randn(2048, 1024)  # one call of ~17 GFLOP: tens of milliseconds
+    span: list[float] = []
+
+    def compute() -> None:
+        span.append(time.perf_counter())
+        ops.packed_linear(x, weight, torch.empty(0), 4096)
+        span.append(time.perf_counter())
+
+    thread = threading.Thread(target=compute)
+    ticks: list[float] = []
+    thread.start()
+    while thread.is_alive():
+        ticks.append(time.perf_counter())
+    thread.join()
+    start, end = span
+    margin = (end - start) / 5  # the middle of the call: no switch point of the thread there
+    inside = [t for t in ticks if start + margin < t < end - margin]
+    assert end - start > 0.01
+    assert len(inside) > 100, f"main thread ran {len(inside)} times in {end - start:.3f}s"

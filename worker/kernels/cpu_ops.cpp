@@ -52,8 +52,29 @@ inline __m512 exp512(__m512 x) {
 }  // namespace
 
 #if defined(__AVX512F__)
+// r[i] = the sum of the 16 lanes of v[i]: pairs, then quads within 128-bit lanes, then across
+// the four 128-bit lanes (15 adds instead of 16 full horizontal reductions).
+inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88),
+                                  _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88),
+                                  _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
 // head_dim 64, G query heads per KV head known at compile time: q, and the output accumulators,
 // live in registers for the whole sequence.
+constexpr int64_t PREFETCH_AHEAD = 16;  // tokens ahead that the K and V passes prefetch
+
 template <int G>
 void decode_one_d64(const float* q, int64_t q_stride, const float* kc, const float* vc,
                     const int32_t* table, int64_t L, int64_t BS, int64_t blk_stride,
@@ -62,37 +83,70 @@ void decode_one_d64(const float* q, int64_t q_stride, const float* kc, const flo
   __m512 qv[G][4];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 4; ++j) qv[g][j] = _mm512_loadu_ps(q + g * q_stride + 16 * j);
-  float mx[G];
-  for (int g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < L; ++t) {
-    const float* k = kc + table[t / BS] * blk_stride + (t % BS) * tok_stride;
-    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
-    const __m512 k2 = _mm512_loadu_ps(k + 32), k3 = _mm512_loadu_ps(k + 48);
+  // Scores 16 tokens at a time: 16 dot-product vectors, then one transpose-and-add tree.
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax[G];
+  for (int g = 0; g < G; ++g) vmax[g] = neg_inf;
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int64_t count = std::min<int64_t>(16, L - t0);
+    const __mmask16 valid = count == 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1u);
+    const float* k[16];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t t = t0 + (j < count ? j : count - 1);
+      k[j] = kc + table[t / BS] * blk_stride + (t % BS) * tok_stride;
+    }
+    for (int j = 0; j < 16 && t0 + PREFETCH_AHEAD + j < L; ++j) {
+      const int64_t t = t0 + PREFETCH_AHEAD + j;
+      const char* nk = reinterpret_cast<const char*>(kc + table[t / BS] * blk_stride +
+                                                     (t % BS) * tok_stride);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(nk + 64 * line, _MM_HINT_T0);
+    }
     for (int g = 0; g < G; ++g) {
-      __m512 a = _mm512_mul_ps(qv[g][0], k0);
-      a = _mm512_fmadd_ps(qv[g][1], k1, a);
-      a = _mm512_fmadd_ps(qv[g][2], k2, a);
-      a = _mm512_fmadd_ps(qv[g][3], k3, a);
-      const float sc = _mm512_reduce_add_ps(a) * scale;
-      scores[g * L + t] = sc;
-      mx[g] = sc > mx[g] ? sc : mx[g];
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 a = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(k[j]));
+        a = _mm512_fmadd_ps(qv[g][1], _mm512_loadu_ps(k[j] + 16), a);
+        a = _mm512_fmadd_ps(qv[g][2], _mm512_loadu_ps(k[j] + 32), a);
+        dots[j] = _mm512_fmadd_ps(qv[g][3], _mm512_loadu_ps(k[j] + 48), a);
+      }
+      const __m512 sc = _mm512_mul_ps(hsum16(dots), vscale);
+      _mm512_mask_storeu_ps(scores + g * L + t0, valid, sc);
+      vmax[g] = _mm512_max_ps(vmax[g], _mm512_mask_mov_ps(neg_inf, valid, sc));
     }
   }
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = _mm512_reduce_max_ps(vmax[g]);
   float inv[G];
   for (int g = 0; g < G; ++g) {
     float* sg = scores + g * L;
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) {
-      sg[t] = std::exp(sg[t] - mx[g]);
-      sum += sg[t];
+    const __m512 mv = _mm512_set1_ps(mx[g]);
+    __m512 vsum = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= L; t += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mv));
+      _mm512_storeu_ps(sg + t, e);
+      vsum = _mm512_add_ps(vsum, e);
     }
-    inv[g] = 1.f / sum;
+    if (t < L) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (L - t)) - 1u);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + t), mv));
+      _mm512_mask_storeu_ps(sg + t, m, e);
+      vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(vsum);
   }
   __m512 acc[G][4];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
     const float* v = vc + table[t / BS] * blk_stride + (t % BS) * tok_stride;
+    if (t + PREFETCH_AHEAD < L) {
+      const int64_t tn = t + PREFETCH_AHEAD;
+      const char* nv = reinterpret_cast<const char*>(vc + table[tn / BS] * blk_stride +
+                                                     (tn % BS) * tok_stride);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(nv + 64 * line, _MM_HINT_T0);
+    }
     const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
     const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
     for (int g = 0; g < G; ++g) {
@@ -186,7 +240,9 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   int64_t max_len = 0;
   for (int64_t n = 0; n < N; ++n) max_len = sl[n] > max_len ? sl[n] : max_len;
 
-  at::parallel_for(0, N * KVH, 1, [&](int64_t begin, int64_t end) {
+  // One sequence per item, its KV heads in turn: the blocks stream from memory once and the
+  // next head's reads of the same cache lines hit L2.
+  at::parallel_for(0, N * KVH, KVH, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * max_len);
     std::vector<float> acc(G * D);
     for (int64_t item = begin; item < end; ++item) {
@@ -579,4 +635,18 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_
       }
     }
   });
+}
+
+// Every kernel runs without the GIL: the router's and scheduler's event loops (same process in a
+// local cluster, or the worker's own gRPC threads) keep running while a step computes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("paged_decode", &paged_decode, release());
+  m.def("rms_norm", &rms_norm, release());
+  m.def("rope_", &rope_, release());
+  m.def("packed_linear", &packed_linear, release());
+  m.def("packed_linear_supported", &packed_linear_supported);
+  m.def("silu_mul", &silu_mul, release());
+  m.def("prefill_attention", &prefill_attention, release());
+  m.def("prefill_attention_supported", &prefill_attention_supported);
 }

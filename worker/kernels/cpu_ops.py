@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-_FUNCTIONS = ["paged_decode", "rms_norm", "rope_", "packed_linear", "packed_linear_supported",
-              "silu_mul", "prefill_attention", "prefill_attention_supported"]
 PANEL = 48  # output columns per packed panel; must equal PANEL in cpu_ops.cpp
 
 _lock = threading.Lock()
@@ -69,7 +67,7 @@ def _build() -> ModuleType | None:
                     build_dir)
         return None
     try:
-        return load_inline(name=name, cpp_sources=[source], functions=_FUNCTIONS,
+        return load_inline(name=name, cpp_sources=[source],  # bindings: end of the .cpp
                            extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: use the torch path
