@@ -224,3 +224,50 @@ def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
     finally:
         cluster.stop()
 
+
+
+def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cpu_ops.decoder_layer`` (one C++ call per layer) runs the same kernels in the same order
+    as ``LlamaDecoderLayer.forward`` op by op: bit-identical hidden states, prefill and decode
+    rows mixed in one step, with Qwen2-style q/k/v biases."""
+    from worker.models.llama import LlamaDecoderLayer
+
+    ops = cpu_ops.load()
+    if ops is None or not ops.packed_linear_supported():
+        pytest.skip("the fused CPU layer needs the AVX-512 kernels")
+    path = tiny_llama_dir(architecture="qwen2")
+    model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
+    layer_calls = []
+    real_fused = LlamaDecoderLayer._fused_args
+
+    def counting(self: LlamaDecoderLayer, *args: object) -> object:
+        out = real_fused(self, *args)
+        layer_calls.append(out is not None)
+        return out
+
+    def run(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(LlamaDecoderLayer, "_fused_args",
+                            counting if fused else (lambda self, *a: None))
+        caches = [(torch.zeros(64, 4, config.num_kv_heads, config.head_dim),
+                   torch.zeros(64, 4, config.num_kv_heads, config.head_dim))
+                  for _ in range(config.num_layers)]
+        runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"))
+        prompts = _prompts(5, [9, 14, 6], config.vocab_size)
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            seq = SequenceState(i, prompt, len(prompt), ResolvedParams(temperature=0.0))
+            seq.block_table = list(range(10 * i, 10 * i + 10))
+            seqs.append(seq)
+        hidden = []
+        with torch.inference_mode():
+            # step 1: prefill all; step 2: one decode, one prefill chunk over cached context
+            for work in ([ScheduledWork(s, 0, s.num_tokens, True) for s in seqs[:2]],
+                         [ScheduledWork(seqs[0], 8, 1, True), ScheduledWork(seqs[2], 0, 6, True),
+                          ScheduledWork(seqs[1], 10, 4, True)]):
+                inputs = runner.prepare(work)
+                hidden.append(model(inputs.input_ids, inputs.positions, caches, inputs.meta))
+        return torch.cat(hidden)
+
+    fused = run(True)
+    assert layer_calls and all(layer_calls), "the fused layer did not run"
+    assert torch.equal(fused, run(False))

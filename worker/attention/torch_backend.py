@@ -63,10 +63,7 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         ops = _fused_ops(query, key_cache)
-        plan = meta.scratch.get("torch_plan")
-        if plan is None:
-            fused_prefill = ops is not None and ops.prefill_attention_supported(query.shape[-1])
-            plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, query.device, fused_prefill)
+        plan = self._plan(meta, query.device, ops, query.shape[-1])
         if ops is not None and plan.fused_decode is not None and not plan.has_prefill:
             fd = plan.fused_decode  # decode only: rows are sequences, in order
             return ops.paged_decode(query, key_cache, value_cache, fd.block_tables, fd.seq_lens,
@@ -88,6 +85,33 @@ class TorchAttentionBackend:
         elif plan.prefill:
             self._prefill(query, key_cache, value_cache, plan, scale, out)
         return out
+
+    def cpu_layer_args(self, meta: AttentionMetadata, head_dim: int
+                       ) -> tuple[torch.Tensor, ...] | None:
+        """This step's attention plan as the trailing arguments of ``cpu_ops.decoder_layer``
+        (decode rows, tables, lengths; prefill tables, lengths, query starts and lengths), or
+        None when some of it needs the SDPA path."""
+        ops = cpu_ops.load()
+        if ops is None or not ops.prefill_attention_supported(head_dim):
+            return None
+        plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
+        if plan.prefill:
+            return None
+        fd, fp = plan.fused_decode, plan.fused_prefill
+        i64, i32 = torch.empty(0, dtype=torch.int64), torch.empty(0, 1, dtype=torch.int32)
+        return (fd.rows if fd else i64, fd.block_tables if fd else i32,
+                fd.seq_lens if fd else i32[:, 0], fp.block_tables if fp else i32,
+                fp.seq_lens if fp else i64, fp.q_starts if fp else i64,
+                fp.q_lens if fp else i64)
+
+    @staticmethod
+    def _plan(meta: AttentionMetadata, device: torch.device, ops: ModuleType | None,
+              head_dim: int) -> _StepPlan:
+        plan = meta.scratch.get("torch_plan")
+        if plan is None:
+            fused_prefill = ops is not None and ops.prefill_attention_supported(head_dim)
+            plan = meta.scratch["torch_plan"] = _StepPlan.build(meta, device, fused_prefill)
+        return plan
 
     def _buffer(self, shape: tuple[int, ...], like: torch.Tensor, slot: int) -> torch.Tensor:
         """A view of the workspace (two halves: ``slot`` 0 for K, 1 for V). Reusing it avoids

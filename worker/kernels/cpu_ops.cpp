@@ -637,6 +637,67 @@ void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// One whole Llama decoder layer in one call, for the fp32 CPU path: the same kernels in the same
+// order as LlamaDecoderLayer.forward over them, minus ~25 Python-level op dispatches per layer
+// (most of a small decode step's time). Attention arguments are the torch backend's step plan:
+// decode rows (``dec_*``, empty when none) and prefill sequences (``pre_*``, empty when none).
+void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& key_cache,
+              torch::Tensor& value_cache, const torch::Tensor& slot_mapping) {
+  const int64_t T = k.size(0), row = key_cache.size(2) * key_cache.size(3);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  float* kc = key_cache.data_ptr<float>();
+  float* vc = value_cache.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;  // padding
+    TORCH_CHECK(slot < num_slots, "slot out of range");
+    std::copy(kp + t * ks, kp + t * ks + row, kc + slot * row);
+    std::copy(vp + t * vs, vp + t * vs + row, vc + slot * row);
+  }
+}
+
+torch::Tensor decoder_layer(
+    torch::Tensor x, torch::Tensor in_norm, torch::Tensor post_norm, double eps,
+    torch::Tensor qkv_w, torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b,
+    torch::Tensor gate_up_w, torch::Tensor down_w, int64_t num_heads, int64_t num_kv_heads,
+    int64_t intermediate, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_cache,
+    torch::Tensor value_cache, torch::Tensor slot_mapping, double scale, torch::Tensor dec_rows,
+    torch::Tensor dec_tables, torch::Tensor dec_lens, torch::Tensor pre_tables,
+    torch::Tensor pre_lens, torch::Tensor pre_starts, torch::Tensor pre_qlens) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64);
+  const int64_t T = x.size(0), C = x.size(1), D = key_cache.size(3);
+  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
+  const auto none = torch::Tensor();
+  auto qkv = packed_linear(rms_norm(x, in_norm, eps), qkv_w, qkv_b, q_size + 2 * kv_size);
+  rope_(qkv, cos, sin, num_heads + num_kv_heads, D);
+  auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
+  write_kv(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), key_cache,
+           value_cache, slot_mapping);
+  const bool has_decode = dec_rows.numel() > 0, has_prefill = pre_lens.numel() > 0;
+  torch::Tensor attn;
+  if (has_decode && !has_prefill) {  // decode only: rows are the sequences, in order
+    attn = paged_decode(q, key_cache, value_cache, dec_tables, dec_lens, scale);
+  } else {
+    attn = torch::empty({T, num_heads, D}, x.options());
+    if (has_decode)
+      attn.index_copy_(0, dec_rows, paged_decode(q.index_select(0, dec_rows), key_cache,
+                                                 value_cache, dec_tables, dec_lens, scale));
+    if (has_prefill)
+      prefill_attention(q, key_cache, value_cache, pre_tables, pre_lens, pre_starts, pre_qlens,
+                        scale, attn);
+  }
+  auto h = x + packed_linear(attn.view({T, q_size}), o_w, o_b, C);
+  auto mlp = packed_linear(silu_mul(packed_linear(rms_norm(h, post_norm, eps), gate_up_w, none,
+                                                  2 * intermediate)),
+                           down_w, none, C);
+  return h.add_(mlp);
+}
+
 // Every kernel runs without the GIL: the router's and scheduler's event loops (same process in a
 // local cluster, or the worker's own gRPC threads) keep running while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -649,4 +710,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, release());
   m.def("prefill_attention", &prefill_attention, release());
   m.def("prefill_attention_supported", &prefill_attention_supported);
+  m.def("decoder_layer", &decoder_layer, release());
 }

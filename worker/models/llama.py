@@ -217,8 +217,38 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos_sin: KVCache, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
+        fused = self._fused_args(x, kv_cache, meta)
+        if fused is not None:
+            return fused[0].decoder_layer(x, *fused[1:-1], *cos_sin, *kv_cache, meta.slot_mapping,
+                                          self.self_attn.scale, *fused[-1])
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_args(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+                    ) -> tuple | None:
+        """``(ops, weights..., attention plan)`` when the whole layer can run as one
+        ``cpu_ops.decoder_layer`` call (fp32 CPU, packed projections, the torch backend's fused
+        attention), else None: the same computation, op by op."""
+        attn, mlp = self.self_attn, self.mlp
+        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        backend = attn.backend
+        ops = _fused_ops(x)
+        if (ops is None or x.dim() != 2 or kv_cache[0].dtype != torch.float32
+                or not all(isinstance(p, PackedLinear) for p in projections)
+                or not hasattr(backend, "cpu_layer_args")):
+            return None
+        plan = backend.cpu_layer_args(meta, attn.head_dim)
+        if plan is None:
+            return None
+        qkv, o, gate_up, down = projections
+        assert isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
+        assert isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)
+        no_bias = qkv._no_bias
+        return (ops, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                self.input_layernorm.eps, qkv.packed, qkv.bias if qkv.bias is not None
+                else no_bias, o.packed, o.bias if o.bias is not None else no_bias,
+                gate_up.packed, down.packed, attn.num_heads, attn.num_kv_heads,
+                mlp.intermediate_size, plan)
 
 
 class LlamaForCausalLM(nn.Module):
