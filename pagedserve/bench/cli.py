@@ -35,9 +35,11 @@ def _throughput(argv: list[str]) -> int:
     p.add_argument("--systems", default="offline,cluster,hf",
                    help="comma-separated subset of offline,cluster,hf")
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per system, keeping each one's fastest (noisy shared machines)")
     args = p.parse_args(argv)
     report = run_throughput(spec_from(args), args.model, systems=args.systems.split(","),
-                            hf_batch_size=args.hf_batch_size)
+                            hf_batch_size=args.hf_batch_size, repeat=args.repeat)
     print(format_report(report))
     return 0
 

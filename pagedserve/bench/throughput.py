@@ -162,6 +162,7 @@ class ThroughputReport:
     spec: WorkloadSpec
     results: dict[str, RunResult]
     agreement: dict[str, float]  # fraction of requests whose outputs equal offline's
+    repeat: int = 1  # runs per system; results are each system's fastest
 
     def ratio(self, name: str, base: str) -> float | None:
         if name not in self.results or base not in self.results:
@@ -171,25 +172,40 @@ class ThroughputReport:
 
 def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Sequence[str] = (
         "offline", "cluster", "hf"), hf_batch_size: int = 16,
-        kv_cache_memory_gib: float = 2.0) -> ThroughputReport:
+        kv_cache_memory_gib: float = 2.0, repeat: int = 1) -> ThroughputReport:
+    """Each system runs ``repeat`` times and keeps its fastest run (on a shared machine the
+    slow runs are other tenants' noise, for the baseline and for us alike). Every offline and
+    cluster run starts with an empty prefix cache."""
     from pagedserve import LLM
 
-    llm = LLM(model, seed=0, kv_cache_memory_gib=kv_cache_memory_gib, swap_space_gib=0.0)
-    requests = make_requests(spec, llm.worker.model_config.vocab_size)
     results: dict[str, RunResult] = {}
     outputs: dict[str, list[list[int]]] = {}
-    try:
+
+    def keep(result: RunResult, tokens: list[list[int]]) -> None:
+        best = results.get(result.name)
+        if best is None or result.seconds < best.seconds:
+            results[result.name] = result
+        outputs.setdefault(result.name, tokens)
+
+    llm = None
+    for _ in range(repeat if "offline" in systems else 1):
+        if llm is not None:
+            llm.close()
+        llm = LLM(model, seed=0, kv_cache_memory_gib=kv_cache_memory_gib, swap_space_gib=0.0)
+        requests = make_requests(spec, llm.worker.model_config.vocab_size)
         if "offline" in systems:
-            results["offline"], outputs["offline"] = run_offline(llm, requests)
-    finally:
-        llm.close()
+            keep(*run_offline(llm, requests))
+    assert llm is not None
+    llm.close()
     if "cluster" in systems:
-        results["cluster"], outputs["cluster"] = run_cluster(llm.worker, requests)
+        for _ in range(repeat):
+            keep(*run_cluster(llm.worker, requests))
     worker_model = llm.worker.model_path
     del llm
     if "hf" in systems:
         hf = load_hf(str(worker_model))
-        results["hf"], outputs["hf"] = run_hf(hf, requests, hf_batch_size)
+        for _ in range(repeat):
+            keep(*run_hf(hf, requests, hf_batch_size))
         del hf
     agreement = {}
     if "offline" in outputs:
@@ -197,11 +213,12 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
             if name != "offline":
                 same = sum(a == b for a, b in zip(outs, outputs["offline"], strict=True))
                 agreement[name] = same / len(requests)
-    return ThroughputReport(spec, results, agreement)
+    return ThroughputReport(spec, results, agreement, repeat)
 
 
 def format_report(report: ThroughputReport) -> str:
-    lines = [f"workload: {report.spec.describe()}",
+    best = f" (fastest of {report.repeat} runs each)" if report.repeat > 1 else ""
+    lines = [f"workload: {report.spec.describe()}{best}",
              (f"{'system':<10} {'seconds':>9} {'out tok/s':>10} {'req/s':>8} {'vs hf':>7} "
              f"{'vs offline':>10}  note")]
     for name, r in report.results.items():

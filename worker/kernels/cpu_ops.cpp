@@ -355,8 +355,11 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor
   const float* pp = packed.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t p_begin, int64_t p_end) {
-    for (int64_t p = p_begin; p < p_end; ++p) {
+  // Panels are handed out one at a time, not in fixed halves: a thread that loses its core for
+  // a while (the router's or scheduler's Python in a local cluster) does not stall the other.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t p = next++; p < P; p = next++) {
       const int64_t n0 = p * PANEL;
       const __mmask16 m0 = column_mask(N - n0), m1 = column_mask(N - n0 - 16);
       const __mmask16 m2 = column_mask(N - n0 - 32);
