@@ -230,23 +230,23 @@ def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPat
     """``cpu_ops.decoder_layer`` (one C++ call per layer) runs the same kernels in the same order
     as ``LlamaDecoderLayer.forward`` op by op: bit-identical hidden states, prefill and decode
     rows mixed in one step, with Qwen2-style q/k/v biases."""
-    from worker.models.llama import LlamaDecoderLayer
+    from worker.models.llama import LlamaForCausalLM
 
     ops = cpu_ops.load()
     if ops is None or not ops.packed_linear_supported():
         pytest.skip("the fused CPU layer needs the AVX-512 kernels")
     path = tiny_llama_dir(architecture="qwen2")
     model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
-    layer_calls = []
-    real_fused = LlamaDecoderLayer._fused_args
+    fused_steps = []
+    real_fused = LlamaForCausalLM._fused_layers
 
-    def counting(self: LlamaDecoderLayer, *args: object) -> object:
+    def counting(self: LlamaForCausalLM, *args: object) -> object:
         out = real_fused(self, *args)
-        layer_calls.append(out is not None)
+        fused_steps.append(out is not None)
         return out
 
     def run(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(LlamaDecoderLayer, "_fused_args",
+        monkeypatch.setattr(LlamaForCausalLM, "_fused_layers",
                             counting if fused else (lambda self, *a: None))
         caches = [(torch.zeros(64, 4, config.num_kv_heads, config.head_dim),
                    torch.zeros(64, 4, config.num_kv_heads, config.head_dim))
@@ -269,5 +269,5 @@ def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPat
         return torch.cat(hidden)
 
     fused = run(True)
-    assert layer_calls and all(layer_calls), "the fused layer did not run"
+    assert fused_steps and all(fused_steps), "the fused layers did not run"
     assert torch.equal(fused, run(False))

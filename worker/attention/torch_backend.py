@@ -91,18 +91,21 @@ class TorchAttentionBackend:
         """This step's attention plan as the trailing arguments of ``cpu_ops.decoder_layer``
         (decode rows, tables, lengths; prefill tables, lengths, query starts and lengths), or
         None when some of it needs the SDPA path."""
+        if "cpu_layer_args" in meta.scratch:  # worked out once per step
+            return meta.scratch["cpu_layer_args"]
         ops = cpu_ops.load()
-        if ops is None or not ops.prefill_attention_supported(head_dim):
-            return None
-        plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
-        if plan.prefill:
-            return None
-        fd, fp = plan.fused_decode, plan.fused_prefill
-        i64, i32 = torch.empty(0, dtype=torch.int64), torch.empty(0, 1, dtype=torch.int32)
-        return (fd.rows if fd else i64, fd.block_tables if fd else i32,
-                fd.seq_lens if fd else i32[:, 0], fp.block_tables if fp else i32,
-                fp.seq_lens if fp else i64, fp.q_starts if fp else i64,
-                fp.q_lens if fp else i64)
+        args = None
+        if ops is not None and ops.prefill_attention_supported(head_dim):
+            plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
+            if not plan.prefill:
+                fd, fp = plan.fused_decode, plan.fused_prefill
+                i64, i32 = torch.empty(0, dtype=torch.int64), torch.empty(0, 1, dtype=torch.int32)
+                args = (fd.rows if fd else i64, fd.block_tables if fd else i32,
+                        fd.seq_lens if fd else i32[:, 0], fp.block_tables if fp else i32,
+                        fp.seq_lens if fp else i64, fp.q_starts if fp else i64,
+                        fp.q_lens if fp else i64)
+        meta.scratch["cpu_layer_args"] = args
+        return args
 
     @staticmethod
     def _plan(meta: AttentionMetadata, device: torch.device, ops: ModuleType | None,

@@ -217,38 +217,23 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos_sin: KVCache, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        fused = self._fused_args(x, kv_cache, meta)
-        if fused is not None:
-            return fused[0].decoder_layer(x, *fused[1:-1], *cos_sin, *kv_cache, meta.slot_mapping,
-                                          self.self_attn.scale, *fused[-1])
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_args(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
-                    ) -> tuple | None:
-        """``(ops, weights..., attention plan)`` when the whole layer can run as one
-        ``cpu_ops.decoder_layer`` call (fp32 CPU, packed projections, the torch backend's fused
-        attention), else None: the same computation, op by op."""
+    def fused_weights(self, ops: ModuleType) -> tuple | None:
+        """This layer's leading arguments of ``cpu_ops.decoder_layer`` (norms, packed weights,
+        sizes), or None when a projection is not packed."""
         attn, mlp = self.self_attn, self.mlp
-        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        backend = attn.backend
-        ops = _fused_ops(x)
-        if (ops is None or x.dim() != 2 or kv_cache[0].dtype != torch.float32
-                or not all(isinstance(p, PackedLinear) for p in projections)
-                or not hasattr(backend, "cpu_layer_args")):
+        qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+        if not (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
+                and isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)):
             return None
-        plan = backend.cpu_layer_args(meta, attn.head_dim)
-        if plan is None:
-            return None
-        qkv, o, gate_up, down = projections
-        assert isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
-        assert isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)
         no_bias = qkv._no_bias
-        return (ops, self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                self.input_layernorm.eps, qkv.packed, qkv.bias if qkv.bias is not None
-                else no_bias, o.packed, o.bias if o.bias is not None else no_bias,
-                gate_up.packed, down.packed, attn.num_heads, attn.num_kv_heads,
-                mlp.intermediate_size, plan)
+        return (self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                self.input_layernorm.eps, qkv.packed,
+                no_bias if qkv.bias is None else qkv.bias, o.packed,
+                no_bias if o.bias is None else o.bias, gate_up.packed, down.packed,
+                attn.num_heads, attn.num_kv_heads, mlp.intermediate_size)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -273,8 +258,12 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.packed_logits: PackedLinear | None = None  # tied embeddings, once packed
+        # Per layer, the weights part of cpu_ops.decoder_layer's arguments; [] = not worked out
+        # yet, None = some layer cannot run fused (see _fused_layers).
+        self._fused: list[tuple] | None = []
 
     def set_backend(self, backend: AttentionBackend) -> None:
+        self._fused = []
         for layer in self.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             layer.self_attn.backend = backend
@@ -290,9 +279,40 @@ class LlamaForCausalLM(nn.Module):
         written into their slots."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        fused = self._fused_layers(x, kv_caches, meta)
+        if fused is not None:  # one C++ call per layer: no per-op Python between kernels
+            ops, layers, plan = fused
+            scale, slots = self.config.head_dim**-0.5, meta.slot_mapping
+            for weights, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
+                x = ops.decoder_layer(x, *weights, *cos_sin, key_cache, value_cache, slots, scale,
+                                      *plan)
+            return self.norm(x)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv_cache, meta)
         return self.norm(x)
+
+    def _fused_layers(self, x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+                      ) -> tuple[ModuleType, list[tuple], tuple] | None:
+        """``(ops, per-layer weights, attention plan)`` when every layer can run as one
+        ``cpu_ops.decoder_layer`` call (fp32 CPU, packed projections, the torch backend's fused
+        attention for this step), else None: the same computation, op by op."""
+        ops = _fused_ops(x)
+        if ops is None or x.dim() != 2 or not kv_caches or kv_caches[0][0].dtype != x.dtype:
+            return None
+        layer0 = self.layers[0] if len(self.layers) else None
+        if not isinstance(layer0, LlamaDecoderLayer):
+            return None
+        cpu_layer_args = getattr(layer0.self_attn.backend, "cpu_layer_args", None)
+        if self._fused == []:
+            layers = [layer.fused_weights(ops) for layer in self.layers
+                      if isinstance(layer, LlamaDecoderLayer)]
+            usable = (len(layers) == len(self.layers) and all(w is not None for w in layers)
+                      and cpu_layer_args is not None)
+            self._fused = [w for w in layers if w is not None] if usable else None
+        if not self._fused or cpu_layer_args is None:
+            return None
+        plan = cpu_layer_args(meta, self.config.head_dim)
+        return None if plan is None else (ops, self._fused, plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` fp32."""
@@ -326,6 +346,7 @@ class LlamaForCausalLM(nn.Module):
             self.packed_logits = PackedLinear(table, None, ops)
         else:
             self.lm_head = packed(self.lm_head)
+        self._fused = []
         return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
