@@ -701,6 +701,41 @@ torch::Tensor decoder_layer(
   return h.add_(mlp);
 }
 
+// All decoder layers of a model, for one call per step: the weights are handed over once (at
+// load), so a step converts a handful of arguments instead of ~26 per layer.
+struct LayerStack {
+  double eps;
+  int64_t num_heads, num_kv_heads, intermediate;
+  std::vector<std::vector<torch::Tensor>> layers;  // in_norm, post_norm, qkv, qkv_b, o, o_b, gu, down
+
+  LayerStack(double eps_, int64_t heads, int64_t kv_heads, int64_t inter)
+      : eps(eps_), num_heads(heads), num_kv_heads(kv_heads), intermediate(inter) {}
+
+  void add(torch::Tensor in_norm, torch::Tensor post_norm, torch::Tensor qkv_w,
+           torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b, torch::Tensor gate_up_w,
+           torch::Tensor down_w) {
+    layers.push_back({in_norm, post_norm, qkv_w, qkv_b, o_w, o_b, gate_up_w, down_w});
+  }
+
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                        std::vector<torch::Tensor> key_caches,
+                        std::vector<torch::Tensor> value_caches, torch::Tensor slot_mapping,
+                        double scale, torch::Tensor dec_rows, torch::Tensor dec_tables,
+                        torch::Tensor dec_lens, torch::Tensor pre_tables, torch::Tensor pre_lens,
+                        torch::Tensor pre_starts, torch::Tensor pre_qlens) {
+    TORCH_CHECK(key_caches.size() == layers.size() && value_caches.size() == layers.size(),
+                "one KV cache per layer");
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& w = layers[i];
+      x = decoder_layer(x, w[0], w[1], eps, w[2], w[3], w[4], w[5], w[6], w[7], num_heads,
+                        num_kv_heads, intermediate, cos, sin, key_caches[i], value_caches[i],
+                        slot_mapping, scale, dec_rows, dec_tables, dec_lens, pre_tables, pre_lens,
+                        pre_starts, pre_qlens);
+    }
+    return x;
+  }
+};
+
 // Every kernel runs without the GIL: the router's and scheduler's event loops (same process in a
 // local cluster, or the worker's own gRPC threads) keep running while a step computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -714,4 +749,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, release());
   m.def("prefill_attention_supported", &prefill_attention_supported);
   m.def("decoder_layer", &decoder_layer, release());
+  pybind11::class_<LayerStack>(m, "LayerStack")
+      .def(pybind11::init<double, int64_t, int64_t, int64_t>())
+      .def("add", &LayerStack::add)
+      .def("__len__", [](const LayerStack& s) { return s.layers.size(); })
+      .def("forward", &LayerStack::forward, release());
 }

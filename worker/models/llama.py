@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -220,20 +220,19 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def fused_weights(self, ops: ModuleType) -> tuple | None:
-        """This layer's leading arguments of ``cpu_ops.decoder_layer`` (norms, packed weights,
-        sizes), or None when a projection is not packed."""
+    def fused_weights(self) -> tuple | None:
+        """This layer's weights as ``cpu_ops.LayerStack.add`` takes them (norms, packed
+        projections, biases), or None when a projection is not packed."""
         attn, mlp = self.self_attn, self.mlp
         qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
         if not (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
                 and isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)):
             return None
         no_bias = qkv._no_bias
-        return (self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                self.input_layernorm.eps, qkv.packed,
-                no_bias if qkv.bias is None else qkv.bias, o.packed,
-                no_bias if o.bias is None else o.bias, gate_up.packed, down.packed,
-                attn.num_heads, attn.num_kv_heads, mlp.intermediate_size)
+        return (self.input_layernorm.weight.detach(),
+                self.post_attention_layernorm.weight.detach(), qkv.packed,
+                no_bias if qkv.bias is None else qkv.bias.detach(), o.packed,
+                no_bias if o.bias is None else o.bias.detach(), gate_up.packed, down.packed)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -258,9 +257,9 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.packed_logits: PackedLinear | None = None  # tied embeddings, once packed
-        # Per layer, the weights part of cpu_ops.decoder_layer's arguments; [] = not worked out
-        # yet, None = some layer cannot run fused (see _fused_layers).
-        self._fused: list[tuple] | None = []
+        # cpu_ops.LayerStack holding every layer's weights; [] = not worked out yet, None = some
+        # layer cannot run fused (see _fused_layers).
+        self._fused: Any = []
 
     def set_backend(self, backend: AttentionBackend) -> None:
         self._fused = []
@@ -280,21 +279,19 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
         fused = self._fused_layers(x, kv_caches, meta)
-        if fused is not None:  # one C++ call per layer: no per-op Python between kernels
-            ops, layers, plan = fused
-            scale, slots = self.config.head_dim**-0.5, meta.slot_mapping
-            for weights, (key_cache, value_cache) in zip(layers, kv_caches, strict=True):
-                x = ops.decoder_layer(x, *weights, *cos_sin, key_cache, value_cache, slots, scale,
-                                      *plan)
+        if fused is not None:  # one C++ call for every layer: no Python between kernels
+            stack, plan = fused
+            x = stack.forward(x, *cos_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                              meta.slot_mapping, self.config.head_dim**-0.5, *plan)
             return self.norm(x)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv_cache, meta)
         return self.norm(x)
 
     def _fused_layers(self, x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
-                      ) -> tuple[ModuleType, list[tuple], tuple] | None:
-        """``(ops, per-layer weights, attention plan)`` when every layer can run as one
-        ``cpu_ops.decoder_layer`` call (fp32 CPU, packed projections, the torch backend's fused
+                      ) -> tuple[Any, tuple] | None:
+        """``(cpu_ops.LayerStack, attention plan)`` when every layer can run as one
+        ``cpu_ops.decoder_layer`` (fp32 CPU, packed projections, the torch backend's fused
         attention for this step), else None: the same computation, op by op."""
         ops = _fused_ops(x)
         if ops is None or x.dim() != 2 or not kv_caches or kv_caches[0][0].dtype != x.dtype:
@@ -304,15 +301,23 @@ class LlamaForCausalLM(nn.Module):
             return None
         cpu_layer_args = getattr(layer0.self_attn.backend, "cpu_layer_args", None)
         if self._fused == []:
-            layers = [layer.fused_weights(ops) for layer in self.layers
+            layers = [layer.fused_weights() for layer in self.layers
                       if isinstance(layer, LlamaDecoderLayer)]
             usable = (len(layers) == len(self.layers) and all(w is not None for w in layers)
                       and cpu_layer_args is not None)
-            self._fused = [w for w in layers if w is not None] if usable else None
-        if not self._fused or cpu_layer_args is None:
+            self._fused = None
+            if usable:
+                cfg = self.config
+                stack = ops.LayerStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                                       cfg.intermediate_size)
+                for weights in layers:
+                    assert weights is not None
+                    stack.add(*weights)
+                self._fused = stack
+        if self._fused is None or cpu_layer_args is None:
             return None
         plan = cpu_layer_args(meta, self.config.head_dim)
-        return None if plan is None else (ops, self._fused, plan)
+        return None if plan is None else (self._fused, plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` fp32."""
