@@ -227,7 +227,7 @@ def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
 
 
 def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``cpu_ops.decoder_layer`` (one C++ call per layer) runs the same kernels in the same order
+    """``cpu_ops.LayerStack`` (every layer in one C++ call) runs the same kernels in the same order
     as ``LlamaDecoderLayer.forward`` op by op: bit-identical hidden states, prefill and decode
     rows mixed in one step, with Qwen2-style q/k/v biases."""
     from worker.models.llama import LlamaForCausalLM

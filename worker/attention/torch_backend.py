@@ -88,7 +88,7 @@ class TorchAttentionBackend:
 
     def cpu_layer_args(self, meta: AttentionMetadata, head_dim: int
                        ) -> tuple[torch.Tensor, ...] | None:
-        """This step's attention plan as the trailing arguments of ``cpu_ops.decoder_layer``
+        """This step's attention plan as the trailing arguments of ``cpu_ops.LayerStack.forward``
         (decode rows, tables, lengths; prefill tables, lengths, query starts and lengths), or
         None when some of it needs the SDPA path."""
         if "cpu_layer_args" in meta.scratch:  # worked out once per step

@@ -748,7 +748,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, release());
   m.def("prefill_attention", &prefill_attention, release());
   m.def("prefill_attention_supported", &prefill_attention_supported);
-  m.def("decoder_layer", &decoder_layer, release());
   pybind11::class_<LayerStack>(m, "LayerStack")
       .def(pybind11::init<double, int64_t, int64_t, int64_t>())
       .def("add", &LayerStack::add)

@@ -291,7 +291,7 @@ class LlamaForCausalLM(nn.Module):
     def _fused_layers(self, x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
                       ) -> tuple[Any, tuple] | None:
         """``(cpu_ops.LayerStack, attention plan)`` when every layer can run as one
-        ``cpu_ops.decoder_layer`` (fp32 CPU, packed projections, the torch backend's fused
+        ``decoder_layer`` of cpu_ops.cpp (fp32 CPU, packed projections, the torch backend's fused
         attention for this step), else None: the same computation, op by op."""
         ops = _fused_ops(x)
         if ops is None or x.dim() != 2 or not kv_caches or kv_caches[0][0].dtype != x.dtype:
