@@ -42,14 +42,6 @@ class WorkerState:
     healthy: bool = True
     task: asyncio.Task | None = None
     num_steps: int = 0
-    # Streams with new tokens from the last step, woken once the next step is on its way (its
-    # RPC is queued on the event loop ahead of their 64-odd stream writes), or when idle.
-    to_wake: list[RequestStream] = field(default_factory=list)
-
-    def wake_streams(self) -> None:
-        streams, self.to_wake = self.to_wake, []
-        for stream in streams:
-            stream.notify()
 
     @property
     def kv(self) -> KVCacheManager:
@@ -251,7 +243,6 @@ class Engine:
     async def _worker_loop(self, ws: WorkerState) -> None:
         while True:
             if not ws.sched.has_work or not ws.healthy:
-                ws.wake_streams()
                 ws.wakeup.clear()
                 await ws.wakeup.wait()
                 continue
@@ -271,7 +262,6 @@ class Engine:
         plan = ws.sched.schedule()
         dropped, ws.sched.dropped_seq_ids = ws.sched.dropped_seq_ids, []
         if plan.is_empty and not dropped:  # (published blocks wait for the next real step)
-            ws.wake_streams()
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
@@ -282,9 +272,7 @@ class Engine:
         published, ws.kv.published = ws.kv.published, []
         request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
                                      published)
-        call = asyncio.ensure_future(ws.handle.step(request))
-        ws.wake_streams()
-        response = await call
+        response = await ws.handle.step(request)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
         self._process(ws, plan, response)
@@ -343,8 +331,7 @@ class Engine:
                     req.worker.sched.release(seq)
                     done.append(req)
             if not stream.has_data and group.streams_tokens:
-                stream.has_data = True
-                ws.to_wake.append(stream)
+                stream.notify()
         self.num_generated_tokens += num_generated
         for request_id, batch in beams.items():
             req = self.requests[request_id]
@@ -445,7 +432,6 @@ class Engine:
     async def _fail_worker(self, ws: WorkerState) -> None:
         """A worker that fails a step loses only KV memory: its requests move elsewhere as
         continuations (prompt + generated tokens, recomputed); clients see no gap."""
-        ws.wake_streams()  # the tokens of its last good step
         ws.healthy = False
         groups = ws.sched.groups()
         ws.sched = self._new_worker_state(ws.handle, ws.info).sched  # its metadata is void

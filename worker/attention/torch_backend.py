@@ -99,11 +99,13 @@ class TorchAttentionBackend:
             plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
             if not plan.prefill:
                 fd, fp = plan.fused_decode, plan.fused_prefill
-                i64, i32 = torch.empty(0, dtype=torch.int64), torch.empty(0, 1, dtype=torch.int32)
-                args = (fd.rows if fd else i64, fd.block_tables if fd else i32,
-                        fd.seq_lens if fd else i32[:, 0], fp.block_tables if fp else i32,
-                        fp.seq_lens if fp else i64, fp.q_starts if fp else i64,
-                        fp.q_lens if fp else i64)
+                none64 = torch.empty(0, dtype=torch.int64)
+                none32 = torch.empty(0, dtype=torch.int32)
+                no_table = torch.empty(0, 1, dtype=torch.int32)
+                args = (fd.rows if fd else none64, fd.block_tables if fd else no_table,
+                        fd.seq_lens if fd else none32, fp.block_tables if fp else no_table,
+                        fp.seq_lens if fp else none64, fp.q_starts if fp else none64,
+                        fp.q_lens if fp else none64)
         meta.scratch["cpu_layer_args"] = args
         return args
 
