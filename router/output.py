@@ -56,9 +56,9 @@ class OutputProcessor:
         return all(state.is_finished for state in self._outputs)
 
     def process(
-        self, response: scheduler_pb2.SubmitResponse
+        self, response: scheduler_pb2.RequestUpdate | scheduler_pb2.SubmitResponse
     ) -> list[generation_pb2.GenerateResponse]:
-        """The messages to send for one scheduler message (possibly none)."""
+        """The messages to send for one update of the request (possibly none)."""
         messages = []
         for seq in response.outputs:
             if seq.index >= len(self._outputs) or self._outputs[seq.index].is_finished:

@@ -1,15 +1,17 @@
 """``Generation`` service: a thin adapter between the public API and the router's domain code.
 
-Per ``Generate``: prepare (validate, tokenize) -> open ``Scheduler.Submit`` with the client's
-remaining deadline -> feed each scheduler message through an ``OutputProcessor`` -> stream its
-messages. Stop string, client cancel, deadline and error all leave through one ``finally`` that
-cancels the upstream call (the scheduler then frees the request's blocks), and one outer
-``finally`` that records the request's outcome, status code, tokens and latencies.
+Per ``Generate``: prepare (validate, tokenize) -> submit on the router's shared
+``Scheduler.Connect`` call with the client's remaining deadline -> feed each of the request's
+updates through an ``OutputProcessor`` -> stream its messages. Stop string, client cancel,
+deadline and error all leave through one ``finally`` that aborts the request upstream (the
+scheduler then frees its blocks), and one outer ``finally`` that records the request's outcome,
+status code, tokens and latencies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -97,10 +99,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         code = grpc.StatusCode.UNKNOWN  # until proven otherwise: an unexpected exception
         with self._metrics.track_stream():
             try:
-                prepared = await asyncio.to_thread(
-                    prepare_request, request, self._tokenizer, self._model,
-                    max_tokens_limit=self._max_tokens_limit,
-                )
+                prepared = await self._prepare(request)
                 async for message in self._run(prepared, context, record):
                     yield message
                 code = grpc.StatusCode.OK
@@ -113,6 +112,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 raise
             finally:
                 record.finish(code, self._metrics)
+
+    async def _prepare(self, request: generation_pb2.GenerateRequest) -> PreparedRequest:
+        """Tokenizing runs in a thread (long texts must not stall the streams); token ids are
+        only checked, which is cheaper here than a thread hand-off."""
+        prepare = functools.partial(prepare_request, request, self._tokenizer, self._model,
+                                    max_tokens_limit=self._max_tokens_limit)
+        if request.WhichOneof("prompt") == "token_ids":
+            return prepare()
+        return await asyncio.to_thread(prepare)
 
     async def _run(
         self, prepared: PreparedRequest, context: grpc.aio.ServicerContext,
@@ -134,8 +142,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
         context.add_done_callback(cancel_current)
         for attempt in range(MAX_CONTINUATIONS + 1):
-            stream = self._scheduler.submit(self._submit_request(prepared, generated),
-                                            self._timeout_s(context), wait_for_ready=attempt > 0)
+            stream = self._scheduler.submit(
+                self._submit_request(prepared, generated, self._timeout_s(context)))
             current.append(stream)
             try:
                 async for message in _stream_outputs(processor, _recording(stream, generated)):
@@ -162,11 +170,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return exc.code == "UNAVAILABLE" and single and attempt < MAX_CONTINUATIONS
 
     @staticmethod
-    def _submit_request(prepared: PreparedRequest, generated: list[int]
-                        ) -> scheduler_pb2.SubmitRequest:
+    def _submit_request(prepared: PreparedRequest, generated: list[int],
+                        timeout_s: float | None) -> scheduler_pb2.SubmitRequest:
         return scheduler_pb2.SubmitRequest(
             request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids,
-            params=prepared.params, generated_token_ids=generated,
+            params=prepared.params, generated_token_ids=generated, timeout_s=timeout_s or 0.0,
         )
 
     def _timeout_s(self, context: grpc.aio.ServicerContext) -> float | None:
@@ -199,7 +207,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 async def _recording(
     stream: SubmitStream, generated: list[int]
-) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
+) -> AsyncIterator[scheduler_pb2.RequestUpdate]:
     """Passes the scheduler's stream through, remembering output 0's token ids."""
     async for response in stream:
         for out in response.outputs:
@@ -209,7 +217,7 @@ async def _recording(
 
 
 async def _stream_outputs(
-    processor: OutputProcessor, stream: AsyncIterator[scheduler_pb2.SubmitResponse]
+    processor: OutputProcessor, stream: AsyncIterator[scheduler_pb2.RequestUpdate]
 ) -> AsyncIterator[generation_pb2.GenerateResponse]:
     """Runs the scheduler's stream through ``processor`` until every output is finished."""
     async for response in stream:

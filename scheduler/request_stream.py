@@ -1,10 +1,11 @@
 """``RequestStream``: the outputs of one request, from the step loop to one consumer (the
-scheduler servicer's ``Submit`` or ``LLM``), coalesced so the step loop builds no messages."""
+scheduler servicer's ``Submit``, a router's ``Connect`` call, or ``LLM``), coalesced so the step
+loop builds no messages."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2
 from scheduler.sequence import SequenceGroup, SequenceStatus
@@ -22,6 +23,9 @@ class RequestStream:
     sequence that stopped or hit its length (an aborted one just ends). Top log-probs and whole
     outputs (beam search, ``best_of > n``) are handed over with ``add_logprobs``/``put_outputs``.
     ``close`` ends the stream after what is pending; with an error, the error is raised then.
+
+    A consumer that serves many streams (``scheduler.connection.RouterConnection``) sets
+    ``listener`` instead of iterating: it is called on each ``notify`` and collects with ``take``.
     """
 
     def __init__(self, request_id: str, group: SequenceGroup | None = None) -> None:
@@ -34,10 +38,13 @@ class RequestStream:
         self._logprobs: dict[int, list[common_pb2.TokenLogprobs]] = {}  # output index -> pending
         self._whole: list[scheduler_pb2.SeqOutput] = []
         self._finish_sent: set[int] = set()  # seq ids whose finish reason was streamed
+        self.listener: Callable[[RequestStream], None] | None = None
 
     def notify(self) -> None:
         """New tokens are on the group's sequences."""
         self.has_data = True
+        if self.listener is not None:
+            self.listener(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -63,22 +70,28 @@ class RequestStream:
                     await self._waiter
                 finally:
                     self._waiter = None
-            closed = self.finished  # read before draining: a closed stream gets nothing more
-            response = self._drain()
-            if response is not None:
-                yield response
+            outputs, closed = self.take()
+            if outputs:
+                yield scheduler_pb2.SubmitResponse(outputs=outputs)
             if closed:
                 if self._error is not None:
                     raise self._error
                 return
 
-    def _drain(self) -> scheduler_pb2.SubmitResponse | None:
+    @property
+    def error(self) -> BaseException | None:
+        """Why a closed stream ended, or None (finished or aborted)."""
+        return self._error
+
+    def take(self) -> tuple[list[scheduler_pb2.SeqOutput], bool]:
+        """Everything not yet streamed, and whether the stream has ended (nothing will follow)."""
+        closed = self.finished  # read before draining: a closed stream gets nothing more
         self.has_data = False
         outputs = self._token_outputs() if self.group is not None else []
         if self._whole:
             outputs.extend(self._whole)
             self._whole = []
-        return scheduler_pb2.SubmitResponse(outputs=outputs) if outputs else None
+        return outputs, closed
 
     def _token_outputs(self) -> list[scheduler_pb2.SeqOutput]:
         group = self.group

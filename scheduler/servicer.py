@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,9 @@ from pagedserve.errors import PagedServeError
 from pagedserve.grpc_util import abort_for
 from pagedserve.sampling import resolve_sampling_params
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler.connection import RouterConnection
 from scheduler.engine import Engine
+from scheduler.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
@@ -23,16 +26,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        info = self.engine.model_info
         try:
-            params = resolve_sampling_params(
-                request.params,
-                num_prompt_tokens=len(request.prompt_token_ids),
-                max_model_len=info.max_model_len,
-                max_tokens_limit=info.max_model_len,
-            )
-            stream = self.engine.submit(request.request_id, request.prompt_token_ids, params,
-                                        request.generated_token_ids)
+            stream = self._start(request)
         except PagedServeError as exc:
             await abort_for(context, exc)
             return
@@ -47,6 +42,41 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # Cancel, deadline, error and normal end share this path: every block is freed.
             if not finished:
                 self.engine.abort(request.request_id)
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[scheduler_pb2.ConnectRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[scheduler_pb2.ConnectResponse]:
+        connection = RouterConnection(self._start, self.engine.abort)
+        reader = asyncio.create_task(self._read(request_iterator, connection))
+        try:
+            async for response in connection.updates():
+                yield response
+        finally:
+            # Router gone, cancelled or half-closed and done: every block is freed.
+            reader.cancel()
+            connection.close()
+
+    @staticmethod
+    async def _read(request_iterator: AsyncIterator[scheduler_pb2.ConnectRequest],
+                    connection: RouterConnection) -> None:
+        try:
+            async for message in request_iterator:
+                connection.handle(message)
+        except grpc.aio.AioRpcError as exc:
+            logger.info("router connection: %s", exc.code().name)
+        connection.input_done()
+
+    def _start(self, request: scheduler_pb2.SubmitRequest) -> RequestStream:
+        info = self.engine.model_info
+        params = resolve_sampling_params(
+            request.params,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            max_model_len=info.max_model_len,
+            max_tokens_limit=info.max_model_len,
+        )
+        return self.engine.submit(request.request_id, request.prompt_token_ids, params,
+                                  request.generated_token_ids)
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext

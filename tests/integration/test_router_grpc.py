@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -28,28 +29,53 @@ def tokenizer() -> Tokenizer:
 
 @dataclass
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
-    """Streams canned outputs, one SubmitResponse per SeqOutput, ``delay_s`` apart.
-    Records what it was sent and whether each call was cancelled by the router."""
+    """Serves ``Connect``: per submitted request, streams canned outputs, one update per
+    SeqOutput, ``delay_s`` apart. Records what it was sent and whether the router aborted a
+    request."""
 
     outputs: list[scheduler_pb2.SeqOutput] = field(default_factory=list)
     delay_s: float = 0.0
     error: grpc.StatusCode | None = None
     requests: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
-    time_remaining: list[float | None] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    num_calls: int = 0  # Connect calls opened
 
-    async def Submit(self, request, context):  # type: ignore[no-untyped-def]
-        self.requests.append(request)
-        self.time_remaining.append(context.time_remaining())
-        if self.error is not None:
-            await context.abort(self.error, "queue full")
+    async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self.num_calls += 1
+        updates: asyncio.Queue[scheduler_pb2.RequestUpdate] = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+
+        async def run(request: scheduler_pb2.SubmitRequest) -> None:
+            update = functools.partial(scheduler_pb2.RequestUpdate, request_id=request.request_id)
+            if self.error is not None:
+                updates.put_nowait(update(finished=True, status_code=self.error.value[0],
+                                          status_message="queue full"))
+                return
+            try:
+                for output in self.outputs:
+                    await asyncio.sleep(self.delay_s)
+                    updates.put_nowait(update(outputs=[output]))
+                updates.put_nowait(update(finished=True))
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+
+        async def read() -> None:
+            async for message in request_iterator:
+                for request_id in message.abort_request_ids:
+                    running.pop(request_id).cancel()
+                for request in message.submits:
+                    self.requests.append(request)
+                    running[request.request_id] = asyncio.create_task(run(request))
+
+        reader = asyncio.create_task(read())
         try:
-            for output in self.outputs:
-                await asyncio.sleep(self.delay_s)
-                yield scheduler_pb2.SubmitResponse(outputs=[output])
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
+            while True:
+                yield scheduler_pb2.ConnectResponse(updates=[await updates.get()])
+        finally:
+            reader.cancel()
+            for task in running.values():
+                task.cancel()
 
     async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
         return scheduler_pb2.SchedulerModelInfo(
@@ -104,9 +130,24 @@ def test_text_streams_and_final_message_has_usage(tokenizer: Tokenizer) -> None:
         sent = fake.requests[0]
         assert list(sent.prompt_token_ids) == tokenizer.encode("Hi there")
         assert sent.params.max_tokens == 20 and sent.params.temperature == 1.0
-        # The deadline is passed downstream (grpc rounds it up a little).
-        remaining = fake.time_remaining[0]
-        assert remaining is not None and 0 < remaining <= 10.5
+        # The client's deadline is passed downstream (grpc rounds it up a little).
+        assert 9 < fake.requests[0].timeout_s <= 10.5
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_scheduler_call(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(" a b c d")
+
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(ids, common_pb2.FINISH_REASON_LENGTH),
+                             delay_s=0.01)
+        async with cluster(tokenizer, fake) as client:
+            texts = await asyncio.gather(*(
+                client.generate_text(token_ids=[5, 6, i + 7], max_tokens=4) for i in range(16)))
+        assert texts == [" a b c d"] * 16
+        assert fake.num_calls == 1
+        assert len(fake.requests) == 16
 
     asyncio.run(main())
 

@@ -40,6 +40,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/pagedserve.v1.Scheduler/Connect',
+                request_serializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/Abort',
                 request_serializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -64,6 +69,17 @@ class SchedulerServicer:
     def Submit(self, request, context):
         """Runs one request; streams the new tokens of each output as steps produce them.
         Cancelling the call aborts the request and frees its blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """What routers use: one long-lived call per router carries all of its requests. Submits and
+        aborts go in; out comes one message per scheduler step with the new tokens of every request
+        that has some (per-step batching, as SGLang's and vLLM's engine cores do), so the cost of a
+        streamed token is a few bytes in a shared message, not a gRPC message of its own. Ending or
+        cancelling the call aborts every request still running on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +110,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectRequest.FromString,
+                    response_serializer=protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -139,6 +160,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Submit',
             protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Scheduler/Connect',
+            protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectRequest.SerializeToString,
+            protos_dot_pagedserve_dot_v1_dot_scheduler__pb2.ConnectResponse.FromString,
             options,
             channel_credentials,
             insecure,
