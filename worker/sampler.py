@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from protos.pagedserve.v1 import common_pb2
+from worker.kernels import cpu_ops
 
 _MASK64 = (1 << 64) - 1
 
@@ -121,12 +122,33 @@ class Sampler:
         """``logits`` ``[len(rows), V]`` fp32. Greedy rows get the exact argmax of their
         (penalized) logits."""
         assert logits.shape[0] == len(rows) and logits.dtype == torch.float32
+        fast = self._plain_greedy(logits, rows)
+        if fast is not None:
+            return fast
         processed = self._suppress_stop_tokens(logits, rows)
         processed = apply_penalties(processed, rows)
         token_ids = self._choose(processed, rows)
         return self._with_logprobs(logits, token_ids, rows)
 
     # ---------------------------------------------------------------------------------- stages
+
+    def _plain_greedy(self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+                      ) -> SamplerOutput | None:
+        """The common greedy batch (no penalties, no stop suppression, no top logprobs) on fp32
+        CPU: one fused kernel for argmax and the chosen token's logprob (same token, logprob
+        within rounding of the staged path). None when the stages are needed."""
+        if logits.device.type != "cpu" or logits.stride(-1) != 1:
+            return None
+        for row in rows:
+            p = row.params
+            if (not p.is_greedy or p.has_penalties or p.num_logprobs
+                    or row.output_position < p.min_tokens):
+                return None
+        ops = cpu_ops.load()
+        if ops is None:
+            return None
+        token_ids, logprobs = ops.greedy_sample(logits)
+        return SamplerOutput(token_ids.tolist(), logprobs.tolist(), [[] for _ in rows])
 
     def _suppress_stop_tokens(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]

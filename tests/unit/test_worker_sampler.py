@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from protos.pagedserve.v1 import common_pb2
+from worker.kernels import cpu_ops
 from worker.sampler import (
     ResolvedParams,
     Sampler,
@@ -147,3 +148,28 @@ def test_rows_without_logprobs_get_no_top_list() -> None:
     rows = [_row(temperature=0.0), _row(temperature=0.0, logprobs=2)]
     out = Sampler([EOS]).sample(_logits(2), rows)
     assert out.top_logprobs[0] == [] and len(out.top_logprobs[1]) == 2
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, 49152, 16 * 7 + 3])
+def test_plain_greedy_batch_matches_the_staged_path(vocab: int) -> None:
+    """An all-greedy batch without penalties takes one fused kernel (fp32 CPU); it must pick
+    torch.argmax's token (the first of tied maxima) with the same logprob within rounding."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, vocab, generator=gen) * 4
+    logits[1, [5, vocab - 1]] = 100.0  # a tie: the first index wins
+    logits[2, vocab - 1] = 100.0  # the maximum in the tail past the last full vector
+    logits[3, 0] = 100.0
+    logits[4, 7] = float("-inf")
+    rows = [_row(temperature=0.0)] * 9
+    sampler = Sampler([EOS])
+    staged = sampler._with_logprobs(logits, logits.argmax(-1), rows)  # the general path
+    out = sampler.sample(logits, rows)
+    # The fused kernel ran (unless the C++ kernels are off: PAGEDSERVE_CPU_KERNELS=0).
+    assert (sampler._plain_greedy(logits, rows) is not None) == (cpu_ops.load() is not None)
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.token_ids[1:4] == [5, vocab - 1, 0]
+    np.testing.assert_allclose(out.logprobs, staged.logprobs, rtol=1e-5, atol=1e-5)
+    # Anything the kernel does not do goes the staged way.
+    assert sampler._plain_greedy(logits, [_row(temperature=0.0, logprobs=2)] * 9) is None
+    assert sampler._plain_greedy(logits, [_row(temperature=0.0, min_tokens=1)] * 9) is None
+    assert sampler._plain_greedy(logits, [_row(temperature=0.0, presence_penalty=1)] * 9) is None
