@@ -95,7 +95,7 @@ needs_packed = pytest.mark.skipif(ops is None or not ops.packed_linear_supported
                          [(960, 576), (576, 1536), (100, 70), (17, 1100), (49, 3)])
 def test_packed_linear_matches_torch(num_rows: int, out_features: int, in_features: int) -> None:
     """Every row tile (1-8 rows), column padding (N not a multiple of 48) and K chunking
-    (K > 512) path."""
+    (K > 768) path."""
     assert ops is not None
     weight = torch.randn(out_features, in_features) / in_features**0.5
     x = torch.randn(num_rows, in_features)

@@ -288,7 +288,7 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
 // registers, streams the panel once per 8 rows and broadcasts x. Every output element is the sum
 // over k in increasing order, whatever M is, so a row's result does not depend on its batch.
 constexpr int64_t PANEL = 48;
-constexpr int64_t K_CHUNK = 512;  // keeps the panel slice (96 KiB) in L2 across row tiles
+constexpr int64_t K_CHUNK = 768;  // keeps the panel slice (144 KiB) in L2 across row tiles
 
 bool packed_linear_supported() {
 #if defined(__AVX512F__)
