@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="reduced throughput workload (16 requests, outputs 16-64 tokens)")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default=".bench_results.md")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="throughput runs per system, keeping each one's fastest (default 2)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="throughput runs per system, keeping each one's fastest (default 3)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(rows)
     print("\n" + table)
     with open(args.out, "w") as f:
-        f.write(_markdown(table, spec, args.quick, time.perf_counter() - started))
+        f.write(_markdown(table, spec, args.quick, time.perf_counter() - started, args.repeat))
     print(f"\nwritten to {args.out}")
     return 0
 
@@ -112,7 +112,7 @@ def _table(rows: list[tuple[str, str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(table: str, spec: WorkloadSpec, quick: bool, seconds: float) -> str:
+def _markdown(table: str, spec: WorkloadSpec, quick: bool, seconds: float, repeat: int) -> str:
     machine = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                f"no GPU, torch {torch.__version__} with {torch.get_num_threads()} threads, "
                "float32, SmolLM2-135M-Instruct (packaged GGUF)")
@@ -122,12 +122,12 @@ def _markdown(table: str, spec: WorkloadSpec, quick: bool, seconds: float) -> st
         (f"Machine: {machine}. Shared with other jobs, so expect noise of ±20%: every ratio "
         "compares figures measured in the same invocation."), "",
         (f"Throughput workload: {spec.describe()}; all requests submitted at once; each system's "
-         "fastest of the runs."), "",
+         f"fastest of {repeat} runs."), "",
         table, "",
         "Reproduce:", "",
         "```bash",
         f"{command}                      # everything above (took {seconds / 60:.0f} min here)",
-        (f"pagedserve bench throughput --repeat 2 --num-requests {spec.num_requests} "
+        (f"pagedserve bench throughput --repeat {repeat} --num-requests {spec.num_requests} "
         f"--input-len {spec.prompt_len[0]}:{spec.prompt_len[1]} "
         f"--output-len {spec.output_len[0]}:{spec.output_len[1]}"),
         "pagedserve bench scheduler --num-seqs 256",

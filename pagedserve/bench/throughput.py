@@ -174,8 +174,8 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
         "offline", "cluster", "hf"), hf_batch_size: int = 16,
         kv_cache_memory_gib: float = 2.0, repeat: int = 1) -> ThroughputReport:
     """Each system runs ``repeat`` times and keeps its fastest run (on a shared machine the
-    slow runs are other tenants' noise, for the baseline and for us alike). Every offline and
-    cluster run starts with an empty prefix cache."""
+    slow runs are other tenants' noise, for the baseline and for us alike). Offline and cluster
+    runs alternate, each on a freshly loaded engine with an empty prefix cache."""
     from pagedserve import LLM
 
     results: dict[str, RunResult] = {}
@@ -187,21 +187,19 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
             results[result.name] = result
         outputs.setdefault(result.name, tokens)
 
-    llm = None
-    for _ in range(repeat if "offline" in systems else 1):
-        if llm is not None:
-            llm.close()
+    worker_model = None
+    engine_runs = repeat if {"offline", "cluster"} & set(systems) else 1
+    for _ in range(engine_runs):  # offline and cluster alternate: both see the same slow spells
         llm = LLM(model, seed=0, kv_cache_memory_gib=kv_cache_memory_gib, swap_space_gib=0.0)
         requests = make_requests(spec, llm.worker.model_config.vocab_size)
+        worker_model = llm.worker.model_path
         if "offline" in systems:
             keep(*run_offline(llm, requests))
-    assert llm is not None
-    llm.close()
-    if "cluster" in systems:
-        for _ in range(repeat):
+        llm.close()
+        if "cluster" in systems:
             keep(*run_cluster(llm.worker, requests))
-    worker_model = llm.worker.model_path
-    del llm
+        del llm
+    assert worker_model is not None
     if "hf" in systems:
         hf = load_hf(str(worker_model))
         for _ in range(repeat):
