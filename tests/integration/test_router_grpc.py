@@ -85,18 +85,20 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
 
 @contextlib.asynccontextmanager
-async def cluster(tokenizer: Tokenizer, fake: FakeScheduler) -> AsyncIterator[AsyncClient]:
+async def cluster(tokenizer: Tokenizer, fake: FakeScheduler, request_timeout_s: float = 30
+                  ) -> AsyncIterator[tuple[AsyncClient, grpc.aio.Server]]:
     scheduler = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, scheduler)
     scheduler_port = scheduler.add_insecure_port("127.0.0.1:0")
     await scheduler.start()
     cfg = RouterConfig(scheduler_address=f"127.0.0.1:{scheduler_port}",
                        server=ServerConfig(host="127.0.0.1", port=0, grace_s=0.1),
-                       max_tokens_limit=128, request_timeout_s=30, startup_timeout_s=5)
+                       max_tokens_limit=128, request_timeout_s=request_timeout_s,
+                       startup_timeout_s=5)
     router = await start_router(cfg, tokenizer)
     try:
         async with AsyncClient(f"127.0.0.1:{router.port}") as client:
-            yield client
+            yield client, scheduler
     finally:
         await router.stop()
         await scheduler.stop(0)
@@ -117,7 +119,7 @@ def test_text_streams_and_final_message_has_usage(tokenizer: Tokenizer) -> None:
 
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs(ids, common_pb2.FINISH_REASON_STOP))
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             messages = [m async for m in client.generate("Hi there", max_tokens=20,
                                                          request_id="r1", timeout=10)]
             assert await client.generate_text("Hi there", max_tokens=20) == " Hello, wörld 👋!"
@@ -142,7 +144,7 @@ def test_concurrent_requests_share_one_scheduler_call(tokenizer: Tokenizer) -> N
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs(ids, common_pb2.FINISH_REASON_LENGTH),
                              delay_s=0.01)
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             texts = await asyncio.gather(*(
                 client.generate_text(token_ids=[5, 6, i + 7], max_tokens=4) for i in range(16)))
         assert texts == [" a b c d"] * 16
@@ -157,7 +159,7 @@ def test_chat_prompt_goes_through_the_template(tokenizer: Tokenizer) -> None:
 
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs([2], common_pb2.FINISH_REASON_STOP))
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             await client.generate_text(messages=messages)
             tokenized = await client.tokenize(messages=messages)
             info = await client.model_info()
@@ -176,7 +178,7 @@ def test_stop_string_cancels_the_upstream_submit(tokenizer: Tokenizer) -> None:
 
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs(ids), delay_s=0.02)
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             messages = [m async for m in client.generate("count", stop=["three"], timeout=10)]
             await asyncio.wait_for(fake.cancelled.wait(), 5)
         assert "".join(m.text for m in messages) == "one two "
@@ -190,7 +192,7 @@ def test_client_cancel_propagates_to_the_scheduler(tokenizer: Tokenizer) -> None
 
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs(ids), delay_s=0.02)
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             async for message in client.generate("go", max_tokens=120):
                 assert message.text == " word"
                 break  # closing the generator cancels the call
@@ -202,7 +204,7 @@ def test_client_cancel_propagates_to_the_scheduler(tokenizer: Tokenizer) -> None
 def test_client_deadline_cancels_upstream_and_reports_deadline(tokenizer: Tokenizer) -> None:
     async def main() -> None:
         fake = FakeScheduler(outputs=token_outputs(tokenizer.encode(" x" * 100)), delay_s=0.05)
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in client.generate("go", max_tokens=120, timeout=0.5):
                     pass
@@ -229,7 +231,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(
 ) -> None:
     async def main() -> None:
         fake = FakeScheduler()
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in client.generate(**kwargs):  # type: ignore[arg-type]
                     pass
@@ -240,10 +242,29 @@ def test_bad_input_is_invalid_argument_naming_the_field(
     asyncio.run(main())
 
 
+def test_router_timeout_ends_a_request_while_the_scheduler_is_unreachable(
+        tokenizer: Tokenizer) -> None:
+    """The router's own request timeout holds even when no scheduler answers: the request ends
+    DEADLINE_EXCEEDED on time instead of waiting for a scheduler to come back."""
+    async def main() -> None:
+        fake = FakeScheduler(outputs=token_outputs(tokenizer.encode(" x" * 5)))
+        async with cluster(tokenizer, fake, request_timeout_s=0.5) as (client, scheduler):
+            assert await client.generate_text("x") == " x" * 5  # the Connect call is open
+            await scheduler.stop(0)  # ... and breaks; reconnecting waits for a scheduler
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate_text("x", timeout=30)
+            elapsed = asyncio.get_running_loop().time() - started
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert elapsed < 5
+
+    asyncio.run(main())
+
+
 def test_upstream_resource_exhausted_is_passed_through(tokenizer: Tokenizer) -> None:
     async def main() -> None:
         fake = FakeScheduler(error=grpc.StatusCode.RESOURCE_EXHAUSTED)
-        async with cluster(tokenizer, fake) as client:
+        async with cluster(tokenizer, fake) as (client, _):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await client.generate_text("x")
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
