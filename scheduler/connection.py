@@ -9,7 +9,6 @@ one gRPC message and one task wake-up here, not 64 of each.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -18,8 +17,6 @@ from pagedserve.errors import InvalidArgument, PagedServeError
 from pagedserve.grpc_util import status_code_for
 from protos.pagedserve.v1 import scheduler_pb2
 from scheduler.request_stream import RequestStream
-
-logger = logging.getLogger(__name__)
 
 Start = Callable[[scheduler_pb2.SubmitRequest], RequestStream]
 
@@ -41,10 +38,6 @@ class RouterConnection:
         self._ended: list[scheduler_pb2.RequestUpdate] = []  # refused or timed out: send as is
         self._waiter: asyncio.Future | None = None
         self._input_done = False
-
-    @property
-    def num_running(self) -> int:
-        return len(self._streams)
 
     def handle(self, message: scheduler_pb2.ConnectRequest) -> None:
         """Aborts first (a router never aborts a request it submits in the same message)."""
