@@ -63,17 +63,6 @@ def _collect(stream) -> tuple[list[int], list[generation_pb2.GenerateResponse]]:
     return [t for m in msgs if m.index == 0 for t in m.token_ids], msgs
 
 
-def _all_blocks_free(cluster: ClusterThread, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = cluster.stats()
-        w = stats.workers[0]
-        if stats.num_running == 0 and stats.num_waiting == 0 and w.num_free_blocks == w.num_blocks:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _prompts(seed: int, count: int, lo: int, hi: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
@@ -120,7 +109,7 @@ def test_32_concurrent_streams_each_equal_their_solo_run(cluster):
     for i, (_, n) in enumerate(cases):
         assert len(concurrent[i]) == n
         assert concurrent[i] == solo[i], f"stream {i} differs when batched"
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 def test_cancelling_a_stream_aborts_it_and_frees_every_block(cluster):
@@ -134,14 +123,14 @@ def test_cancelling_a_stream_aborts_it_and_frees_every_block(cluster):
             assert busy.workers[0].num_free_blocks < busy.workers[0].num_blocks
             call.cancel()
             break
-    assert _all_blocks_free(cluster), cluster.stats()
+    assert cluster.all_blocks_free(), cluster.stats()
 
 
 def test_deadline_exceeded_aborts_and_frees_blocks(cluster):
     with pytest.raises(grpc.RpcError) as err:
         list(cluster.generation.Generate(_request([5, 6, 7], 450), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 @pytest.mark.parametrize("params, field", [
@@ -173,7 +162,7 @@ def test_bad_prompts_are_invalid_argument(cluster):
             list(cluster.generation.Generate(req, timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
         assert field in err.value.details()
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 def test_a_prompt_larger_than_the_kv_pool_is_refused_at_once(model_dir):
@@ -210,4 +199,4 @@ def test_text_chat_and_stop_strings_through_the_cluster(cluster):
             timeout=60))
         assert "".join(m.text for m in again) == text[: text.index(stop)]
         assert again[-1].finish_reason == common_pb2.FINISH_REASON_STOP
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()

@@ -6,7 +6,6 @@ cancelled call, each freeing every block."""
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -53,17 +52,6 @@ class Outbox:
             yield message
 
 
-def _all_blocks_free(cluster: ClusterThread, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = cluster.stats()
-        w = stats.workers[0]
-        if stats.num_running == 0 and stats.num_waiting == 0 and w.num_free_blocks == w.num_blocks:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _submit_tokens(cluster: ClusterThread, prompt: list[int], max_tokens: int) -> list[int]:
     request = scheduler_pb2.SubmitRequest(
         request_id=f"submit-{prompt[0]}", prompt_token_ids=prompt,
@@ -98,7 +86,7 @@ def test_one_message_per_step_carries_every_request(cluster):
     assert updates >= 3 * messages, (updates, messages)
     for request_id, prompt in prompts.items():
         assert tokens[request_id] == _submit_tokens(cluster, prompt, max_tokens), request_id
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 def test_bad_submit_and_abort_leave_the_other_requests_running(cluster):
@@ -124,7 +112,7 @@ def test_bad_submit_and_abort_leave_the_other_requests_running(cluster):
     assert short[-1].finished and short[-1].status_code == 0
     assert sum(len(o.token_ids) for u in short for o in u.outputs) == 5
     assert calls.code() == grpc.StatusCode.OK
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 def test_timeout_ends_the_request_deadline_exceeded(cluster):
@@ -138,7 +126,7 @@ def test_timeout_ends_the_request_deadline_exceeded(cluster):
             outbox.close()
     assert last is not None and last.finished
     assert last.status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()
 
 
 def test_cancelling_the_call_aborts_every_request(cluster):
@@ -151,4 +139,4 @@ def test_cancelling_the_call_aborts_every_request(cluster):
         calls.cancel()
         break
     outbox.close()
-    assert _all_blocks_free(cluster)
+    assert cluster.all_blocks_free()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,6 +31,19 @@ class ClusterThread:
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
         return self.scheduler.GetStats(scheduler_pb2.StatsRequest(), timeout=10)
+
+    def all_blocks_free(self, timeout: float = 5.0) -> bool:
+        """Waits (up to ``timeout``) until nothing runs or waits and the first worker's blocks
+        are all free: what every test that ends, cancels or fails requests checks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            w = stats.workers[0]
+            if (stats.num_running == 0 and stats.num_waiting == 0
+                    and w.num_free_blocks == w.num_blocks):
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         self.channel.close()
