@@ -103,11 +103,13 @@ class SubmitStream:
 class _Link:
     """One ``Connect`` call: what to send and the streams that wait on it. Submits and aborts
     queue here; each message carries all that queued while the previous one was being sent.
-    ``broken`` once the call ended: nothing more is sent on it."""
+    ``broken`` once the call ended: nothing more is sent on it. ``draining`` once the scheduler
+    said it is shutting down: its requests finish here, new ones go on a new call."""
 
     def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
         self.streams: dict[str, SubmitStream] = {}
         self.broken = False
+        self.draining = False
         self._submits: dict[str, scheduler_pb2.SubmitRequest] = {}  # not sent yet
         self._aborts: list[str] = []
         self._pending = asyncio.Event()
@@ -147,6 +149,9 @@ class _Link:
         error = UpstreamError("UNAVAILABLE", "scheduler: connection closed")
         try:
             async for response in self._call:
+                if response.draining and not self.draining:
+                    self.draining = True
+                    logger.info("scheduler is shutting down: new requests go on a new call")
                 for update in response.updates:
                     stream = self.streams.get(update.request_id)
                     if stream is not None:  # else: cancelled here already
@@ -187,7 +192,7 @@ class SchedulerClient:
         waits for a scheduler that is restarting). ``request.timeout_s`` (0 = none) bounds it.
         The caller iterates the stream and must ``cancel`` it."""
         link = self._link
-        if link is None or link.broken:
+        if link is None or link.broken or link.draining:
             link = self._link = _Link(self._stub)
         if request.request_id in link.streams:
             raise InvalidArgument("request_id", f"{request.request_id!r} is already running")

@@ -38,6 +38,7 @@ class RouterConnection:
         self._ended: list[scheduler_pb2.RequestUpdate] = []  # refused or timed out: send as is
         self._waiter: asyncio.Future | None = None
         self._input_done = False
+        self._draining = False  # shutting down; not yet told to the router
 
     def handle(self, message: scheduler_pb2.ConnectRequest) -> None:
         """Aborts first (a router never aborts a request it submits in the same message)."""
@@ -51,13 +52,18 @@ class RouterConnection:
         self._input_done = True
         self._wake()
 
+    def drain(self) -> None:
+        """The scheduler is shutting down: tell the router to send new requests elsewhere."""
+        self._draining = True
+        self._wake()
+
     def close(self) -> None:
         for request_id in list(self._streams):
             self._drop(request_id)
 
     async def updates(self) -> AsyncIterator[scheduler_pb2.ConnectResponse]:
         while True:
-            if not self._ready and not self._ended:
+            if not self._ready and not self._ended and not self._draining:
                 if self._input_done and not self._streams:
                     return
                 self._waiter = asyncio.get_running_loop().create_future()
@@ -65,8 +71,9 @@ class RouterConnection:
                     await self._waiter
                 finally:
                     self._waiter = None
-            response = scheduler_pb2.ConnectResponse(updates=self._ended)
+            response = scheduler_pb2.ConnectResponse(updates=self._ended, draining=self._draining)
             self._ended = []
+            self._draining = False
             ready, self._ready = self._ready, {}
             for request_id, stream in ready.items():
                 outputs, closed = stream.take()
@@ -78,7 +85,7 @@ class RouterConnection:
                     self._forget(request_id)
                     if stream.error is not None:
                         update.status_code, update.status_message = _status(stream.error)
-            if response.updates:
+            if response.updates or response.draining:
                 yield response
 
     # --- internal -----------------------------------------------------------------------------

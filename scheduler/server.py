@@ -29,9 +29,10 @@ class SchedulerServer:
     """A running scheduler: ``port`` is the bound port (config port 0 picks a free one)."""
 
     def __init__(self, server: grpc.aio.Server, port: int, engine: Engine, health,
-                 observer: SchedulerObserver | None = None) -> None:
+                 observer: SchedulerObserver | None = None,
+                 servicer: SchedulerServicer | None = None) -> None:
         self.server, self.port, self.engine, self.health = server, port, engine, health
-        self.observer = observer
+        self.observer, self.servicer = observer, servicer
 
     @property
     def metrics_port(self) -> int | None:
@@ -40,6 +41,8 @@ class SchedulerServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         await set_serving(self.health, [SERVICE_NAME], ok=False)
+        if self.servicer is not None:
+            self.servicer.drain()  # routers send new requests elsewhere; these get the grace
         await self.server.stop(grace)
         await self.engine.stop()
         if self.engine.prefix_sync is not None:
@@ -72,14 +75,15 @@ async def build_server(
     engine.prefix_sync.start()
     observer.start(config.server.metrics_port, config.server.host)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(engine), server)
+    servicer = SchedulerServicer(engine)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
     await server.start()
     await set_serving(health, [SERVICE_NAME], ok=True)
     logger.info("scheduler serving on %s:%d with %d worker(s)", config.server.host, port,
                 len(handles))
-    return SchedulerServer(server, port, engine, health, observer)
+    return SchedulerServer(server, port, engine, health, observer, servicer)
 
 
 async def serve(config: SchedulerConfig) -> None:

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._connections: set[RouterConnection] = set()
+
+    def drain(self) -> None:
+        """Shutting down: every router is told to send new requests on a new call."""
+        for connection in self._connections:
+            connection.drain()
 
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -48,12 +54,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[scheduler_pb2.ConnectResponse]:
         connection = RouterConnection(self._start, self.engine.abort)
+        self._connections.add(connection)
         reader = asyncio.create_task(self._read(request_iterator, connection))
         try:
             async for response in connection.updates():
                 yield response
         finally:
             # Router gone, cancelled or half-closed and done: every block is freed.
+            self._connections.discard(connection)
             reader.cancel()
             connection.close()
 

@@ -39,6 +39,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     requests: list[scheduler_pb2.SubmitRequest] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     num_calls: int = 0  # Connect calls opened
+    drain: asyncio.Event = field(default_factory=asyncio.Event)  # set: tell open calls
 
     async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
         self.num_calls += 1
@@ -69,11 +70,20 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                     running[request.request_id] = asyncio.create_task(run(request))
 
         reader = asyncio.create_task(read())
+        # Only calls open when the drain starts are told (a new call goes to the new scheduler).
+        drained = asyncio.create_task(
+            asyncio.Event().wait() if self.drain.is_set() else self.drain.wait())
         try:
             while True:
-                yield scheduler_pb2.ConnectResponse(updates=[await updates.get()])
+                got = asyncio.create_task(updates.get())
+                await asyncio.wait([got, drained], return_when=asyncio.FIRST_COMPLETED)
+                if drained.done() and not getattr(drained, "told", False):
+                    drained.told = True  # type: ignore[attr-defined]
+                    yield scheduler_pb2.ConnectResponse(draining=True)
+                yield scheduler_pb2.ConnectResponse(updates=[await got])
         finally:
             reader.cancel()
+            drained.cancel()
             for task in running.values():
                 task.cancel()
 
@@ -150,6 +160,24 @@ def test_concurrent_requests_share_one_scheduler_call(tokenizer: Tokenizer) -> N
         assert texts == [" a b c d"] * 16
         assert fake.num_calls == 1
         assert len(fake.requests) == 16
+
+    asyncio.run(main())
+
+
+def test_a_draining_scheduler_gets_no_new_requests_on_its_call(tokenizer: Tokenizer) -> None:
+    async def main() -> None:
+        ids = tokenizer.encode(" one two three four five six")
+        fake = FakeScheduler(outputs=token_outputs(ids, common_pb2.FINISH_REASON_LENGTH),
+                             delay_s=0.05)
+        async with cluster(tokenizer, fake) as (client, _):
+            first = asyncio.create_task(client.generate_text(token_ids=[5, 6], max_tokens=6))
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+            fake.drain.set()  # the scheduler starts shutting down
+            await asyncio.sleep(0.1)
+            second = await client.generate_text(token_ids=[7, 8], max_tokens=6)
+            assert await first == second == " one two three four five six"  # first finished
+        assert fake.num_calls == 2  # the second request went on a new call
 
     asyncio.run(main())
 

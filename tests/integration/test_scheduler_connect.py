@@ -140,3 +140,22 @@ def test_cancelling_the_call_aborts_every_request(cluster):
         break
     outbox.close()
     assert cluster.all_blocks_free()
+
+
+def test_drain_tells_the_router_and_lets_running_requests_finish(cluster):
+    """What a scheduler does at the start of its shutdown grace: each call gets ``draining``
+    (routers send new requests on a new call); requests already on it run to their end."""
+    outbox = Outbox()
+    outbox.submit("running", [4, 5, 6], 40)
+    drained, tokens, finished = False, 0, False
+    for response in cluster.scheduler.Connect(iter(outbox), timeout=60):
+        if not drained and response.updates:
+            cluster.loop.call_soon_threadsafe(cluster.cluster.scheduler.servicer.drain)
+            drained = True
+        for update in response.updates:
+            tokens += sum(len(o.token_ids) for o in update.outputs)
+            finished = finished or update.finished
+        if response.draining:
+            outbox.close()  # what a router does once the call holds only old requests
+    assert drained and finished and tokens == 40
+    assert cluster.all_blocks_free()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pagedserve.v1 import common_pb2 as protos_dot_pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/pagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\x9c\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\xf5\x01\n\tSeqOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x10\n\x08replaces\x18\x08 \x01(\x08\";\n\x0eSubmitResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\"Z\n\x0e\x43onnectRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x01 \x03(\t\x12-\n\x07submits\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\"\x8d\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"@\n\x0f\x43onnectResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb0\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x04 \x01(\r\x12\x17\n\x0fnum_swap_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_free_swap_blocks\x18\x06 \x01(\r\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\"\x9d\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.WorkerStats\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\n \x01(\x04\"\x1b\n\x19SchedulerModelInfoRequest\"\x9d\x01\n\x12SchedulerModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\"\n\x1amax_num_tokens_per_request\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\x8b\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07\x43onnect\x12\x1d.pagedserve.v1.ConnectRequest\x1a\x1e.pagedserve.v1.ConnectResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x46\n\x08GetStats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12[\n\x0cGetModelInfo\x12(.pagedserve.v1.SchedulerModelInfoRequest\x1a!.pagedserve.v1.SchedulerModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/pagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\x9c\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\xf5\x01\n\tSeqOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x10\n\x08replaces\x18\x08 \x01(\x08\";\n\x0eSubmitResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\"Z\n\x0e\x43onnectRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x01 \x03(\t\x12-\n\x07submits\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\"\x8d\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"R\n\x0f\x43onnectResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xb0\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x04 \x01(\r\x12\x17\n\x0fnum_swap_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_free_swap_blocks\x18\x06 \x01(\r\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\"\x9d\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.WorkerStats\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\n \x01(\x04\"\x1b\n\x19SchedulerModelInfoRequest\"\x9d\x01\n\x12SchedulerModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\"\n\x1amax_num_tokens_per_request\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\x8b\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07\x43onnect\x12\x1d.pagedserve.v1.ConnectRequest\x1a\x1e.pagedserve.v1.ConnectResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x46\n\x08GetStats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12[\n\x0cGetModelInfo\x12(.pagedserve.v1.SchedulerModelInfoRequest\x1a!.pagedserve.v1.SchedulerModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTUPDATE']._serialized_start=651
   _globals['_REQUESTUPDATE']._serialized_end=792
   _globals['_CONNECTRESPONSE']._serialized_start=794
-  _globals['_CONNECTRESPONSE']._serialized_end=858
-  _globals['_ABORTREQUEST']._serialized_start=860
-  _globals['_ABORTREQUEST']._serialized_end=894
-  _globals['_ABORTRESPONSE']._serialized_start=896
-  _globals['_ABORTRESPONSE']._serialized_end=926
-  _globals['_STATSREQUEST']._serialized_start=928
-  _globals['_STATSREQUEST']._serialized_end=942
-  _globals['_WORKERSTATS']._serialized_start=945
-  _globals['_WORKERSTATS']._serialized_end=1121
-  _globals['_SCHEDULERSTATS']._serialized_start=1124
-  _globals['_SCHEDULERSTATS']._serialized_end=1409
-  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_start=1411
-  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_end=1438
-  _globals['_SCHEDULERMODELINFO']._serialized_start=1441
-  _globals['_SCHEDULERMODELINFO']._serialized_end=1598
-  _globals['_SCHEDULER']._serialized_start=1601
-  _globals['_SCHEDULER']._serialized_end=1996
+  _globals['_CONNECTRESPONSE']._serialized_end=876
+  _globals['_ABORTREQUEST']._serialized_start=878
+  _globals['_ABORTREQUEST']._serialized_end=912
+  _globals['_ABORTRESPONSE']._serialized_start=914
+  _globals['_ABORTRESPONSE']._serialized_end=944
+  _globals['_STATSREQUEST']._serialized_start=946
+  _globals['_STATSREQUEST']._serialized_end=960
+  _globals['_WORKERSTATS']._serialized_start=963
+  _globals['_WORKERSTATS']._serialized_end=1139
+  _globals['_SCHEDULERSTATS']._serialized_start=1142
+  _globals['_SCHEDULERSTATS']._serialized_end=1427
+  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_start=1429
+  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_end=1456
+  _globals['_SCHEDULERMODELINFO']._serialized_start=1459
+  _globals['_SCHEDULERMODELINFO']._serialized_end=1616
+  _globals['_SCHEDULER']._serialized_start=1619
+  _globals['_SCHEDULER']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)
