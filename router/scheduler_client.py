@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -48,21 +47,14 @@ class SubmitStream:
     def __init__(self, link: _Link, request_id: str, timeout_s: float | None) -> None:
         self.request_id = request_id
         self._link = link
-        self._items: deque[scheduler_pb2.RequestUpdate | UpstreamError] = deque()
-        self._waiter: asyncio.Future | None = None
+        self._items: asyncio.Queue[scheduler_pb2.RequestUpdate | UpstreamError] = asyncio.Queue()
         self._ended = False  # nothing more will be delivered
         self._timer = (asyncio.get_running_loop().call_later(timeout_s, self._expire)
                        if timeout_s else None)
 
     async def __aiter__(self) -> AsyncIterator[scheduler_pb2.RequestUpdate]:
         while True:
-            if not self._items:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            item = self._items.popleft()
+            item = await self._items.get()
             if isinstance(item, UpstreamError):
                 raise item
             if item.status_code:
@@ -82,10 +74,7 @@ class SubmitStream:
         """From the reader: an update, or the error that ends the stream."""
         if isinstance(item, UpstreamError) or item.finished:
             self._end()
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._items.put_nowait(item)
 
     def _end(self) -> None:
         self._ended = True
