@@ -22,7 +22,7 @@ from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import choose_worker
-from scheduler.policy import StepPlan, WorkerScheduler
+from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
 from scheduler.step_builder import build_step_request
@@ -275,7 +275,7 @@ class Engine:
         response = await ws.handle.step(request)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
-        self._process(ws, plan, response)
+        self._process(ws, response)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
         for listener in self.listeners:
@@ -288,11 +288,11 @@ class Engine:
         entry = self.seqs.get(seq_id)
         return entry[0] if entry is not None else None
 
-    def _process(self, ws: WorkerState, plan: StepPlan, response: worker_pb2.StepResponse) -> None:
+    def _process(self, ws: WorkerState, response: worker_pb2.StepResponse) -> None:
         """Appends each sampled token to its sequence and finishes what stopped. The hot path:
         per token a few attribute reads, one append and a set lookup; no message is built here
         (the request's stream reads the new tokens when its consumer wakes)."""
-        self._cache_full_blocks(ws.kv, plan)
+        ws.kv.commit_step()  # the blocks cached while planning the step are written now
         sampled = response.sampled
         if not len(sampled.seq_ids) == len(sampled.token_ids) == len(sampled.logprobs):
             raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
@@ -345,18 +345,6 @@ class Engine:
                 if group.holds_outputs:
                     req.stream.put_outputs(self._best_outputs(group))
                 self._finish_request(req)
-
-    @staticmethod
-    def _cache_full_blocks(kv: KVCacheManager, plan: StepPlan) -> None:
-        """Publishes the blocks this step filled (a check per sequence; work once per block)."""
-        if not kv.enable_caching:
-            return
-        bs = kv.block_size
-        for item in plan.scheduled:
-            seq = item.seq
-            if (seq.num_computed_tokens >= (len(seq.block_hashes) + 1) * bs
-                    and not seq.is_finished):
-                kv.cache_full_blocks(seq)
 
     def _best_outputs(self, group: SequenceGroup) -> list[scheduler_pb2.SeqOutput]:
         """``best_of > n``: the n samples with the highest cumulative log-prob, whole."""

@@ -3,7 +3,16 @@
 Owns a GPU ``BlockPool`` and a CPU swap ``BlockPool`` (the worker owns the memory behind them).
 Every write target is made exclusive first: a block referenced by more than one sequence is copied
 (copy-on-write) before a sequence writes into it, and the copy is returned as an op for the worker
-to run in the same step, before the forward pass. So a block with ``ref_cnt > 1`` is never written.
+to run in the same step, before the forward pass. So a block with ``ref_cnt > 1`` is never written,
+except by the one step that fills it when a request admitted in that step shares it (below); such
+a sharer only reads the block, and only after the step has written it.
+
+A full block is cached (findable by its prefix hash) as soon as a step that writes it is
+*planned*, not when that step returns, as in vLLM: in every layer the worker writes the K/V of all
+of a step's tokens into the cache before attention reads it, so a request admitted later in the
+same step can already point its table at the block. Who else learns of the hash waits until the
+step has run (``commit_step``): the worker, which vouches for hashes across a scheduler restart,
+and the kvstore index. Lookups are the only readers that may run ahead of the write.
 """
 
 from __future__ import annotations
@@ -55,6 +64,9 @@ class KVCacheManager:
         self.events = CacheEvents()
         # Newly cached (block id, hash), told to the worker with the next step (cached_blocks).
         self.published: list[tuple[int, bytes]] = []
+        # Cached while planning the current step, whose writes have not run yet: moved to
+        # ``events`` and ``published`` by ``commit_step``.
+        self.unwritten: list[tuple[bytes, int, tuple[int, ...], bytes | None]] = []
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
 
@@ -147,12 +159,17 @@ class KVCacheManager:
         pool.free(list(reversed(seq.blocks)))
         seq.blocks = []
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publishes every block of ``seq`` that is full and computed under its chain hash."""
-        if not self.enable_caching:
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Caches, under its chain hash, every full block among the first ``num_tokens`` tokens
+        of ``seq`` (default: its computed tokens). The scheduler calls it while planning a step,
+        with the tokens computed once the step has run, so a later admission in the same step
+        finds the blocks; ``commit_step`` announces them after the step."""
+        bs, hashes = self.block_size, seq.block_hashes
+        end = seq.num_computed_tokens if num_tokens is None else num_tokens
+        if not self.enable_caching or end < (len(hashes) + 1) * bs:
             return
-        bs, hashes, token_ids = self.block_size, seq.block_hashes, seq.token_ids
-        num_full = min(seq.num_computed_tokens // bs, len(seq.blocks))
+        token_ids = seq.token_ids
+        num_full = min(end // bs, len(seq.blocks))
         parent = hashes[-1] if hashes else None
         cached = self.gpu.cached
         for i in range(len(hashes), num_full):
@@ -162,8 +179,19 @@ class KVCacheManager:
             block = seq.blocks[i]
             if block.block_hash is None and parent not in cached:
                 self.gpu.cache_block(block, parent, tokens)
-                self.events.stored.append((parent, block.block_id, tokens, prev))
-                self.published.append((block.block_id, parent))
+                self.unwritten.append((parent, block.block_id, tokens, prev))
+
+    def commit_step(self) -> None:
+        """The planned step has run, so the blocks cached while planning it hold their K/V: they
+        go to the kvstore (``events``) and to the worker with the next step (``published``).
+        Blocks freed meanwhile (an abort while the step ran) are included: the worker ran the
+        whole step, and they stay cached until evicted."""
+        if not self.unwritten:
+            return
+        for entry in self.unwritten:
+            self.events.stored.append(entry)
+            self.published.append((entry[1], entry[0]))
+        self.unwritten = []
 
     # ---- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:

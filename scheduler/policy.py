@@ -8,6 +8,14 @@ Each step, in order:
 2. ``_schedule_swapped``: if nothing was preempted this step, swapped groups come back in order.
 3. ``_schedule_waiting``: if nothing is swapped out, waiting groups are admitted FCFS (longest
    cached prefix reused) while the budget, ``max_num_seqs`` and the watermark allow.
+
+Each sequence's work is cached as soon as it is planned: every block it fills in this step becomes
+findable by prefix hash (``KVCacheManager.cache_full_blocks``), so a group admitted later in the
+same step shares blocks that this very step writes, and computes only its uncached suffix. That is
+sound because the worker writes the K/V of every token of a step, in each layer, before attention
+reads the cache (tests/kernels/test_same_step_kv_reads.py), and because a group is never preempted
+in the step that planned its work (victims are always groups not yet planned), so a block cached
+while planning is written by the step that cached it.
 """
 
 from __future__ import annotations
@@ -117,12 +125,17 @@ class WorkerScheduler:
         running: list[SequenceGroup] = []
         self.running = running
         scheduled = plan.scheduled
-        gpu, bs = self.kv.gpu, self.kv.block_size
+        kv = self.kv
+        gpu, bs, caching = kv.gpu, kv.block_size, kv.enable_caching
         while queue:
             group = queue.popleft()
             if (budget > 0 and group.forked and len(group.seqs) == 1
                     and self._try_decode(group.seqs[0], gpu, bs)):  # the steady-state fast path
-                scheduled.append(ScheduledSeq(group, group.seqs[0], 1, True))
+                seq = group.seqs[0]
+                scheduled.append(ScheduledSeq(group, seq, 1, True))
+                end = seq.num_computed_tokens + 1
+                if caching and end >= (len(seq.block_hashes) + 1) * bs:  # fills its block
+                    kv.cache_full_blocks(seq, end)
                 running.append(group)
                 budget -= 1
                 continue
@@ -228,6 +241,8 @@ class WorkerScheduler:
             assert copies is not None
             plan.copies.extend(copies)
             plan.scheduled.append(ScheduledSeq(group, seq, num_new, sample))
+            # Shareable from now on, by admissions later in this step (see the module doc).
+            self.kv.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
         return True
 
     def _group_work(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int, bool]]:

@@ -1,6 +1,7 @@
 """PagedAttention memory management through the real engine and a tiny random Llama: sharing
-for parallel sampling, beam search equal to Hugging Face, prefix caching, preemption by swap and
-by recompute, chunked prefill, and placement across two workers."""
+for parallel sampling, beam search equal to Hugging Face, prefix caching (also between requests
+admitted in the same step), preemption by swap and by recompute, chunked prefill, and placement
+across two workers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_factory import cpu_worker
+from worker.kernels import cpu_ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,6 +113,41 @@ def test_shared_512_token_prefix_reuses_every_full_block(model_dir):
     assert stats.prefix_hit_tokens >= 512
     assert a.outputs[0].token_ids == a_ref.outputs[0].token_ids
     assert b.outputs[0].token_ids == b_ref.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kernels", ["cpu_ops", "torch"])
+def test_requests_admitted_in_one_step_share_the_prefix_computed_in_that_step(
+        model_dir, kernels, monkeypatch):
+    """The first request computes the 96-token prefix; the others, admitted in the same step,
+    read its K/V from the blocks that step writes (a 1-token suffix goes through the decode
+    kernels). Greedy outputs equal prefix caching off, on the fused C++ path and on torch ops."""
+    if kernels == "torch":
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    elif cpu_ops.load() is None:
+        pytest.skip("fused CPU kernels unavailable")
+    prefix = _prompt(60, 96)  # 6 full blocks of 16
+    prompts = [prefix + _prompt(61 + i, 3 + 5 * i) for i in range(4)] + [prefix + [7]]
+    with LLM(str(model_dir), num_gpu_blocks=256, dtype="float32", block_size=16) as llm:
+        batch_sizes = []
+        original_step = llm.worker.step
+
+        def recording_step(req):
+            batch_sizes.append(len(req.scheduled.seq_ids))
+            return original_step(req)
+
+        llm.worker.step = recording_step
+        outs = llm.generate(prompts, _greedy(10))
+        fused = llm.worker.model._fused
+        kv = llm.engine.workers[0].kv
+        assert kv.gpu.num_free_blocks == kv.gpu.num_blocks
+    ran_layer_stack = fused is not None and not isinstance(fused, list)  # the C++ stack ran
+    assert ran_layer_stack == (kernels == "cpu_ops")  # the path this case is about
+    with LLM(str(model_dir), num_gpu_blocks=256, dtype="float32", block_size=16,
+             enable_prefix_caching=False) as plain:
+        reference = plain.generate(prompts, _greedy(10))
+    assert batch_sizes[0] == len(prompts), "all admitted in the first step"
+    assert [o.num_cached_tokens for o in outs] == [0, 96, 96, 96, 96]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])

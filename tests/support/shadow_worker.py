@@ -1,10 +1,14 @@
 """A worker double for scheduler unit tests: no model, but real bookkeeping of KV *content*.
 
 Every cache slot records which content it holds: the hash of the sequence's tokens up to and
-including that position (a token's real K/V depend on exactly that). When a step computes a token
-the double reads every earlier position of the sequence *through its block table* and checks the
-slot holds the right content, so a wrong block table, a missed copy-on-write, a bad swap or a stale
-prefix-cache hit fails loudly. The "model" samples ``hash(all tokens, seed) % vocab``:
+including that position (a token's real K/V depend on exactly that). A step is applied in the
+model's order: first every scheduled token of every sequence writes its slot (in each layer the
+real worker writes the K/V of the whole batch before attention reads the cache), then each
+sequence reads every position up to its last new token *through its block table* and checks the
+slot holds the right content. So a wrong block table, a missed copy-on-write, a bad swap, a stale
+prefix-cache hit, or two sequences writing one slot in the same step fails loudly; and a sequence
+may read blocks that another sequence writes in the same step (same-step prefix sharing), which
+``num_same_step_reads`` counts. The "model" samples ``hash(all tokens, seed) % vocab``:
 deterministic, so a scheduler run under memory pressure must give exactly the tokens of an
 unconstrained run.
 """
@@ -39,6 +43,8 @@ class ShadowWorker:
         self.seqs: dict[int, dict] = {}
         self.num_steps = 0
         self.num_computed_tokens = 0
+        # Context positions read from a slot another sequence wrote in the same step.
+        self.num_same_step_reads = 0
         self.fail_next_step = False
 
     def info(self) -> worker_pb2.WorkerInfo:
@@ -69,15 +75,21 @@ class ShadowWorker:
         self._move(req.swap_in, self.cpu, self.gpu)
         self._move(req.copies, self.gpu, self.gpu)
         resp = worker_pb2.StepResponse(step_id=req.step_id)
-        sampled = []
-        for item in scheduled_rows(req.scheduled):
+        rows = scheduled_rows(req.scheduled)
+        for item in rows:
             seq = self.seqs[item.seq_id]
             seq["tokens"].extend(item.append_token_ids)
             if item.replace_block_table:
                 seq["table"] = list(item.new_block_ids)
             else:
                 seq["table"].extend(item.new_block_ids)
-            self._compute(seq, item.num_computed_tokens, item.num_new_tokens)
+        written: dict[int, int] = {}  # slot -> seq id that wrote it in this step
+        for item in rows:  # every write of the step before any read, as in each model layer
+            self._write(item.seq_id, item.num_computed_tokens, item.num_new_tokens, written)
+        sampled = []
+        for item in rows:
+            seq = self.seqs[item.seq_id]
+            self._read(item.seq_id, item.num_computed_tokens, item.num_new_tokens, written)
             if item.sample:
                 assert item.num_computed_tokens + item.num_new_tokens == len(seq["tokens"])
                 token = next_token(seq["tokens"], seq["seed"], self.vocab_size)
@@ -90,15 +102,29 @@ class ShadowWorker:
         assert block < len(table), f"position {pos} beyond block table of {len(table)} blocks"
         return table[block] * self.block_size + pos % self.block_size
 
-    def _compute(self, seq: dict, start: int, num: int) -> None:
+    def _write(self, seq_id: int, start: int, num: int, written: dict[int, int]) -> None:
+        seq = self.seqs[seq_id]
         tokens, table = seq["tokens"], seq["table"]
         assert start + num <= len(tokens), "computing tokens the worker was never sent"
-        for pos in range(start):  # the cached context must hold exactly this sequence's prefix
-            got = self.gpu.get(self._slot(table, pos))
-            assert got == content(tokens[: pos + 1]), f"stale KV at position {pos}"
         for pos in range(start, start + num):
-            self.gpu[self._slot(table, pos)] = content(tokens[: pos + 1])
+            slot = self._slot(table, pos)
+            assert slot not in written, (
+                f"seq {seq_id} writes slot {slot} that seq {written[slot]} wrote in this step")
+            written[slot] = seq_id
+            self.gpu[slot] = content(tokens[: pos + 1])
         self.num_computed_tokens += num
+
+    def _read(self, seq_id: int, start: int, num: int, written: dict[int, int]) -> None:
+        """Attention of the new tokens: every position up to the last one must hold exactly this
+        sequence's prefix (the cached context, and its own new K/V not overwritten)."""
+        seq = self.seqs[seq_id]
+        tokens, table = seq["tokens"], seq["table"]
+        for pos in range(start + num):
+            slot = self._slot(table, pos)
+            got = self.gpu.get(slot)
+            assert got == content(tokens[: pos + 1]), f"seq {seq_id}: stale KV at position {pos}"
+            if pos < start and written.get(slot, seq_id) != seq_id:
+                self.num_same_step_reads += 1
 
     def _move(self, pairs, src: dict, dst: dict) -> None:
         snapshot = dict(src)

@@ -1,6 +1,6 @@
 """Hypothesis state machine over the KV cache manager: the block-pool invariants hold after any
-sequence of admissions (with prefix-cache hits), appends (with copy-on-write), forks, frees and
-swaps.
+sequence of admissions (with prefix-cache hits, also on blocks that a step being planned fills:
+same-step prefix sharing), appends (with copy-on-write), forks, frees and swaps.
 
 - a block's ref count equals the number of block-table references to it;
 - a block is free (in the free queue) or referenced, never both;
@@ -42,16 +42,39 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(tokens=TOKENS)
     def admit(self, tokens):
         seq = self._new_seq(tokens)
-        hit = self.kv.lookup_prefix(seq.token_ids, seq.num_tokens - 1)
+        if not self._admit(seq):
+            return
+        self._write(seq, seq.num_uncomputed_tokens)
+        self.seqs.append(seq)
+
+    @rule(data=st.data(), tokens=TOKENS, suffix=TOKENS)
+    def admit_two_in_one_step(self, data, tokens, suffix):
+        """The second request is admitted while the first one's step is planned but has not run:
+        it may share the blocks that step fills."""
+        first = self._new_seq(tokens)
+        if not self._admit(first):
+            return
+        num_new = first.num_uncomputed_tokens
+        assert self._plan(first, num_new), "admission checked the room"
+        second = self._new_seq(tokens[: data.draw(st.integers(0, len(tokens)))] + suffix)
+        if self._admit(second):
+            assert self._plan(second, second.num_uncomputed_tokens)
+            self._ran(second, second.num_uncomputed_tokens)
+            self.seqs.append(second)
+        self._ran(first, num_new)
+        self.seqs.append(first)
+
+    def _admit(self, seq: Sequence) -> bool:
+        tokens = seq.token_ids
+        hit = self.kv.lookup_prefix(tokens, seq.num_tokens - 1)
         for block, start in zip(hit.blocks, range(0, len(tokens), BLOCK), strict=False):
             assert block.token_ids == tuple(tokens[start:start + BLOCK])
         needed = self.kv.blocks_for(seq.num_tokens) - hit.num_blocks + sum(
             1 for b in hit.blocks if b.ref_cnt == 0)
         if needed > self.kv.num_free_blocks:
-            return
+            return False
         self.kv.admit(seq, hit)
-        self._write(seq, seq.num_uncomputed_tokens)
-        self.seqs.append(seq)
+        return True
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data(), new_tokens=st.lists(st.integers(0, 3), min_size=1, max_size=5))
@@ -101,6 +124,14 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.seqs.append(seq)
 
     def _write(self, seq: Sequence, num_new: int) -> bool:
+        if not self._plan(seq, num_new):
+            return False
+        self._ran(seq, num_new)
+        return True
+
+    def _plan(self, seq: Sequence, num_new: int) -> bool:
+        """What the scheduler does for a step's work: room (and copies), then the blocks the
+        step fills are cached at once."""
         copies = self.kv.append_slots(seq, num_new)
         if copies is None:
             return False
@@ -109,9 +140,12 @@ class KVCacheMachine(RuleBasedStateMachine):
         for block in seq.blocks[first:last]:
             assert block.ref_cnt == 1, f"writing into shared {block}"
             assert block.block_hash is None, f"writing into cached {block}"
-        seq.num_computed_tokens += num_new
-        self.kv.cache_full_blocks(seq)
+        self.kv.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
         return True
+
+    def _ran(self, seq: Sequence, num_new: int) -> None:
+        seq.num_computed_tokens += num_new
+        self.kv.commit_step()
 
     @invariant()
     def ref_counts_match_block_tables(self):
