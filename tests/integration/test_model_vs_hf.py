@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import CPU_ISAS
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
 from tests.support.worker_factory import cpu_worker
@@ -65,19 +66,22 @@ def _prompts(seed: int, lengths: list[int], vocab: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("fused", [True, False], ids=["cpu_ops", "torch_ops"])
+@pytest.mark.parametrize("kernels", [*CPU_ISAS, "torch_ops"])
 def test_prefill_logits_through_shuffled_paged_cache_match_hf(
-    variant: str, block_size: int, fused: bool, monkeypatch: pytest.MonkeyPatch
+    variant: str, block_size: int, kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``torch_ops``: the fused CPU kernels turned off (packed matmuls, RMSNorm, RoPE, SwiGLU),
-    the path of machines where they cannot be built."""
-    if not fused:
-        monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    """Once per fused-kernel variant this CPU runs (avx512, avx2, portable), and ``torch_ops``:
+    the fused CPU kernels turned off (packed matmuls, RMSNorm, RoPE, SwiGLU), the path of
+    machines where they cannot be built."""
+    if kernels == "torch_ops":
+        monkeypatch.setattr(cpu_ops, "load", lambda isa=None: None)
+    else:
+        monkeypatch.setenv(cpu_ops.ENV_ISA, kernels)
     path = tiny_llama_dir(**TINY_VARIANTS[variant])
     model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
-    packed = any(isinstance(m, PackedLinear) for m in model.modules())
-    assert packed == (fused and cpu_ops.load() is not None
-                      and cpu_ops.load().packed_linear_supported())
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == (kernels != "torch_ops")
+    assert all(m._ops.isa == kernels for m in packed)
     hf = _hf(path)
     prompts = _prompts(1, [13, 5, 21], config.vocab_size)
     num_blocks = 32
@@ -105,7 +109,7 @@ def test_prefill_logits_through_shuffled_paged_cache_match_hf(
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_greedy_worker_steps_match_hf_generate(block_size: int) -> None:
+def test_greedy_worker_steps_match_hf_generate(block_size: int, cpu_isa: str) -> None:
     """Batch of 3, first prefill chunk split over two steps, then 20 decode steps."""
     path = tiny_llama_dir()
     hf = _hf(path)
@@ -119,7 +123,7 @@ def test_greedy_worker_steps_match_hf_generate(block_size: int) -> None:
     assert worker.seqs == {}, "finished sequences must be dropped"
 
 
-def test_greedy_single_sequence_decode_matches_hf() -> None:
+def test_greedy_single_sequence_decode_matches_hf(cpu_isa: str) -> None:
     path = tiny_llama_dir(tie_word_embeddings=True)
     hf = _hf(path)
     worker = cpu_worker(path, block_size=4)
@@ -151,12 +155,16 @@ def smollm2_hf() -> torch.nn.Module:
     ).eval()
 
 
-@pytest.fixture(scope="module")
-def smollm2_outputs() -> dict[str, object]:
-    worker = cpu_worker(None, block_size=16, num_gpu_blocks=32)
-    prompts = list(SMOLLM2_PROMPTS.values())
-    driver = StepDriver(worker.step, 32, 16, seed=7)
-    seqs = driver.generate(prompts, max_new_tokens=SMOLLM2_TOKENS)
+@pytest.fixture(scope="module", params=CPU_ISAS or ["torch_ops"])
+def smollm2_outputs(request: pytest.FixtureRequest) -> dict[str, object]:
+    """SmolLM2's greedy outputs through ``Worker.step``, once per fused-kernel variant."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param != "torch_ops":
+            mp.setenv(cpu_ops.ENV_ISA, request.param)
+        worker = cpu_worker(None, block_size=16, num_gpu_blocks=32)
+        prompts = list(SMOLLM2_PROMPTS.values())
+        driver = StepDriver(worker.step, 32, 16, seed=7)
+        seqs = driver.generate(prompts, max_new_tokens=SMOLLM2_TOKENS)
     return dict(zip(SMOLLM2_PROMPTS, seqs, strict=True))
 
 
@@ -226,15 +234,12 @@ def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
 
 
 
-def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPatch,
+                                                  cpu_isa: str) -> None:
     """``cpu_ops.LayerStack`` (every layer in one C++ call) runs the same kernels in the same order
     as ``LlamaDecoderLayer.forward`` op by op: bit-identical hidden states, prefill and decode
-    rows mixed in one step, with Qwen2-style q/k/v biases."""
+    rows mixed in one step, with Qwen2-style q/k/v biases. Each variant against itself."""
     from worker.models.llama import LlamaForCausalLM
-
-    ops = cpu_ops.load()
-    if ops is None or not ops.packed_linear_supported():
-        pytest.skip("the fused CPU layer needs the AVX-512 kernels")
     path = tiny_llama_dir(architecture="qwen2")
     model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
     fused_steps = []

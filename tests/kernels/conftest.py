@@ -21,5 +21,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith("worker.kernels.")]:
+    # cpu_ops holds no Triton kernel (and its C++ library must not be loaded twice).
+    for _name in [m for m in sys.modules
+                  if m.startswith("worker.kernels.") and m != "worker.kernels.cpu_ops"]:
         importlib.reload(sys.modules[_name])

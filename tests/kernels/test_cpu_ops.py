@@ -1,9 +1,13 @@
 """The fused CPU kernels (``worker/kernels/cpu_ops.cpp``) equal the torch code they replace:
-paged decode attention against the oracle, RMSNorm to rounding, RoPE bit for bit."""
+paged decode attention against the oracle, RMSNorm to rounding, RoPE bit for bit — every test
+once per instruction-set variant this CPU can run (AVX-512, AVX2, portable: the ``ops`` fixture
+in ``tests/conftest.py``), so a developer's AVX-512 machine also covers what AVX2-only and ARM
+users run."""
 
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -13,23 +17,38 @@ from worker.attention.torch_backend import TorchAttentionBackend
 from worker.kernels import cpu_ops
 from worker.models.llama import RMSNorm, apply_rope
 
-ops = cpu_ops.load()
 # Turned off on purpose (PAGEDSERVE_CPU_KERNELS=0): nothing to compare. Otherwise a failed build
 # is a failure here, not a silent fallback (the torch path is covered by its own tests).
 pytestmark = pytest.mark.skipif(os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") == "0",
                                 reason="fused CPU kernels turned off (PAGEDSERVE_CPU_KERNELS=0)")
 
 
-def test_the_fused_kernels_build_on_this_machine():
-    assert ops is not None, "cpu_ops failed to build; see the warning in the log"
+def test_the_fused_kernels_build_on_this_machine() -> None:
+    assert cpu_ops.library() is not None, "cpu_ops failed to build; see the warning in the log"
+    assert "portable" in cpu_ops.available_isas()
+    assert cpu_ops.selected_isa() == cpu_ops.available_isas()[0]
+
+
+def test_the_variant_is_chosen_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for isa in cpu_ops.available_isas():
+        monkeypatch.setenv("PAGEDSERVE_CPU_ISA", isa)
+        assert cpu_ops.selected_isa() == isa
+        assert cpu_ops.load().isa == isa
+    monkeypatch.setenv("PAGEDSERVE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="want one of avx512, avx2, portable"):
+        cpu_ops.selected_isa()
+    missing = [isa for isa in cpu_ops.ISAS if isa not in cpu_ops.available_isas()]
+    for isa in missing:  # never a silent fall-back to a slower variant
+        monkeypatch.setenv("PAGEDSERVE_CPU_ISA", isa)
+        with pytest.raises(ValueError, match="this CPU runs only"):
+            cpu_ops.selected_isa()
 
 DECODE_SEQS = [(0, 1), (3, 1), (15, 1), (16, 1), (40, 1), (100, 1), (255, 1)]
 
 
 @pytest.mark.parametrize("head_dim", [64, 32])  # 64: the AVX-512 path where there is one
 @pytest.mark.parametrize("group_size", [1, 3, 8])
-def test_paged_decode_matches_reference(head_dim: int, group_size: int) -> None:
-    assert ops is not None
+def test_paged_decode_matches_reference(ops: ModuleType, head_dim: int, group_size: int) -> None:
     batch = make_batch(DECODE_SEQS, num_kv_heads=2, group_size=group_size, head_dim=head_dim,
                        block_size=16, dtype=torch.float32)
     expected = reference_output(batch)
@@ -39,9 +58,8 @@ def test_paged_decode_matches_reference(head_dim: int, group_size: int) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_paged_decode_reads_strided_query_rows() -> None:
+def test_paged_decode_reads_strided_query_rows(ops: ModuleType) -> None:
     """The model passes q as a view into the fused qkv rows (row stride > heads * head_dim)."""
-    assert ops is not None
     batch = make_batch(DECODE_SEQS, num_kv_heads=3, group_size=3, head_dim=64, block_size=16,
                        dtype=torch.float32)
     wide = torch.randn(batch.query.shape[0], 15 * 64)
@@ -53,8 +71,7 @@ def test_paged_decode_reads_strided_query_rows() -> None:
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 300])
-def test_rms_norm_matches_torch(num_tokens: int) -> None:
-    assert ops is not None
+def test_rms_norm_matches_torch(ops: ModuleType, num_tokens: int) -> None:
     norm = RMSNorm(576, 1e-5)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(576))
@@ -65,8 +82,7 @@ def test_rms_norm_matches_torch(num_tokens: int) -> None:
                                atol=1e-6, rtol=1e-6)
 
 
-def test_rope_in_place_is_bit_exact() -> None:
-    assert ops is not None
+def test_rope_in_place_is_bit_exact(ops: ModuleType) -> None:
     num_tokens, heads, kv_heads, head_dim = 37, 9, 3, 64
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim)
     positions = torch.randint(0, 4096, (num_tokens,))
@@ -85,27 +101,19 @@ def test_rope_in_place_is_bit_exact() -> None:
     assert torch.equal(qkv[:, q_size + kv_size :], v_before)
 
 
-needs_packed = pytest.mark.skipif(ops is None or not ops.packed_linear_supported(),
-                                  reason="packed_linear needs AVX-512 (the torch matmul is used)")
-
-
-@needs_packed
 @pytest.mark.parametrize("num_rows", [1, 5, 8, 9, 64, 300])
 @pytest.mark.parametrize(("out_features", "in_features"),
                          [(960, 576), (576, 1536), (100, 70), (17, 1100), (49, 3)])
-def test_packed_linear_matches_torch(num_rows: int, out_features: int, in_features: int) -> None:
+def test_packed_linear_matches_torch(ops: ModuleType, num_rows: int, out_features: int, in_features: int) -> None:
     """Every row tile (1-8 rows), column padding (N not a multiple of 48) and K chunking
     (K > 768) path."""
-    assert ops is not None
     weight = torch.randn(out_features, in_features) / in_features**0.5
     x = torch.randn(num_rows, in_features)
     got = ops.packed_linear(x, cpu_ops.pack_weight(weight), torch.empty(0), out_features)
     torch.testing.assert_close(got, x @ weight.T, atol=2e-5, rtol=1e-5)
 
 
-@needs_packed
-def test_packed_linear_adds_bias_and_reads_strided_rows() -> None:
-    assert ops is not None
+def test_packed_linear_adds_bias_and_reads_strided_rows(ops: ModuleType) -> None:
     weight, bias = torch.randn(200, 64), torch.randn(200)
     wide = torch.randn(13, 100)
     x = wide[:, 10:74]  # rows 100 floats apart
@@ -114,11 +122,9 @@ def test_packed_linear_adds_bias_and_reads_strided_rows() -> None:
                                atol=2e-5, rtol=1e-5)
 
 
-@needs_packed
-def test_packed_linear_rows_do_not_depend_on_the_batch() -> None:
+def test_packed_linear_rows_do_not_depend_on_the_batch(ops: ModuleType) -> None:
     """Each output is the sum over k in order, whatever the batch: a sequence's logits are the
     same alone or in a batch of 37."""
-    assert ops is not None
     weight = cpu_ops.pack_weight(torch.randn(300, 576))
     x = torch.randn(37, 576)
     batched = ops.packed_linear(x, weight, torch.empty(0), 300)
@@ -127,8 +133,7 @@ def test_packed_linear_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(alone[0], batched[row])
 
 
-def test_packed_linear_refuses_a_mismatched_weight() -> None:
-    assert ops is not None
+def test_packed_linear_refuses_a_mismatched_weight(ops: ModuleType) -> None:
     packed = cpu_ops.pack_weight(torch.randn(96, 32))
     with pytest.raises(RuntimeError, match="does not match"):
         ops.packed_linear(torch.randn(4, 33), packed, torch.empty(0), 96)
@@ -138,8 +143,7 @@ def test_packed_linear_refuses_a_mismatched_weight() -> None:
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 64])
 @pytest.mark.parametrize("intermediate", [1536, 40])  # 40: the 16-lane body and a scalar tail
-def test_silu_mul_matches_torch(num_tokens: int, intermediate: int) -> None:
-    assert ops is not None
+def test_silu_mul_matches_torch(ops: ModuleType, num_tokens: int, intermediate: int) -> None:
     gate_up = torch.randn(num_tokens, 2 * intermediate) * 6
     gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp under/overflow stays finite
     gate, up = gate_up.chunk(2, dim=-1)
@@ -154,9 +158,8 @@ MIXED_SEQS = [(0, 5), (0, 70), (13, 1), (40, 30), (16, 16), (100, 1), (0, 130), 
 
 @pytest.mark.parametrize("head_dim", [64, 32, 80, 128])
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_backend_prefill_and_decode_through_the_fused_kernels(head_dim: int,
+def test_backend_prefill_and_decode_through_the_fused_kernels(ops: ModuleType, head_dim: int,
                                                              group_size: int) -> None:
-    assert ops is not None
     batch = make_batch(MIXED_SEQS, num_kv_heads=2, group_size=group_size, head_dim=head_dim,
                        block_size=16, dtype=torch.float32)
     expected = reference_output(batch)
@@ -167,8 +170,7 @@ def test_backend_prefill_and_decode_through_the_fused_kernels(head_dim: int,
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_attention_rejects_inconsistent_lengths() -> None:
-    assert ops is not None
+def test_prefill_attention_rejects_inconsistent_lengths(ops: ModuleType) -> None:
     batch = make_batch([(0, 20)], num_kv_heads=1, group_size=2, head_dim=64, block_size=16,
                        dtype=torch.float32)
     out = torch.empty_like(batch.query)
@@ -179,14 +181,12 @@ def test_prefill_attention_rejects_inconsistent_lengths() -> None:
                               out)
 
 
-@needs_packed
-def test_kernels_release_the_gil_while_they_compute() -> None:
+def test_kernels_release_the_gil_while_they_compute(ops: ModuleType) -> None:
     """A step's matmuls must not stall the other threads of the process (the worker's gRPC
     loop, or router and scheduler in a local cluster): Python runs while the kernel computes."""
     import threading
     import time
 
-    assert ops is not None
     weight = cpu_ops.pack_weight(torch.randn(4096, 1024))
     x = torch.randn(2048, 1024)  # one call of ~17 GFLOP: tens of milliseconds
     span: list[float] = []

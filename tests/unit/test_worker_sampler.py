@@ -151,9 +151,10 @@ def test_rows_without_logprobs_get_no_top_list() -> None:
 
 
 @pytest.mark.parametrize("vocab", [VOCAB, 49152, 16 * 7 + 3])
-def test_plain_greedy_batch_matches_the_staged_path(vocab: int) -> None:
+def test_plain_greedy_batch_matches_the_staged_path(vocab: int, cpu_isa: str) -> None:
     """An all-greedy batch without penalties takes one fused kernel (fp32 CPU); it must pick
-    torch.argmax's token (the first of tied maxima) with the same logprob within rounding."""
+    torch.argmax's token (the first of tied maxima) with the same logprob within 1e-5, on every
+    instruction-set variant."""
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(9, vocab, generator=gen) * 4
     logits[1, [5, vocab - 1]] = 100.0  # a tie: the first index wins

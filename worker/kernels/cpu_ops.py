@@ -1,25 +1,30 @@
 """Fused fp32 CPU kernels (``cpu_ops.cpp``): paged decode and prefill attention, RMSNorm,
-in-place RoPE, SwiGLU's silu(gate) * up, and the dense projections (``packed_linear`` over
-weights packed by ``pack_weight``).
+in-place RoPE, SwiGLU's silu(gate) * up, the dense projections (``packed_linear`` over weights
+packed by ``pack_weight``), greedy sampling, and a whole decoder stack in one call.
 
-Built on first use with ``torch.utils.cpp_extension.load_inline`` into a per-user cache folder
-(keyed by the source, the flags and the CPU's instruction set, so a cached build is never loaded
-on a machine it was not compiled for). Building takes about a minute once; later processes load
-the cached library in well under a second.
+One library holds every variant: ``avx512``, ``avx2`` (AVX2 + FMA) and ``portable`` (any CPU,
+aarch64 included; on other than x86-64 with GCC it is the only one). ``load()`` returns the
+variant this process uses: ``PAGEDSERVE_CPU_ISA`` when set (an error if this CPU cannot run it),
+else the best one the CPU supports. ``load(isa)`` returns a given variant (the tests compare each
+against the torch reference). ``PAGEDSERVE_CPU_KERNELS=0`` turns them off: every caller then
+keeps its torch path, which computes the same thing.
 
-``load()`` returns the module, or ``None`` when it cannot be built (no compiler, no ninja, a
-build error, ``PAGEDSERVE_CPU_KERNELS=0``): every caller then keeps its torch path, which
-computes the same thing. The torch reference and these kernels are compared in
-``tests/kernels/test_cpu_ops.py``.
+The library is built with ``torch.utils.cpp_extension`` into a per-user cache folder keyed by the
+sources and flags; ``make run``/``make test`` build it at install time (``python -m
+worker.kernels.cpu_ops``), so a first ``pagedserve up`` does not wait for the compiler (about two
+minutes on 2 cores). Later processes load the cached library in well under a second.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -27,53 +32,77 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-PANEL = 48  # output columns per packed panel; must equal PANEL in cpu_ops.cpp
+_DIR = Path(__file__).parent
+_SOURCES = ("cpu_ops.cpp", "cpu_kernels.h", "cpu_simd.h")
+_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+PANEL = 48  # output columns per packed panel; must equal PANEL in cpu_kernels.h
+ISAS = ("avx512", "avx2", "portable")  # best first
+ENV_ISA = "PAGEDSERVE_CPU_ISA"
+ENV_ENABLE = "PAGEDSERVE_CPU_KERNELS"
 
 _lock = threading.Lock()
-_module: ModuleType | None = None
+_library: ModuleType | None = None
 _tried = False
+_chosen: dict[str, ModuleType] = {}  # PAGEDSERVE_CPU_ISA's value -> the variant load() gives
 
 
-def load() -> ModuleType | None:
-    """The compiled module, built once per process (thread-safe); ``None`` if unavailable."""
-    global _module, _tried
+def library() -> ModuleType | None:
+    """The compiled library (every variant), built once per process (thread-safe); ``None`` if
+    turned off or it cannot be built."""
+    global _library, _tried
     if _tried:
-        return _module
+        return _library
     with _lock:
         if not _tried:
-            _module = _build()
+            _library = _build()
             _tried = True
-    return _module
+    return _library
 
 
-def _build() -> ModuleType | None:
-    if os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
+def available_isas() -> list[str]:
+    """The variants this CPU can run, best first; ``[]`` when the kernels are off or unbuilt."""
+    lib = library()
+    return [] if lib is None else [isa for isa in ISAS
+                                   if hasattr(lib, isa) and lib.cpu_supports(isa)]
 
-        source = _SOURCE.read_text()
-        name = f"pagedserve_cpu_ops_{_fingerprint(source)}"
-        build_dir = _cache_root() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-    except Exception as exc:  # no torch extension support, no writable cache
-        logger.warning("fused CPU kernels unavailable, using the torch path: %s", exc)
+
+def selected_isa() -> str | None:
+    """The variant ``load()`` returns: ``PAGEDSERVE_CPU_ISA`` if set, else the best available;
+    ``None`` when the kernels are off or unbuilt. Raises ``ValueError`` if the variant asked for
+    is unknown or cannot run on this CPU (never a silent fall-back to a slower one)."""
+    available = available_isas()
+    if not available:
         return None
-    failed = build_dir / "BUILD_FAILED"
-    if failed.exists():  # remembered, so every process does not spend the build time again
-        logger.info("fused CPU kernels unavailable (earlier build failed; delete %s to retry)",
-                    build_dir)
+    wanted = os.environ.get(ENV_ISA, "").strip().lower()
+    if wanted in ("", "auto"):
+        return available[0]
+    if wanted not in ISAS:
+        raise ValueError(f"{ENV_ISA}={wanted!r}: want one of {', '.join(ISAS)} or auto")
+    if wanted not in available:
+        raise ValueError(f"{ENV_ISA}={wanted}: this CPU runs only {', '.join(available)}")
+    return wanted
+
+
+def load(isa: str | None = None) -> ModuleType | None:
+    """The kernels of variant ``isa`` (default: ``selected_isa()``), or ``None`` when the kernels
+    are off or unbuilt. The module has the same functions whatever the variant. Called on every
+    forward pass, so the default's answer is kept per value of ``PAGEDSERVE_CPU_ISA``."""
+    lib = library()
+    if lib is None:
         return None
-    try:
-        return load_inline(name=name, cpp_sources=[source],  # bindings: end of the .cpp
-                           extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a build error: use the torch path
-        logger.warning("fused CPU kernels unavailable, using the torch path: %s", exc)
-        failed.write_text(str(exc))
-        return None
+    if isa is None:
+        wanted = os.environ.get(ENV_ISA, "")
+        module = _chosen.get(wanted)
+        if module is None:
+            isa = selected_isa()
+            module = _chosen[wanted] = getattr(lib, str(isa))
+            logger.info("cpu kernels: %s (this CPU runs %s; %s chooses)", isa,
+                        ", ".join(available_isas()), ENV_ISA)
+        return module
+    if isa not in available_isas():
+        raise ValueError(f"cpu kernels: {isa} cannot run here (this CPU runs "
+                         f"{', '.join(available_isas()) or 'none'})")
+    return getattr(lib, str(isa))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -86,23 +115,67 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
-def _fingerprint(source: str) -> str:
+def _build() -> ModuleType | None:
+    if os.environ.get(ENV_ENABLE, "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        name = f"pagedserve_cpu_ops_{_fingerprint()}"
+        build_dir = _cache_root() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:  # no torch extension support, no writable cache
+        logger.warning("fused CPU kernels unavailable, using the torch path: %s", exc)
+        return None
+    failed = build_dir / "BUILD_FAILED"
+    if failed.exists():  # remembered, so every process does not spend the build time again
+        logger.warning("fused CPU kernels unavailable, using the torch path (earlier build "
+                       "failed; delete %s to retry)", build_dir)
+        return None
+    if not any(build_dir.glob(f"{name}*.so")):
+        logger.warning("building the fused CPU kernels (once, about two minutes) in %s",
+                       build_dir)
+    try:
+        return load_extension(name=name, sources=[str(_DIR / "cpu_ops.cpp")],
+                              extra_include_paths=[str(_DIR)], extra_cflags=_FLAGS,
+                              extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                              verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a build error: use the torch path
+        logger.warning("fused CPU kernels unavailable, using the torch path: %s", exc)
+        failed.write_text(str(exc))
+        return None
+
+
+def _fingerprint() -> str:
     h = hashlib.sha256()
-    for part in (source, " ".join(_FLAGS), torch.__version__, platform.machine(), _cpu_flags()):
+    for part in (*[(_DIR / s).read_text() for s in _SOURCES], " ".join(_FLAGS),
+                 torch.__version__, platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pagedserve" / "cpu_ops"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m worker.kernels.cpu_ops``: build the kernels now (the install step) and say
+    which variant this machine will use."""
+    parser = argparse.ArgumentParser(prog="python -m worker.kernels.cpu_ops",
+                                     description=main.__doc__)
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    if library() is None:
+        print("pagedserve: fused CPU kernels NOT available (see the warning above); workers will "
+              "use the slower torch ops", file=sys.stderr)
+        return 0
+    print(f"pagedserve: fused CPU kernels ready ({time.perf_counter() - start:.0f}s); this CPU "
+          f"runs {', '.join(available_isas())}; workers use {selected_isa()} "
+          f"({ENV_ISA} chooses)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
