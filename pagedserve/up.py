@@ -3,6 +3,11 @@
 Starts workers, then the scheduler, then the router, each once the previous ones answer
 ``grpc.health.v1`` SERVING; serves until Ctrl-C/SIGTERM or until any process dies; then stops the
 router first and the workers last, each with SIGTERM (graceful) and SIGKILL after a grace period.
+
+While it starts, it says on stderr which process it started, what it is waiting for (again every
+``PROGRESS_EVERY_S`` seconds, with the time since that process started: a first start on CPU
+spends about a minute building the C++ kernels, and until the router serves, clients get
+"Connection refused"), and when each one is ready.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,7 +43,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--metrics", action="store_true",
                         help="serve Prometheus metrics (ports printed at start)")
-    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--startup-timeout", type=float, default=300.0,
+                        help="seconds each process may take, from its start, to serve")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -53,21 +62,80 @@ def _module_of(proc: subprocess.Popen[bytes]) -> str:
     return argv[2]
 
 
-def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{_module_of(proc)} exited with code {proc.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{address} not serving after {timeout:.0f}s")
+PROGRESS_EVERY_S = 5.0
+POLL_S = 0.2
+
+
+class _Process(Protocol):  # what waiting needs of a child: subprocess.Popen, or a test's fake
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Child:
+    """A started child process as ``up`` reports it: ``name`` ("worker 0", "scheduler",
+    "router"), the address it will serve on, what it does before it serves, and when (the
+    ``time.monotonic()`` value) it was started."""
+
+    name: str
+    address: str
+    doing: str
+    started: float
+
+
+def say(message: str, out: TextIO | None = None) -> None:
+    """One progress line on stderr (plain print: ``up`` configures logging for the children)."""
+    print(f"up: {message}", file=out or sys.stderr, flush=True)
+
+
+def wait_until_serving(
+    child: Child, proc: _Process, timeout: float, is_serving: Callable[[], bool], *,
+    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+    every_s: float = PROGRESS_EVERY_S, out: TextIO | None = None,
+) -> float:
+    """Polls ``is_serving`` until it is true; returns the seconds since the child started.
+
+    Says "waiting for ..." when the first check fails, again every ``every_s`` seconds with the
+    time so far, and "... ready" at the end. Raises ``RuntimeError`` if the process exits and
+    ``TimeoutError`` once it has not served ``timeout`` seconds after it started."""
+    next_report: float | None = None  # None: not announced yet
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {proc.returncode} before serving")
+        if is_serving():
+            elapsed = clock() - child.started
+            say(f"{child.name} ready on {child.address} after {elapsed:.1f}s", out)
+            return elapsed
+        now = clock()
+        elapsed = now - child.started
+        if elapsed >= timeout:
+            raise TimeoutError(f"{child.name} not serving on {child.address} after "
+                               f"{timeout:.0f}s (--startup-timeout)")
+        if next_report is None or now >= next_report:
+            so_far = f" {elapsed:.0f}s" if next_report is not None else ""
+            say(f"waiting for {child.name} on {child.address} ({child.doing}) ...{so_far}", out)
+            next_report = now + every_s
+        sleep(POLL_S)
+
+
+def health_check(channel: grpc.Channel) -> Callable[[], bool]:
+    """One ``grpc.health.v1`` check per call: True once the server answers SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def is_serving() -> bool:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:  # not listening yet ("Connection refused"), or not answering
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return is_serving
+
+
+def wait_serving(child: Child, proc: _Process, timeout: float) -> float:
+    with grpc.insecure_channel(child.address) as channel:
+        return wait_until_serving(child, proc, timeout, health_check(channel))
 
 
 class Supervisor:
@@ -75,51 +143,75 @@ class Supervisor:
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, module: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, module: str, argv: list[str], name: str, address: str,
+              doing: str) -> tuple[Child, subprocess.Popen[bytes]]:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
         proc = subprocess.Popen(cmd)
         self.procs.append(proc)
-        return proc
+        say(f"started {name} (pid {proc.pid}), to serve on {address}")
+        return Child(name, address, doing, time.monotonic()), proc
 
     def start(self) -> str:
+        """Starts every process in order, each once the ones it needs serve; the router's
+        address."""
         a = self.args
-        model = ["--model", a.model] if a.model else []
         metrics: dict[str, int] = {}
-        worker_addrs = []
+        workers = self._start_workers(metrics)
+        for child, proc in workers:  # they load in parallel; wait for each in turn
+            wait_serving(child, proc, a.startup_timeout)
+        scheduler, proc = self._start_scheduler([child.address for child, _ in workers], metrics)
+        wait_serving(scheduler, proc, a.startup_timeout)
+        router, proc = self._start_router(scheduler.address, metrics)
+        wait_serving(router, proc, a.startup_timeout)
+        for name, port in metrics.items():
+            print(f"metrics: {name} http://127.0.0.1:{port}/metrics", flush=True)
+        return router.address
+
+    def _start_workers(self, metrics: dict[str, int]
+                       ) -> list[tuple[Child, subprocess.Popen[bytes]]]:
+        a = self.args
+        started = []
         for i in range(a.workers):
             port = free_port()
-            argv = [*model, "--port", str(port), "--worker-id", f"worker-{i}",
+            argv = [*self._model_args(), "--port", str(port), "--worker-id", f"worker-{i}",
                     "--kv-cache-memory-gib", str(a.kv_cache_memory_gib),
                     "--block-size", str(a.block_size),
                     "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
             if a.metrics:
                 metrics[f"worker-{i}"] = free_port()
                 argv += ["--metrics-port", str(metrics[f"worker-{i}"])]
-            worker_addrs.append((f"127.0.0.1:{port}", self.spawn("worker", argv)))
-        for addr, proc in worker_addrs:
-            wait_serving(addr, proc, a.startup_timeout)
+            started.append(self.spawn("worker", argv, f"worker {i}", f"127.0.0.1:{port}",
+                                      "loading the model / building CPU kernels"))
+        return started
+
+    def _start_scheduler(self, worker_addrs: list[str], metrics: dict[str, int]
+                         ) -> tuple[Child, subprocess.Popen[bytes]]:
+        a = self.args
         sched_port = a.scheduler_port or free_port()
         argv = ["--port", str(sched_port), "--kvstore", a.kvstore,
                 "--preemption-mode", a.preemption_mode,
                 "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
-        for addr, _ in worker_addrs:
+        for addr in worker_addrs:
             argv += ["--worker", addr]
         if a.metrics:
             metrics["scheduler"] = free_port()
             argv += ["--metrics-port", str(metrics["scheduler"])]
-        sched = self.spawn("scheduler", argv)
-        wait_serving(f"127.0.0.1:{sched_port}", sched, a.startup_timeout)
-        argv = [*model, "--host", a.host, "--port", str(a.port),
-                "--scheduler-address", f"127.0.0.1:{sched_port}"]
+        return self.spawn("scheduler", argv, "scheduler", f"127.0.0.1:{sched_port}",
+                          "connecting to the workers")
+
+    def _start_router(self, sched_address: str, metrics: dict[str, int]
+                      ) -> tuple[Child, subprocess.Popen[bytes]]:
+        a = self.args
+        argv = [*self._model_args(), "--host", a.host, "--port", str(a.port),
+                "--scheduler-address", sched_address]
         if a.metrics:
             metrics["router"] = free_port()
             argv += ["--metrics-port", str(metrics["router"])]
-        router = self.spawn("router", argv)
         address = f"{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{a.port}"
-        wait_serving(address, router, a.startup_timeout)
-        for name, port in metrics.items():
-            print(f"metrics: {name} http://127.0.0.1:{port}/metrics", flush=True)
-        return address
+        return self.spawn("router", argv, "router", address, "loading the tokenizer")
+
+    def _model_args(self) -> list[str]:
+        return ["--model", self.args.model] if self.args.model else []
 
     def wait(self) -> int:
         stop = {"signal": False}

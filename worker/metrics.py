@@ -57,6 +57,11 @@ class WorkerMetrics:
         self._build_steps(registry)
         self.attention_backend = Info(
             f"{PREFIX}_attention_backend", "Attention backend in use.", registry=registry)
+        self.cpu_kernels = Info(
+            f"{PREFIX}_cpu_kernels",
+            "Fused CPU kernel variant in use (isa: avx512, avx2, portable; off = torch ops; "
+            "none = not a CPU worker) and the variants this CPU can run (available).",
+            registry=registry)
 
     def _build_pools(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -90,6 +95,10 @@ class WorkerMetrics:
     def set_backend(self, backend: str, device: str) -> None:
         self.attention_backend.info(
             {"backend": backend, "device": device, "worker_id": self._worker_id})
+
+    def set_cpu_kernels(self, isa: str, available: Iterable[str]) -> None:
+        """Once at start (``worker/cpu_kernels.py``); ``available`` is exported comma-joined."""
+        self.cpu_kernels.info({"isa": isa, "available": ",".join(available)})
 
     def set_pools(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Pool capacities, once after profiling."""

@@ -26,6 +26,7 @@ from pagedserve.step_codec import ScheduledRow, scheduled_rows
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import GIB, CacheEngine, block_bytes, num_blocks_for_budget
 from worker.config import WorkerConfig
+from worker.cpu_kernels import CpuKernels, cpu_kernels
 from worker.metrics import WorkerMetrics
 from worker.model_runner import ModelRunner, ScheduledWork, StepResult
 from worker.models.config import ModelConfig
@@ -58,6 +59,8 @@ class Worker:
         self.model, self.model_config = load_model(
             self.model_path, self.placement.dtype, self.placement.device, self.placement.backend
         )
+        self.cpu_kernels: CpuKernels = cpu_kernels(self.placement.device, self.placement.dtype)
+        logger.info("cpu kernels: %s", self.cpu_kernels.describe())
         self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(
             self.model, self.sampler, config.cache.block_size, self.placement.device

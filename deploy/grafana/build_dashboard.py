@@ -42,6 +42,16 @@ def panel(title: str, targets: list[tuple[str, str]], unit: str = "short",
     }
 
 
+def info_table(title: str, metric: str, columns: list[str]) -> dict[str, Any]:
+    """An info series' labels as a table, one row per scrape target (instant query)."""
+    p = panel(title, [(metric, "")], kind="table")
+    for target in p["targets"]:
+        target.update(format="table", instant=True)
+    p["transformations"] = [{"id": "filterFieldsByName",
+                             "options": {"include": {"names": columns}}}]
+    return p
+
+
 def overview() -> list[dict[str, Any]]:
     r = "pagedserve_router"
     return [
@@ -114,6 +124,8 @@ def worker_health() -> list[dict[str, Any]]:
                  f"(rate({w}_sampling_duration_seconds_bucket[{RATE}])))"), "{{instance}}")], "s"),
         panel("Attention backend", [(f"{w}_attention_backend_info", "{{backend}} on {{device}}")],
               kind="table"),
+        info_table("CPU kernels per worker (off = torch ops, none = GPU)",
+                   f"{w}_cpu_kernels_info", ["instance", "isa", "available"]),
     ]
 
 

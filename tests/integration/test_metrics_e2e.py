@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 import yaml
 
 from protos.pagedserve.v1 import common_pb2, generation_pb2
@@ -31,6 +32,7 @@ from tests.support.prometheus import PrometheusServer
 from tests.support.promql import grafana_to_promql, metric_names, scraped_names, scraped_samples
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_factory import cpu_worker_config
+from worker.cpu_kernels import cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_BLOCKS = 64
@@ -43,6 +45,7 @@ NUM_GENERATED_TOKENS = sum(n for _, n in WORKLOAD)
 #: prompt + output - 1 tokens (the last sampled token is never computed).
 NUM_CACHED_BLOCKS = sum((p + n - 1) // BLOCK_SIZE for p, n in WORKLOAD)
 SECRET_PROMPT = "zebra-secret-prompt"
+CPU_ISAS = ("avx512", "avx2", "portable")  # cpu_ops.ISAS
 
 
 def _request(ids: list[int] | None, max_tokens: int, text: str = "",
@@ -167,6 +170,10 @@ def test_worker_endpoint_reports_pool_work_memory_and_backend(workload: dict[str
     assert (_value(page, "pagedserve_worker_device_memory_allocated_bytes") or 0) > 0
     assert _value(page, "pagedserve_worker_attention_backend_info", backend="torch",
                   device="cpu", worker_id="test-worker") == 1
+    kernels = cpu_kernels(torch.device("cpu"), torch.float32)  # what this CPU worker runs
+    assert kernels.isa in (*CPU_ISAS, "off")
+    assert _value(page, "pagedserve_worker_cpu_kernels_info", isa=kernels.isa,
+                  available=",".join(kernels.available)) == 1
 
 
 def test_prometheus_scrapes_the_cluster_and_promql_returns_the_counts(
@@ -203,14 +210,18 @@ def test_dashboard_and_alerts_name_only_series_the_live_endpoints_declare(
 def test_scheduler_logs_a_periodic_info_line_without_prompts(
         cluster: ClusterThread, caplog: pytest.LogCaptureFixture) -> None:
     worker = cluster.cluster.engine.workers[0].handle.name
+    def stats_lines() -> list[logging.LogRecord]:
+        return [r for r in list(caplog.records) if r.name == "scheduler.observability"
+                and r.levelno == logging.INFO and "throughput" in r.getMessage()]
+
     with caplog.at_level(logging.INFO):
         msgs = list(cluster.generation.Generate(
             _request(None, 120, text=SECRET_PROMPT, temperature=0.0), timeout=60))
         assert sum(len(m.token_ids) for m in msgs) == 120
-        time.sleep(0.5)  # at least two more lines after the request
-    lines = [r for r in caplog.records if r.name == "scheduler.observability"
-             and r.levelno == logging.INFO and "throughput" in r.getMessage()]
-    assert len(lines) >= 2
+        num_before = len(stats_lines())
+        _eventually(lambda: len(stats_lines()) >= num_before + 2,
+                    "two more stats lines after the request")
+    lines = stats_lines()
     text = lines[-1].getMessage()
     for field in ("prompt throughput", "generation throughput", "running 0", "waiting 0",
                   "swapped 0", f"KV usage {worker}=0.0%", "prefix cache hit rate"):

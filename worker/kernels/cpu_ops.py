@@ -95,9 +95,7 @@ def load(isa: str | None = None) -> ModuleType | None:
         module = _chosen.get(wanted)
         if module is None:
             isa = selected_isa()
-            module = _chosen[wanted] = getattr(lib, str(isa))
-            logger.info("cpu kernels: %s (this CPU runs %s; %s chooses)", isa,
-                        ", ".join(available_isas()), ENV_ISA)
+            module = _chosen[wanted] = getattr(lib, str(isa))  # the worker logs the choice
         return module
     if isa not in available_isas():
         raise ValueError(f"cpu kernels: {isa} cannot run here (this CPU runs "
