@@ -56,5 +56,11 @@ def test_up_generate_and_ctrl_c(tmp_path):
     text = (tmp_path / "up.log").read_text()
     assert code == 0, text
     assert "pagedserve stopped" in text
+    # What it waited for while it started, in order (stderr; WARNING keeps the children quiet).
+    progress = [line for line in text.splitlines() if line.startswith("up: ")]
+    ready = [line.split(" ready on ")[0] for line in progress if " ready on " in line]
+    assert ready == ["up: worker 0", "up: worker 1", "up: scheduler", "up: router"], text
+    assert f"up: router ready on 127.0.0.1:{port} after " in text
+    assert any(line.startswith("up: started worker 1 (pid ") for line in progress), text
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "child processes left running"

