@@ -8,7 +8,9 @@ command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "install_services: need root to apt-get install ${missing[*]}" >&2
+    echo "install_services: the integration tests need ${missing[*]}; install them as root with:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    echo "(or run 'make test-unit': the unit tests need no service, no root and no model file)" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive

@@ -1,4 +1,5 @@
-"""``pagedserve bench throughput | scheduler | prefix | suite``.
+"""``pagedserve bench throughput | scheduler | prefix | memory | preemption | decode-step | peers
+| suite``.
 
 Each benchmark measures its baseline in the same invocation and prints ratios against it."""
 
@@ -89,6 +90,12 @@ def _preemption(argv: list[str]) -> int:
     return preemption_main(argv)
 
 
+def _peers(argv: list[str]) -> int:
+    from pagedserve.bench.peers import main as peers_main
+
+    return peers_main(argv)
+
+
 def _decode_step(argv: list[str]) -> int:
     from pagedserve.bench.decode_step import main as decode_main
 
@@ -98,14 +105,15 @@ def _decode_step(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"throughput": _throughput, "scheduler": _scheduler, "prefix": _prefix,
-                "memory": _memory, "preemption": _preemption, "decode-step": _decode_step}
+                "memory": _memory, "preemption": _preemption, "decode-step": _decode_step,
+                "peers": _peers}
     if argv and argv[0] == "suite":
         from pagedserve.bench.suite import main as suite_main
 
         return suite_main(argv[1:])
     if not argv or argv[0] not in commands:
         print("usage: pagedserve bench {throughput,scheduler,prefix,memory,preemption,"
-              "decode-step,suite} [--help]",
+              "decode-step,peers,suite} [--help]",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -22,6 +22,8 @@ from pagedserve.bench.peers import (
     prefix_workload,
 )
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 FAKE_VLLM = '''
 import os
 from types import SimpleNamespace as NS
@@ -131,10 +133,10 @@ def test_comparison_ratio_and_output_equality() -> None:
     c.runs["vllm"] = [Run(4.0, other, 0), Run(5.0, other, 0)]
     assert c.ratio == pytest.approx(2.0)  # fastest runs: 4.0 s / 2.0 s
     assert c.tokens_per_s("pagedserve") == pytest.approx(6.0)
-    assert c.equal_outputs() == (2, 3, [2])
+    assert c.equal_outputs() == (2, 3, [(1, 2)])
     text = format_comparison(c)
     assert "pagedserve / vLLM speed: 2.00x" in text
-    assert "2/3 requests (the others first differ at output token 2)" in text
+    assert "2/3 requests; the others differ: request 1 from output token 2" in text
 
 
 def test_prefix_workload_shares_its_prefix() -> None:
@@ -142,4 +144,5 @@ def test_prefix_workload_shares_its_prefix() -> None:
     assert len(w.prompts) == 4 and all(len(p) == 40 for p in w.prompts)
     assert all(p[:32] == w.prompts[0][:32] for p in w.prompts)
     assert len({tuple(p[32:]) for p in w.prompts}) == 4
-    assert w.max_tokens == [3] * 4 and w.prefix_caching
+    assert w.max_tokens == [3] * 4
+
