@@ -43,6 +43,12 @@ class LocalCluster:
         return f"127.0.0.1:{self.scheduler.port}"
 
     @property
+    def http_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` of the router's OpenAI-compatible API (``http=True``)."""
+        port = self.router.http_port
+        return None if port is None else f"http://127.0.0.1:{port}"
+
+    @property
     def engine(self):
         return self.scheduler.engine
 
@@ -68,10 +74,12 @@ async def start_local_cluster(
     workers: list[Worker] | None = None,
     router_config: RouterConfig | None = None,
     metrics: bool = False,
+    http: bool = False,
 ) -> LocalCluster:
     """Starts workers, then the scheduler (connected to them over gRPC), then the router.
     Pre-built ``workers`` (e.g. shared across tests) skip model loading. ``metrics`` serves
-    every service's /metrics on a free port (``LocalCluster.metrics_urls``)."""
+    every service's /metrics on a free port (``LocalCluster.metrics_urls``); ``http`` serves the
+    router's OpenAI-compatible API on a free port (``LocalCluster.http_url``)."""
     metrics_port = 0 if metrics else None
     if metrics:
         worker_configs = [replace(c, server=replace(c.server, metrics_port=0))
@@ -92,7 +100,7 @@ async def start_local_cluster(
     rconf = RouterConfig(
         model=str(model_path), scheduler_address=f"127.0.0.1:{scheduler.port}",
         server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0,
-                                  metrics_port=metrics_port),
+                                  metrics_port=metrics_port, http_port=0 if http else None),
         max_tokens_limit=rconf.max_tokens_limit, request_timeout_s=rconf.request_timeout_s,
     )
     tokenizer = await asyncio.to_thread(load_tokenizer, model_path)

@@ -19,6 +19,7 @@ class InvalidArgument(PagedServeError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 class ResourceExhausted(PagedServeError):
@@ -35,3 +36,16 @@ class Unavailable(PagedServeError):
 
 class NotFound(PagedServeError):
     code = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    """A request named a model this router does not serve. ``field`` is ``model``, as for
+    ``InvalidArgument``, so every edge can say which field was wrong."""
+
+    field = "model"
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(f"model: {requested!r} is not served here; this router serves "
+                         f"{served!r}")
+        self.requested = requested
+        self.served = served

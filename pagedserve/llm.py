@@ -130,7 +130,9 @@ class LLM:
         info = self.engine.model_info
         resolved = resolve_sampling_params(params, num_prompt_tokens=len(ids),
                                            max_model_len=info.max_model_len,
-                                           max_tokens_limit=info.max_model_len)
+                                           max_tokens_limit=info.max_model_len,
+                                           vocab_size=info.vocab_size,
+                                           eos_token_ids=info.eos_token_ids)
         request_id = f"offline-{next(self._ids)}"
         processor = OutputProcessor(request_id, self.tokenizer, resolved, len(ids))
         outs = [CompletionOutput(i) for i in range(max(resolved.n, 1))]

@@ -5,14 +5,28 @@ with every optional field set (except ``seed`` and ``logprobs``, whose absence m
 "no logprobs") and every range checked. Invariant: resolving an already resolved message returns an
 equal message, so downstream services may re-check without changing anything. Nothing here imports
 grpc; failures raise ``InvalidArgument`` naming the field (``params.top_p``).
+
+One home for each convention the services share:
+
+- **Defaults** (``DEFAULTS``, ``TOP_K_DISABLED``): what an unset field means. The router fills
+  them in; a worker handed a message that was never resolved reads the same table
+  (``param_or_default``).
+- **The stop set.** Resolved with the model's EOS ids, ``stop_token_ids`` lists every token that
+  ends an output: the client's stop ids, then the EOS ids unless ``ignore_eos``. It is computed
+  here, once, where the request is resolved, and carried in the message: the scheduler's stop
+  check, beam search, the worker's ``min_tokens`` suppression and the router's "the stop token is
+  not part of the text" all read ``stop_token_ids`` and nothing else.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from pagedserve.errors import InvalidArgument
+from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 256
@@ -22,8 +36,28 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 PENALTY_RANGE = (-2.0, 2.0)
 
+TOP_K_DISABLED = -1  # the one spelling of "no top-k" after resolution (the proto also takes 0)
+
 _FLOAT_DEFAULTS = {"top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "length_penalty": 1.0}
+
+# What an unset field means (common.proto). ``temperature`` is 1.0 except with beam search, where
+# resolution makes it 0; ``logprobs`` unset means none (0).
+DEFAULTS: Mapping[str, float | int] = MappingProxyType({
+    "temperature": 1.0, "top_k": TOP_K_DISABLED, **_FLOAT_DEFAULTS,
+    "min_tokens": 0, "logprobs": 0,
+})
+
+
+def param_or_default(params: common_pb2.SamplingParams, name: str) -> float | int:
+    """``params.<name>`` if set, else its default from ``DEFAULTS``; a ``top_k`` of 0 reads as
+    ``TOP_K_DISABLED``."""
+    if not params.HasField(name):
+        return DEFAULTS[name]
+    value: float | int = getattr(params, name)
+    if name == "top_k" and value == 0:
+        return TOP_K_DISABLED
+    return value
 
 
 def make_sampling_params(**kwargs: Any) -> common_pb2.SamplingParams:
@@ -47,11 +81,14 @@ def resolve_sampling_params(
     max_model_len: int,
     max_tokens_limit: int,
     vocab_size: int | None = None,
+    eos_token_ids: Collection[int] = (),
 ) -> common_pb2.SamplingParams:
     """Returns a validated copy of ``params`` with defaults filled in; ``params`` is not changed.
 
     ``max_tokens`` defaults to ``DEFAULT_MAX_TOKENS`` clipped to what the context and the limit
-    leave after the prompt. Raises ``InvalidArgument`` naming the first bad field."""
+    leave after the prompt. ``eos_token_ids`` (the model's) join ``stop_token_ids`` unless
+    ``ignore_eos``: the resolved ``stop_token_ids`` is the request's whole stop set (see the module
+    doc). Raises ``InvalidArgument`` naming the first bad field."""
     out = common_pb2.SamplingParams()
     out.CopyFrom(params)
     _check_finite(out)
@@ -59,7 +96,7 @@ def resolve_sampling_params(
     _resolve_sampling(out)
     _resolve_penalties(out)
     _resolve_counts(out)
-    _resolve_stops(out, vocab_size)
+    _resolve_stops(out, vocab_size, eos_token_ids)
     if out.beam_width > 1:
         _check_beam_search(out)
     out.skip_special_tokens = True  # proto3 bool cannot say "unset"; the router's default wins
@@ -105,7 +142,7 @@ def _resolve_length(
 
 def _resolve_sampling(p: common_pb2.SamplingParams) -> None:
     if not p.HasField("temperature"):
-        p.temperature = 0.0 if p.beam_width > 1 else 1.0
+        p.temperature = 0.0 if p.beam_width > 1 else DEFAULTS["temperature"]
     if p.temperature < 0:
         raise _fail("temperature", f"must be >= 0 (0 = greedy), got {p.temperature}")
     for name, value in _FLOAT_DEFAULTS.items():
@@ -113,9 +150,8 @@ def _resolve_sampling(p: common_pb2.SamplingParams) -> None:
             setattr(p, name, value)
     if not 0 < p.top_p <= 1:
         raise _fail("top_p", f"must be in (0, 1], got {p.top_p}")
-    if not p.HasField("top_k") or p.top_k == 0:
-        p.top_k = -1  # 0 and -1 both mean "disabled"; downstream sees one spelling
-    if p.top_k < -1:
+    p.top_k = int(param_or_default(p, "top_k"))  # 0 and -1 both mean "disabled": one spelling
+    if p.top_k < TOP_K_DISABLED:
         raise _fail("top_k", f"must be -1 (disabled) or >= 1, got {p.top_k}")
     if not 0 <= p.min_p <= 1:
         raise _fail("min_p", f"must be in [0, 1], got {p.min_p}")
@@ -154,22 +190,24 @@ def _resolve_counts(p: common_pb2.SamplingParams) -> None:
         raise _fail(name, "greedy sampling (temperature 0) gives one answer; set temperature > 0")
 
 
-def _resolve_stops(p: common_pb2.SamplingParams, vocab_size: int | None) -> None:
+def _resolve_stops(p: common_pb2.SamplingParams, vocab_size: int | None,
+                   eos_token_ids: Collection[int]) -> None:
     if len(p.stop) > MAX_STOP_STRINGS:
         raise _fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
     for i, stop in enumerate(p.stop):
         if not stop or len(stop) > MAX_STOP_STRING_CHARS:
             raise _fail(f"stop[{i}]", f"must be 1 to {MAX_STOP_STRING_CHARS} characters")
-    for i, token_id in enumerate(p.stop_token_ids):
-        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
-            raise _fail(f"stop_token_ids[{i}]", f"{token_id} is not a token id of this model")
+    check_token_ids(p.stop_token_ids, vocab_size, "params.stop_token_ids")
+    if not p.ignore_eos:  # the stop set, once: EOS joins the client's ids (idempotent)
+        present = set(p.stop_token_ids)
+        p.stop_token_ids.extend([t for t in dict.fromkeys(eos_token_ids) if t not in present])
 
 
 def _check_beam_search(p: common_pb2.SamplingParams) -> None:
     """Beam search is deterministic: it ranks beams by cumulative logprob and samples nothing."""
     conflicts = (("temperature", p.temperature != 0, "must be 0 or unset with beam search"),
                  ("top_p", p.top_p != 1, "must be 1 or unset with beam search"),
-                 ("top_k", p.top_k != -1, "must be -1 or unset with beam search"),
+                 ("top_k", p.top_k != TOP_K_DISABLED, "must be -1 or unset with beam search"),
                  ("min_p", p.min_p != 0, "must be 0 or unset with beam search"),
                  ("n", p.n > p.beam_width, f"must be <= beam_width={p.beam_width}"),
                  ("best_of", p.best_of != p.beam_width, "must equal beam_width or be unset"))

@@ -1,8 +1,9 @@
 """``pagedserve up``: router + scheduler + N workers as separate processes on this machine.
 
-Starts workers, then the scheduler, then the router, each once the previous ones answer
-``grpc.health.v1`` SERVING; serves until Ctrl-C/SIGTERM or until any process dies; then stops the
-router first and the workers last, each with SIGTERM (graceful) and SIGKILL after a grace period.
+Starts workers, then the scheduler, then the router (gRPC on ``--port``, the OpenAI-compatible
+HTTP API on ``--http-port``), each once the previous ones answer ``grpc.health.v1`` SERVING;
+serves until Ctrl-C/SIGTERM or until any process dies; then stops the router first and the
+workers last, each with SIGTERM (graceful) and SIGKILL after a grace period.
 
 While it starts, it says on stderr which process it started, what it is waiting for (again every
 ``PROGRESS_EVERY_S`` seconds, with the time since that process started: a first start on CPU
@@ -34,7 +35,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HF directory or .gguf file (default: packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--workers", type=int, default=1, help="number of worker processes")
     parser.add_argument("--host", default="127.0.0.1", help="router bind address")
-    parser.add_argument("--port", type=int, default=50051, help="router port")
+    parser.add_argument("--port", type=int, default=50051, help="router port (gRPC)")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="router's OpenAI-compatible HTTP API port (0 = a free port)")
     parser.add_argument("--scheduler-port", type=int, default=0, help="0 = a free port")
     parser.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     parser.add_argument("--block-size", type=int, default=16)
@@ -151,9 +154,9 @@ class Supervisor:
         say(f"started {name} (pid {proc.pid}), to serve on {address}")
         return Child(name, address, doing, time.monotonic()), proc
 
-    def start(self) -> str:
-        """Starts every process in order, each once the ones it needs serve; the router's
-        address."""
+    def start(self) -> tuple[str, str]:
+        """Starts every process in order, each once the ones it needs serve; the router's gRPC
+        address and its HTTP API's URL."""
         a = self.args
         metrics: dict[str, int] = {}
         workers = self._start_workers(metrics)
@@ -161,11 +164,12 @@ class Supervisor:
             wait_serving(child, proc, a.startup_timeout)
         scheduler, proc = self._start_scheduler([child.address for child, _ in workers], metrics)
         wait_serving(scheduler, proc, a.startup_timeout)
-        router, proc = self._start_router(scheduler.address, metrics)
-        wait_serving(router, proc, a.startup_timeout)
+        http_port = a.http_port or free_port()
+        router, proc = self._start_router(scheduler.address, http_port, metrics)
+        wait_serving(router, proc, a.startup_timeout)  # SERVING: the HTTP port is bound too
         for name, port in metrics.items():
             print(f"metrics: {name} http://127.0.0.1:{port}/metrics", flush=True)
-        return router.address
+        return router.address, f"http://{router.address.rsplit(':', 1)[0]}:{http_port}"
 
     def _start_workers(self, metrics: dict[str, int]
                        ) -> list[tuple[Child, subprocess.Popen[bytes]]]:
@@ -199,11 +203,11 @@ class Supervisor:
         return self.spawn("scheduler", argv, "scheduler", f"127.0.0.1:{sched_port}",
                           "connecting to the workers")
 
-    def _start_router(self, sched_address: str, metrics: dict[str, int]
+    def _start_router(self, sched_address: str, http_port: int, metrics: dict[str, int]
                       ) -> tuple[Child, subprocess.Popen[bytes]]:
         a = self.args
         argv = [*self._model_args(), "--host", a.host, "--port", str(a.port),
-                "--scheduler-address", sched_address]
+                "--http-port", str(http_port), "--scheduler-address", sched_address]
         if a.metrics:
             metrics["router"] = free_port()
             argv += ["--metrics-port", str(metrics["router"])]
@@ -247,7 +251,10 @@ def run_up(args: argparse.Namespace) -> int:
     )
     sup = Supervisor(args)
     try:
-        address = sup.start()
+        address, http_url = sup.start()
+        print(f"OpenAI-compatible HTTP API at {http_url}/v1 (try: curl {http_url}/v1/completions "
+              f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France "
+              f"is\", \"max_tokens\": 16}}')", flush=True)
         print(f"pagedserve is up: router at {address} "
               f"(try: pagedserve generate --address {address} \"What is the capital of France?\")",
               flush=True)

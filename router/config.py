@@ -11,17 +11,20 @@ ENV_PREFIX = "PAGEDSERVE_ROUTER_"
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where the router listens. ``port`` 0 picks a free port (tests)."""
+    """Where the router listens. ``port`` 0 picks a free port (tests). ``http_port`` serves the
+    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port)."""
 
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 5.0
     metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
+    http_port: int | None = None
 
     def __post_init__(self) -> None:
-        metrics_port = 0 if self.metrics_port is None else self.metrics_port
-        if not 0 <= self.port <= 65535 or not 0 <= metrics_port <= 65535:
-            raise ValueError("port and metrics_port must be in [0, 65535]")
+        for name in ("port", "metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
 
@@ -67,6 +70,10 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--metrics-port", type=int,
                        default=int(metrics_port) if metrics_port else None,
                        help="serve Prometheus /metrics on this port (unset = off, 0 = any)")
+    http_port = _env("HTTP_PORT", None)
+    group.add_argument("--http-port", type=int, default=int(http_port) if http_port else None,
+                       help="serve the OpenAI-compatible HTTP API (/v1/completions, "
+                            "/v1/chat/completions, ...) on this port (unset = off, 0 = any)")
     group.add_argument("--grace-s", type=float, default=float(_env("GRACE_S", str(s.grace_s)) or 0))
     group.add_argument("--max-tokens-limit", type=int,
                        default=int(_env("MAX_TOKENS_LIMIT", str(d.max_tokens_limit)) or 1))
@@ -80,7 +87,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         model=args.model,
         scheduler_address=args.scheduler_address,
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace_s,
-                            metrics_port=args.metrics_port),
+                            metrics_port=args.metrics_port, http_port=args.http_port),
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.request_timeout_s,
         served_model_name=args.served_model_name,

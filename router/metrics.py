@@ -1,17 +1,23 @@
-"""Router metrics: what a client sees of each request (outcome, tokens, latency).
+"""Router metrics: what a client sees of each request (outcome, tokens, latency), per protocol.
 
 The router is where a request starts and ends for the client, so the request-latency
 histograms live here and carry the vLLM latency names. Engine-state vLLM names (queue
 sizes, KV usage, token counters) are exported by the scheduler instead, so that every
 ``vllm:*`` series comes from exactly one job and ``sum()`` never double counts.
 
-Call order for one request (``router/servicer.py``)::
+Every series carries ``protocol``: ``grpc`` (the ``Generation`` service) or ``http`` (the
+OpenAI-compatible API). Both are recorded by the same code (``router/generation.py``); an HTTP
+request's ``code`` is the gRPC status its HTTP status was mapped from, so one set of outcomes and
+codes covers both. Both protocols' series exist from the start (at 0).
 
-    with metrics.track_stream():            # in-flight gauge
-        metrics.observe_ttft(s)             # once, at the first streamed token
-        metrics.observe_inter_token(s)      # for every later token
+Call order for one request (``router/generation.py``)::
+
+    with metrics.track_stream(protocol):              # in-flight gauge
+        metrics.observe_ttft(s, protocol)             # once, at the first streamed token
+        metrics.observe_inter_token(s, protocol)      # for every later token
         ...
-        metrics.request_finished(outcome, code, prompt_tokens, generated_tokens, e2e_s, ttft_s)
+        metrics.request_finished(outcome, code, prompt_tokens, generated_tokens, e2e_s, ttft_s,
+                                 protocol=protocol)
 
 Queue time (submitted -> first scheduled) is only known to the scheduler, which exports it as
 ``pagedserve_scheduler_request_queue_time_seconds`` (alias ``vllm:request_queue_time_seconds``).
@@ -29,6 +35,8 @@ from pagedserve.metrics_server import AliasCollector
 
 PREFIX = "pagedserve_router"
 
+#: Allowed ``protocol`` label values: the public APIs that carry requests.
+PROTOCOLS = ("grpc", "http")
 #: Allowed ``outcome`` label values; a fixed set keeps label cardinality bounded.
 OUTCOMES = ("ok", "cancelled", "deadline_exceeded", "rejected", "error")
 _OUTCOME_BY_CODE = {
@@ -74,17 +82,23 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry, model_name: str = "") -> None:
         self.requests = Counter(
-            f"{PREFIX}_requests", "Finished requests by outcome and gRPC status code.",
-            ["outcome", "code"], registry=registry)
+            f"{PREFIX}_requests", "Finished requests by protocol, outcome and gRPC status code.",
+            ["protocol", "outcome", "code"], registry=registry)
         self.streams_in_flight = Gauge(
-            f"{PREFIX}_streams_in_flight", "Generate streams currently open.", registry=registry)
+            f"{PREFIX}_streams_in_flight", "Generation requests currently open.", ["protocol"],
+            registry=registry)
         self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of accepted requests.", registry=registry)
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of accepted requests.", ["protocol"],
+            registry=registry)
         self.generated_tokens = Counter(
             f"{PREFIX}_generated_tokens",
-            "Tokens streamed back to clients (counted when their request ends).",
+            "Tokens streamed back to clients (counted when their request ends).", ["protocol"],
             registry=registry)
         self._build_histograms(registry)
+        for protocol in PROTOCOLS:  # every protocol's series exists (at 0) from the start
+            for metric in (self.streams_in_flight, self.prompt_tokens, self.generated_tokens,
+                           self.ttft, self.inter_token, self.tpot, self.e2e):
+                metric.labels(protocol=protocol)
         registry.register(AliasCollector(
             [self.ttft, self.inter_token, self.tpot, self.e2e],
             VLLM_NAME_MAP, {"model_name": model_name} if model_name else None))
@@ -92,28 +106,28 @@ class RouterMetrics:
     def _build_histograms(self, registry: CollectorRegistry) -> None:
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "Request arrival to first streamed token.",
-            buckets=TTFT_BUCKETS, registry=registry)
+            ["protocol"], buckets=TTFT_BUCKETS, registry=registry)
         self.inter_token = Histogram(
             f"{PREFIX}_inter_token_latency_seconds", "Gap between consecutive streamed tokens.",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
+            ["protocol"], buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
         self.tpot = Histogram(
             f"{PREFIX}_time_per_output_token_seconds",
             "Per request: (e2e - ttft) / (generated tokens - 1).",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
+            ["protocol"], buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
         self.e2e = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "Request arrival to stream end, for requests that reached the scheduler.",
-            buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+            ["protocol"], buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
 
-    def track_stream(self) -> AbstractContextManager[None]:
-        """Context manager counting one open stream (decrements on any exit path)."""
-        return self.streams_in_flight.track_inprogress()
+    def track_stream(self, protocol: str) -> AbstractContextManager[None]:
+        """Context manager counting one open request (decrements on any exit path)."""
+        return self.streams_in_flight.labels(protocol=_checked(protocol)).track_inprogress()
 
-    def observe_ttft(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+    def observe_ttft(self, seconds: float, protocol: str) -> None:
+        self.ttft.labels(protocol=protocol).observe(seconds)
 
-    def observe_inter_token(self, seconds: float) -> None:
-        self.inter_token.observe(seconds)
+    def observe_inter_token(self, seconds: float, protocol: str) -> None:
+        self.inter_token.labels(protocol=protocol).observe(seconds)
 
     def request_finished(
         self,
@@ -123,21 +137,30 @@ class RouterMetrics:
         generated_tokens: int,
         e2e_s: float | None,
         ttft_s: float | None = None,
+        *,
+        protocol: str,
     ) -> None:
         """Record a finished request; also its time per output token when ``ttft_s`` is known.
 
         ``code`` is the gRPC status name (``"OK"``, ``"CANCELLED"``...). ``e2e_s`` None (refused
         before reaching the scheduler) keeps the latency histograms free of refusals. Raises
-        ``ValueError`` for an outcome outside :data:`OUTCOMES`.
+        ``ValueError`` for an outcome outside :data:`OUTCOMES` or a protocol outside
+        :data:`PROTOCOLS`.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
-        self.requests.labels(outcome=outcome, code=code).inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generated_tokens.inc(generated_tokens)
+        self.requests.labels(protocol=_checked(protocol), outcome=outcome, code=code).inc()
+        self.prompt_tokens.labels(protocol=protocol).inc(prompt_tokens)
+        self.generated_tokens.labels(protocol=protocol).inc(generated_tokens)
         if e2e_s is None:
             return
-        self.e2e.observe(e2e_s)
+        self.e2e.labels(protocol=protocol).observe(e2e_s)
         if ttft_s is not None and generated_tokens > 1:
-            self.tpot.observe((e2e_s - ttft_s) / (generated_tokens - 1))
+            self.tpot.labels(protocol=protocol).observe((e2e_s - ttft_s) / (generated_tokens - 1))
+
+
+def _checked(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+    return protocol
 

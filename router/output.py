@@ -33,7 +33,9 @@ class _OutputState:
 
 
 class OutputProcessor:
-    """Owns the text state of every output of one request; holds no I/O."""
+    """Owns the text state of every output of one request; holds no I/O. ``params`` are
+    resolved (``pagedserve.sampling.resolve_sampling_params`` with the model's EOS ids), so
+    ``params.stop_token_ids`` is the request's whole stop set."""
 
     def __init__(
         self,
@@ -46,9 +48,8 @@ class OutputProcessor:
         self._tokenizer = tokenizer
         self._params = params
         self._num_prompt_tokens = num_prompt_tokens
-        self._stop_token_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids)
-        )
+        # Resolved params carry the whole stop set, EOS included (pagedserve.sampling).
+        self._stop_token_ids = frozenset(params.stop_token_ids)
         self._outputs = [self._new_state() for _ in range(max(params.n, 1))]
 
     @property

@@ -2,7 +2,8 @@
 params.
 
 Everything a client can get wrong is found here, before the scheduler sees the request, and raised
-as ``InvalidArgument`` naming the field (``prompt.text``, ``params.top_p``, ``model``).
+as ``InvalidArgument`` naming the field (``prompt.text``, ``params.top_p``); a model this router
+does not serve as ``ModelNotFound`` (``NOT_FOUND``, field ``model``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.errors import InvalidArgument, ModelNotFound
 from pagedserve.sampling import resolve_sampling_params
+from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from router.tokenizer import Tokenizer
 
@@ -22,8 +24,11 @@ MAX_REQUEST_ID_CHARS = 128
 class ServedModel:
     """What the scheduler serves, learned once at start (``Scheduler.GetModelInfo``).
 
-    ``max_num_tokens_per_request`` is what the smallest worker's KV pool can ever hold (0 = no
-    limit reported); a request beyond it could never run, so it is refused like a too-long one."""
+    ``max_num_tokens_per_request`` is what the largest worker's KV pool can ever hold (0 = no
+    limit reported); a request beyond it could never run anywhere, so it is refused like a
+    too-long one. Within it the scheduler places a request only on a worker whose pool holds it
+    (and refuses, RESOURCE_EXHAUSTED, what parallel samples make too large for every pool).
+    ``eos_token_ids`` are the model's: resolution adds them to each request's stop set."""
 
     name: str
     max_model_len: int
@@ -57,12 +62,13 @@ def prepare_request(
     max_tokens_limit: int,
 ) -> PreparedRequest:
     """Validates ``request``; returns its request id (made if empty), prompt ids and params."""
-    _check_model(request.model, model)
+    check_model(request.model, model)
     request_id = _request_id(request.request_id)
     prompt_ids = prompt_token_ids(request, tokenizer, model.vocab_size)
     params = resolve_sampling_params(
         request.params, num_prompt_tokens=len(prompt_ids), max_model_len=model.context_len,
         max_tokens_limit=max_tokens_limit, vocab_size=model.vocab_size,
+        eos_token_ids=model.eos_token_ids,
     )
     return PreparedRequest(request_id, prompt_ids, params)
 
@@ -83,13 +89,13 @@ def prompt_token_ids(
         return tokenizer.encode(request.text, add_special_tokens=True)
     if kind == "chat":
         return tokenizer.encode_chat(_chat_messages(request.chat, tokenizer))
-    return _checked_token_ids(list(request.token_ids.ids), vocab_size)
+    return checked_token_ids(list(request.token_ids.ids), vocab_size)
 
 
-def _check_model(requested: str, model: ServedModel) -> None:
+def check_model(requested: str, model: ServedModel) -> None:
+    """An empty name means the served model; any other name must be it."""
     if requested and requested != model.name:
-        raise InvalidArgument("model", f"{requested!r} is not served here; this router serves "
-                              f"{model.name!r}")
+        raise ModelNotFound(requested, model.name)
 
 
 def _request_id(requested: str) -> str:
@@ -109,11 +115,11 @@ def _chat_messages(chat: generation_pb2.ChatMessages, tokenizer: Tokenizer) -> l
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
-def _checked_token_ids(token_ids: list[int], vocab_size: int) -> list[int]:
+def checked_token_ids(token_ids: list[int], vocab_size: int,
+                      field: str = "prompt.token_ids") -> list[int]:
+    """``token_ids`` if it is non-empty and every id is in the vocabulary; else
+    ``InvalidArgument`` naming ``field`` (or its bad element, ``field[i]``)."""
     if not token_ids:
-        raise InvalidArgument("prompt.token_ids", "must not be empty")
-    for i, token_id in enumerate(token_ids):
-        if not 0 <= token_id < vocab_size:
-            raise InvalidArgument(f"prompt.token_ids[{i}]",
-                                  f"{token_id} is not in [0, vocab_size={vocab_size})")
+        raise InvalidArgument(field, "must not be empty")
+    check_token_ids(token_ids, vocab_size, field)
     return token_ids

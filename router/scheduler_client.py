@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from pagedserve.deadline import expire_after
 from pagedserve.errors import InvalidArgument, PagedServeError
 from pagedserve.grpc_util import CHANNEL_OPTIONS
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -49,8 +50,7 @@ class SubmitStream:
         self._link = link
         self._items: asyncio.Queue[scheduler_pb2.RequestUpdate | UpstreamError] = asyncio.Queue()
         self._ended = False  # nothing more will be delivered
-        self._timer = (asyncio.get_running_loop().call_later(timeout_s, self._expire)
-                       if timeout_s else None)
+        self._timer = expire_after(timeout_s, self._expire)
 
     async def __aiter__(self) -> AsyncIterator[scheduler_pb2.RequestUpdate]:
         while True:

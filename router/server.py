@@ -1,4 +1,6 @@
-"""Builds and runs the router's gRPC server: Generation, health, reflection, graceful stop."""
+"""Builds and runs the router: the gRPC server (Generation, health, reflection) and, when
+``--http-port`` is set, the OpenAI-compatible HTTP API beside it on the same event loop, both over
+one ``GenerationService`` and the router's single scheduler connection; graceful stop."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
 from pagedserve.models import resolve_model_path
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
 from router.config import RouterConfig
+from router.generation import GenerationService
+from router.http_server import HttpServer, start_http_server
 from router.metrics import RouterMetrics
 from router.request import ServedModel
 from router.scheduler_client import SchedulerClient
@@ -37,17 +41,28 @@ class RouterServer:
     grace_s: float
     metrics: RouterMetrics | None = None
     metrics_server: MetricsServer | None = None
+    http: HttpServer | None = None
 
     @property
     def metrics_port(self) -> int | None:
         """Bound /metrics port, or None when metrics are off."""
         return self.metrics_server.port if self.metrics_server is not None else None
 
+    @property
+    def http_port(self) -> int | None:
+        """Bound HTTP API port, or None when the HTTP API is off."""
+        return self.http.port if self.http is not None else None
+
     async def stop(self) -> None:
-        """Health goes NOT_SERVING first so load balancers drain, then in-flight calls get
-        ``grace_s`` to finish before they are cancelled."""
+        """Health (gRPC and ``/health``) goes NOT_SERVING first so load balancers drain, then
+        in-flight calls of both protocols get ``grace_s`` to finish before they are cancelled."""
         await set_serving(self.health, [SERVICE_NAME], False)
-        await self.server.stop(self.grace_s)
+        if self.http is not None:
+            self.http.set_serving(False)
+        stops = [self.server.stop(self.grace_s)]
+        if self.http is not None:
+            stops.append(self.http.stop())
+        await asyncio.gather(*stops)
         await self.scheduler.close()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
@@ -70,24 +85,30 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     model = served_model(info, cfg.served_model_name)
     registry = new_registry()
     metrics = RouterMetrics(registry, model.name)
+    service = GenerationService(tokenizer, scheduler, model,
+                                max_tokens_limit=cfg.max_tokens_limit,
+                                request_timeout_s=cfg.request_timeout_s, metrics=metrics)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(tokenizer, scheduler, model, max_tokens_limit=cfg.max_tokens_limit,
-                           request_timeout_s=cfg.request_timeout_s, metrics=metrics),
-        server,
-    )
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    http = None
+    if cfg.server.http_port is not None:  # bound before gRPC says SERVING: both are up then
+        http = await start_http_server(service, cfg.server.host, cfg.server.http_port,
+                                       cfg.server.grace_s)
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
-    logger.info("router serving %s on port %d (scheduler %s, context %d)",
-                model.name, port, cfg.scheduler_address, model.context_len)
+    if http is not None:
+        http.set_serving(True)
+    logger.info("router serving %s on port %d%s (scheduler %s, context %d)",
+                model.name, port, f", HTTP {http.url}" if http is not None else "",
+                cfg.scheduler_address, model.context_len)
     metrics_server = None
     if cfg.server.metrics_port is not None:
         metrics_server = serve_metrics(cfg.server.metrics_port, registry, cfg.server.host)
         logger.info("router metrics on %s", metrics_server.url)
     return RouterServer(server, port, health_servicer, scheduler, cfg.server.grace_s, metrics,
-                        metrics_server)
+                        metrics_server, http)
 
 
 async def build_server(

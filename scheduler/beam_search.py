@@ -2,8 +2,9 @@
 
 Each step every running beam is computed once and the worker returns its top ``2W`` log-probs
 (log-softmax of the raw logits). Of the ``2W`` best continuations over all beams:
-- one that ends (EOS, or reaches ``max_tokens``) and ranks in the top ``W`` becomes a finished
-  hypothesis, scored ``cumulative / generated_len ** length_penalty``; the best ``W`` are kept;
+- one that ends (a stop token, EOS included unless ignored, or reaching ``max_tokens``) and
+  ranks in the top ``W`` becomes a finished hypothesis, scored
+  ``cumulative / generated_len ** length_penalty``; the best ``W`` are kept;
 - the best ``W`` that do not end are next step's beams.
 The scheduler turns "beam b continues with token t" into block-table operations: the first
 continuation of a beam reuses its sequence, each further one *forks* it (all blocks shared, ref
@@ -47,7 +48,7 @@ class BeamState:
     width: int
     length_penalty: float
     early_stopping: bool
-    eos_token_ids: Collection[int]
+    stop_token_ids: Collection[int]  # the request's stop set (EOS included unless ignored)
     max_tokens: int
     finished: list[Hypothesis] = field(default_factory=list)
     scores: dict[int, np.float32] = field(default_factory=dict)  # seq_id -> running score
@@ -58,7 +59,7 @@ class BeamState:
         """Consumes one step's top log-probs of every running beam; returns the next beams."""
         candidates = self._top_candidates(sampled)
         gen_len = sampled[0][0].num_output_tokens + 1  # after this step's token
-        ends = [c.token_id in self.eos_token_ids or gen_len >= self.max_tokens for c in candidates]
+        ends = [c.token_id in self.stop_token_ids or gen_len >= self.max_tokens for c in candidates]
         running = self._next_running(candidates, ends)
         self._update_finished(candidates, ends, gen_len)
         self.scores = {}  # the caller records the sequence that carries each continuation
@@ -108,7 +109,7 @@ class BeamState:
                 continue
             output = [*c.parent.output_token_ids, c.token_id]
             score = float(c.score / np.float32(gen_len ** self.length_penalty))
-            self.finished.append(Hypothesis(score, output, c.token_id in self.eos_token_ids,
+            self.finished.append(Hypothesis(score, output, c.token_id in self.stop_token_ids,
                                             float(c.score)))
         self.finished.sort(key=lambda h: -h.score)
         del self.finished[self.width :]

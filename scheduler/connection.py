@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from pagedserve.deadline import expire_after
 from pagedserve.errors import InvalidArgument, PagedServeError
 from pagedserve.grpc_util import status_code_for
 from protos.pagedserve.v1 import scheduler_pb2
@@ -103,9 +104,9 @@ class RouterConnection:
             return
         self._streams[request_id] = stream
         stream.listener = self._on_ready
-        if request.timeout_s > 0:
-            self._timers[request_id] = asyncio.get_running_loop().call_later(
-                request.timeout_s, self._expire, request_id)
+        timer = expire_after(request.timeout_s, lambda: self._expire(request_id))
+        if timer is not None:
+            self._timers[request_id] = timer
         if stream.has_data or stream.finished:
             self._on_ready(stream)
 

@@ -17,11 +17,12 @@ from typing import Any
 
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
 from pagedserve.step_codec import SampledRow, split_tops
+from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
 from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.placement import choose_worker
+from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -60,7 +61,7 @@ class Engine:
         if not handles:
             raise ValueError("the scheduler needs at least one worker")
         self.config = config
-        self.handles = list(handles)
+        self._joining = list(handles)  # until ``start`` makes each a WorkerState in ``workers``
         self.workers: list[WorkerState] = []
         self.requests: dict[str, _Request] = {}
         self.seqs: dict[int, tuple[Sequence, _Request]] = {}
@@ -80,43 +81,39 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        infos = await asyncio.gather(*(h.info() for h in self.handles))
-        for handle, info in zip(self.handles, infos, strict=True):
+        handles = self._joining
+        infos = await asyncio.gather(*(h.info() for h in handles))
+        first = infos[0]
+        for handle, info in zip(handles, infos, strict=True):
+            self._check_worker(handle.name, info, first.model, first.block_size)
+        for handle, info in zip(handles, infos, strict=True):
             await handle.reset()  # drops sequences; the KV memory (cached prefixes) stays
             ws = self._new_worker_state(handle, info)
             if self.prefix_sync is not None:
                 await self.prefix_sync.restore(ws)
             self.workers.append(ws)
-        first = infos[0]
-        for info in infos[1:]:
-            if info.model != first.model or info.block_size != first.block_size:
-                raise ValueError(f"worker {info.worker_id} serves a different model or block size")
+        self._joining = []
         self.model_info = scheduler_pb2.SchedulerModelInfo(
             model=first.model,
             max_model_len=first.max_model_len,
             vocab_size=first.vocab_size,
             block_size=first.block_size,
-            max_num_tokens_per_request=max(i.num_gpu_blocks for i in infos) * first.block_size,
             eos_token_ids=first.eos_token_ids,
         )
+        self._advertise_capacity()
         for ws in self.workers:
             ws.task = asyncio.create_task(self._worker_loop(ws), name=f"step-loop-{ws.handle.name}")
 
     async def add_worker(self, handle: WorkerHandle) -> None:
         """Admits a worker discovered after start (same model and block size required)."""
         info = await handle.info()
-        first = self.model_info
-        if info.model != first.model or info.block_size != first.block_size:
-            raise ValueError(f"worker {handle.name} serves {info.model} with block size "
-                             f"{info.block_size}, not {first.model} with {first.block_size}")
+        self._check_worker(handle.name, info, self.model_info.model, self.model_info.block_size)
         await handle.reset()
         ws = self._new_worker_state(handle, info)
         if self.prefix_sync is not None:
             await self.prefix_sync.restore(ws)
-        self.handles.append(handle)
         self.workers.append(ws)
-        self.model_info.max_num_tokens_per_request = max(
-            first.max_num_tokens_per_request, info.num_gpu_blocks * info.block_size)
+        self._advertise_capacity()
         ws.task = asyncio.create_task(self._worker_loop(ws), name=f"step-loop-{handle.name}")
         logger.info("worker %s joined with %d blocks", handle.name, info.num_gpu_blocks)
 
@@ -129,8 +126,34 @@ class Engine:
         await asyncio.gather(*(ws.task for ws in self.workers if ws.task), return_exceptions=True)
         for req in list(self.requests.values()):
             self._finish_request(req, error=Unavailable("scheduler shutting down"))
-        for handle in self.handles:
+        for handle in [*self._joining, *(ws.handle for ws in self.workers)]:
             await handle.close()
+
+    def _check_worker(self, name: str, info: worker_pb2.WorkerInfo, model: str,
+                      block_size: int) -> None:
+        """A worker joins only if it serves ``model`` with ``block_size``, and was started for
+        steps at least as large as this scheduler plans: on CUDA a worker sizes its KV pool by
+        profiling a step of its own ``--max-num-batched-tokens``/``--max-num-seqs``, so a
+        larger step could run it out of memory (0 = the worker does not say; not checked)."""
+        if info.model != model or info.block_size != block_size:
+            raise ValueError(f"worker {name} serves {info.model} with block size "
+                             f"{info.block_size}, not {model} with {block_size}")
+        batching = self.config.batching
+        for flag, theirs, ours in (
+                ("--max-num-batched-tokens", info.max_num_batched_tokens,
+                 batching.max_num_batched_tokens),
+                ("--max-num-seqs", info.max_num_seqs, batching.max_num_seqs)):
+            if theirs and theirs < ours:
+                raise ValueError(
+                    f"worker {name} was started with {flag} {theirs}, but this scheduler plans "
+                    f"steps of up to {ours}: the worker sized its memory for smaller steps. "
+                    f"Give the scheduler and every worker the same {flag}")
+
+    def _advertise_capacity(self) -> None:
+        """``max_num_tokens_per_request`` is the largest pool: what the largest worker can ever
+        hold (placement sends each request only to a worker whose pool holds it)."""
+        largest = max(ws.info.num_gpu_blocks for ws in self.workers)
+        self.model_info.max_num_tokens_per_request = largest * self.model_info.block_size
 
     def _new_worker_state(self, handle: WorkerHandle, info: worker_pb2.WorkerInfo) -> WorkerState:
         kv = KVCacheManager(
@@ -153,9 +176,14 @@ class Engine:
         generated_token_ids: Seq[int] = (),
     ) -> RequestStream:
         """Queues a request (or a continuation of one) and returns its output stream.
-        ``params`` must be resolved (``pagedserve.sampling.resolve_sampling_params``)."""
-        self._validate(request_id, prompt_token_ids, params, generated_token_ids)
+        ``params`` must be resolved (``pagedserve.sampling.resolve_sampling_params``, with this
+        model's ``eos_token_ids``): their ranges are not checked again here, and their
+        ``stop_token_ids`` is the whole stop set."""
+        num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,
+                                   _num_samples(params), self.model_info.block_size)
+        self._validate(request_id, prompt_token_ids, generated_token_ids, num_blocks)
         group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
+        group.num_blocks_needed = num_blocks
         ws = self._place(group)
         stream = RequestStream(request_id, group)
         req = _Request(group, stream, ws)
@@ -180,8 +208,11 @@ class Engine:
         logger.debug("request %s aborted", request_id)
         return True
 
-    def _validate(self, request_id: str, prompt: Seq[int], params: common_pb2.SamplingParams,
-                  generated: Seq[int]) -> None:
+    def _validate(self, request_id: str, prompt: Seq[int], generated: Seq[int],
+                  num_blocks: int) -> None:
+        """What only the scheduler knows (running ids, pool capacity, its queue), plus token-id
+        ranges: a ``Submit`` from a tool, or the offline ``LLM``, did not pass a router. Sampling
+        params were validated where they were resolved."""
         info = self.model_info
         if not request_id:
             raise InvalidArgument("request_id", "must not be empty")
@@ -189,23 +220,12 @@ class Engine:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         if not prompt:
             raise InvalidArgument("prompt_token_ids", "must not be empty")
-        if any(t < 0 or t >= info.vocab_size for t in prompt):
-            raise InvalidArgument("prompt_token_ids", f"ids must be in [0, {info.vocab_size})")
-        if params.max_tokens < 1:
-            raise InvalidArgument("params.max_tokens", "must be >= 1")
-        total = len(prompt) + params.max_tokens
-        if total > info.max_model_len:
-            raise InvalidArgument("params.max_tokens",
-                                  f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
-                                  f"exceeds the model's context of {info.max_model_len}")
-        samples = max(params.n, params.best_of, params.beam_width, 1)
-        bs = info.block_size
-        blocks_per_sample = -(-(len(generated) + params.max_tokens) // bs) + 1
-        needed = -(-len(prompt) // bs) + samples * blocks_per_sample
-        capacity = info.max_num_tokens_per_request // bs
-        if -(-len(prompt) // bs) > capacity or needed > capacity:
+        check_token_ids(prompt, info.vocab_size, "prompt_token_ids")
+        check_token_ids(generated, info.vocab_size, "generated_token_ids")
+        capacity = info.max_num_tokens_per_request // info.block_size
+        if num_blocks > capacity:
             raise ResourceExhausted(
-                f"request needs up to {needed} KV blocks but the largest worker pool holds "
+                f"request needs up to {num_blocks} KV blocks but the largest worker pool holds "
                 f"{capacity}: shorten the prompt, lower max_tokens or n, or add KV memory")
         waiting = sum(len(ws.sched.waiting) for ws in self.workers)
         if waiting >= self.config.batching.max_waiting_requests:
@@ -217,23 +237,21 @@ class Engine:
             seq_id=next(self._seq_ids), index=0, token_ids=[*prompt, *generated],
             num_prompt_tokens=len(prompt), num_streamed_tokens=len(generated),
         )
+        stop = StopCriteria(params, self.model_info.max_model_len, len(prompt))
         if params.beam_width > 1:
-            eos = () if params.ignore_eos else tuple(self.model_info.eos_token_ids)
             beam = BeamState(params.beam_width, params.length_penalty, params.early_stopping,
-                             (*eos, *params.stop_token_ids), params.max_tokens)
-            return SequenceGroup(request_id, [seq], params, next(self._arrivals), beam=beam)
-        samples = max(params.n, params.best_of, 1)
-        group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
-                              num_samples=samples, forked=samples == 1)
-        group.stop = StopCriteria(params, self.model_info.eos_token_ids,
-                                  self.model_info.max_model_len, len(prompt))
+                             stop.stop_ids, params.max_tokens)
+            group = SequenceGroup(request_id, [seq], params, next(self._arrivals), beam=beam)
+        else:
+            samples = _num_samples(params)
+            group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
+                                  num_samples=samples, forked=samples == 1)
+        group.stop = stop
         return group
 
     def _place(self, group: SequenceGroup) -> WorkerState:
         healthy = [ws for ws in self.workers if ws.healthy]
-        if not healthy:
-            raise Unavailable("no healthy worker")
-        ws, reason = choose_worker(healthy, group.seqs[0].token_ids)
+        ws, reason = choose_worker(healthy, group.seqs[0].token_ids, group.num_blocks_needed)
         for listener in self.listeners:
             listener("placement", reason=reason, worker=ws.handle.name)
         group.worker_id = ws.handle.name
@@ -430,10 +448,12 @@ class Engine:
                 continue
             for seq in group.live_seqs:  # finished ones were released already
                 seq.reset_for_recompute()
-            if not healthy:
-                self._finish_request(req, error=Unavailable("no healthy worker left"))
+            try:
+                target, _ = choose_worker(healthy, group.seqs[0].token_ids,
+                                          group.num_blocks_needed)
+            except Unavailable as exc:  # none left, or none whose pool holds it
+                self._finish_request(req, error=exc)
                 continue
-            target, _ = choose_worker(healthy, group.seqs[0].token_ids)
             req.worker = target
             target.sched.add(group)
             target.wakeup.set()
@@ -444,11 +464,17 @@ class Engine:
             await asyncio.sleep(interval)
             try:
                 info = await ws.handle.info()
+                self._check_worker(ws.handle.name, info, self.model_info.model,
+                                   self.model_info.block_size)
                 await ws.handle.reset()
             except PagedServeError:
                 continue
+            except ValueError as exc:  # restarted with another model or a smaller step budget
+                logger.error("worker %s cannot rejoin: %s", ws.handle.name, exc)
+                continue
             fresh = self._new_worker_state(ws.handle, info)
             ws.info, ws.sched, ws.healthy = info, fresh.sched, True
+            self._advertise_capacity()  # it may be back with another pool size
             logger.info("worker %s is back with %d blocks", ws.handle.name, info.num_gpu_blocks)
 
     # ---- introspection -----------------------------------------------------------------------
@@ -476,6 +502,11 @@ class Engine:
                 healthy=ws.healthy,
             ))
         return stats
+
+
+def _num_samples(params: common_pb2.SamplingParams) -> int:
+    """Sequences a request runs at most: ``best_of`` (>= n) samples, or ``beam_width`` beams."""
+    return max(params.n, params.best_of, params.beam_width, 1)
 
 
 def _token_logprobs(token_id: int, logprob: float,

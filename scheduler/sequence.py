@@ -59,7 +59,6 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     cumulative_logprob: float = 0.0
-    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
     # Worker sync state.
     on_worker: bool = False
     parent_seq_id: int | None = None  # set for a fork the worker has not seen yet
@@ -118,6 +117,9 @@ class SequenceGroup:
     forked: bool = False
     beam: object | None = None  # scheduler.beam_search.BeamState when beam search
     stop: StopCriteria | None = None  # set by the engine
+    # The most KV blocks it can hold (scheduler.placement.blocks_needed): it is placed only on a
+    # worker whose pool is at least this large. Set by the engine.
+    num_blocks_needed: int = 0
     # Resolved once from ``params`` (the step loop reads these per token):
     # ``best_of > n``: outputs are chosen at the end, so nothing streams before.
     holds_outputs: bool = field(init=False)

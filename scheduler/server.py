@@ -69,7 +69,7 @@ async def build_server(
     await engine.start()  # restores each worker's cached blocks from the kvstore
     if config.worker_discovery and handles:
         host, dport = discovery.parse_discovery(config.worker_discovery)
-        known = {h.name for h in engine.handles}
+        known = {ws.handle.name for ws in engine.workers}
         engine.background_tasks.append(asyncio.create_task(discovery.watch(
             host, dport, known, lambda a: engine.add_worker(GrpcWorkerHandle(a)))))
     engine.prefix_sync.start()

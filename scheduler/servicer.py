@@ -76,12 +76,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         connection.input_done()
 
     def _start(self, request: scheduler_pb2.SubmitRequest) -> RequestStream:
+        """Resolves the params (a no-op for a router's, which are resolved already; a tool's
+        ``Submit`` did not pass a router) and submits."""
         info = self.engine.model_info
         params = resolve_sampling_params(
             request.params,
             num_prompt_tokens=len(request.prompt_token_ids),
             max_model_len=info.max_model_len,
             max_tokens_limit=info.max_model_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
         )
         return self.engine.submit(request.request_id, request.prompt_token_ids, params,
                                   request.generated_token_ids)

@@ -57,6 +57,11 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
+    """The largest step this worker is started for. On CUDA the KV pool is sized by profiling a
+    dummy step of this size. The scheduler plans the steps (its ``--max-num-batched-tokens`` and
+    ``--max-num-seqs``); the worker reports these values in ``WorkerInfo`` and the scheduler
+    refuses to start with a budget above them."""
+
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
 
@@ -112,8 +117,9 @@ _ARGS: list[tuple[str, type, Any, str]] = [
     ("gpu_memory_utilization", float, 0.9, "fraction of GPU memory the worker may use"),
     ("num_gpu_blocks", int, None, "fixed KV pool size (overrides sizing)"),
     ("swap_space_gib", float, 1.0, "host swap pool size"),
-    ("max_num_batched_tokens", int, 2048, "tokens per step (profiled at start)"),
-    ("max_num_seqs", int, 256, "sequences per step"),
+    ("max_num_batched_tokens", int, 2048,
+     "largest step in tokens (profiled at start; the scheduler's must not exceed it)"),
+    ("max_num_seqs", int, 256, "largest step in sequences (the scheduler's must not exceed it)"),
     ("seed", int, None, "seed for unseeded sampling"),
     ("worker_id", str, "worker-0", "id reported to the scheduler"),
     ("host", str, "127.0.0.1", "bind address"),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedserve.sampling import TOP_K_DISABLED, param_or_default
 from protos.pagedserve.v1 import common_pb2
 from worker.kernels import cpu_ops
 
@@ -33,11 +34,14 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class ResolvedParams:
-    """``SamplingParams`` with every unset field replaced by its default from common.proto."""
+    """``SamplingParams`` as plain values. Defaults, and ``TOP_K_DISABLED`` for "no top-k", are
+    those of ``pagedserve.sampling`` (the scheduler sends resolved params; an unset field reads
+    as its default there). ``stop_token_ids`` is the request's whole stop set, EOS included
+    unless the client ignored it: resolution put it there (``pagedserve.sampling``)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
+    top_k: int = TOP_K_DISABLED
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -45,28 +49,22 @@ class ResolvedParams:
     seed: int | None = None
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
     num_logprobs: int = 0
 
     @classmethod
     def from_proto(cls, p: common_pb2.SamplingParams) -> ResolvedParams:
-        def get(name: str, default: float) -> float | int:
-            return getattr(p, name) if p.HasField(name) else default
-
-        top_k = int(get("top_k", -1))
         return cls(
-            temperature=float(get("temperature", 1.0)),
-            top_p=float(get("top_p", 1.0)),
-            top_k=max(top_k, 0),
-            min_p=float(get("min_p", 0.0)),
-            repetition_penalty=float(get("repetition_penalty", 1.0)),
-            presence_penalty=float(get("presence_penalty", 0.0)),
-            frequency_penalty=float(get("frequency_penalty", 0.0)),
+            temperature=float(param_or_default(p, "temperature")),
+            top_p=float(param_or_default(p, "top_p")),
+            top_k=int(param_or_default(p, "top_k")),
+            min_p=float(param_or_default(p, "min_p")),
+            repetition_penalty=float(param_or_default(p, "repetition_penalty")),
+            presence_penalty=float(param_or_default(p, "presence_penalty")),
+            frequency_penalty=float(param_or_default(p, "frequency_penalty")),
             seed=int(p.seed) if p.HasField("seed") else None,
-            min_tokens=int(get("min_tokens", 0)),
+            min_tokens=int(param_or_default(p, "min_tokens")),
             stop_token_ids=tuple(p.stop_token_ids),
-            ignore_eos=p.ignore_eos,
-            num_logprobs=int(get("logprobs", 0)),
+            num_logprobs=int(param_or_default(p, "logprobs")),
         )
 
     @property
@@ -111,9 +109,14 @@ def mix_seed(seed: int, position: int) -> int:
 
 
 class Sampler:
-    """Stateless apart from the generator used for unseeded rows."""
+    """Stateless apart from the generator used for unseeded rows.
 
-    def __init__(self, eos_token_ids: Sequence[int], seed: int | None = None) -> None:
+    Stopping is decided upstream from each row's ``params.stop_token_ids`` (which hold EOS unless
+    the client ignored it). ``eos_token_ids`` (the model's) serve ``min_tokens`` only: until a
+    row has that many outputs it cannot emit EOS even with ``ignore_eos``, as in vLLM and Hugging
+    Face's ``min_new_tokens``."""
+
+    def __init__(self, eos_token_ids: Sequence[int] = (), seed: int | None = None) -> None:
         self.eos_token_ids = tuple(eos_token_ids)
         self._generator: torch.Generator | None = None
         self._seed = seed
@@ -153,14 +156,14 @@ class Sampler:
     def _suppress_stop_tokens(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]
     ) -> torch.Tensor:
-        """Rows with fewer than ``min_tokens`` outputs cannot emit EOS or a stop id."""
+        """Rows with fewer than ``min_tokens`` outputs cannot emit a token of their stop set
+        nor the model's EOS (also under ``ignore_eos``: see the class)."""
         row_idx: list[int] = []
         tok_idx: list[int] = []
         for i, row in enumerate(rows):
             if row.output_position >= row.params.min_tokens:
                 continue
-            eos = () if row.params.ignore_eos else self.eos_token_ids
-            stops = row.params.stop_token_ids + eos
+            stops = set(row.params.stop_token_ids).union(self.eos_token_ids)
             row_idx.extend([i] * len(stops))
             tok_idx.extend(stops)
         if not row_idx:
@@ -273,8 +276,8 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Top-k (0 = off) then top-p over the top-k-renormalised distribution; the most likely
-    token always survives."""
+    """Top-k (``TOP_K_DISABLED``, or any k < 1, = off) then top-p over the top-k-renormalised
+    distribution; the most likely token always survives."""
     use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1.0).any())
     if not (use_k or use_p):
         return logits

@@ -3,16 +3,21 @@
 A step that fails here changes nothing (no sequence, block table or KV block), so the scheduler
 can treat the error as "this step did not happen". The checks simulate the step's bookkeeping
 (token counts and block-table lengths after appends) without touching tensors.
+
+Only a step's *structure* is checked: that every id it carries indexes something this worker
+owns (sequence ids, block ids in the pool, token ids in the embedding table and the logits: one
+out of range would be an out-of-bounds access in a kernel) and that its token spans are
+consistent. What a request may ask for is the router's business, what fits where the
+scheduler's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-import numpy as np
-
 from pagedserve.errors import InvalidArgument, NotFound
 from pagedserve.step_codec import ScheduledRow
+from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import CacheEngine
 from worker.sequence_state import SequenceState
@@ -37,16 +42,6 @@ def validate_step(
     _check_scheduled(scheduled, lengths, tables, cache, vocab_size)
 
 
-def _check_tokens(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
-    if not len(token_ids):
-        return
-    ids = np.asarray(token_ids, dtype=np.int64)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise InvalidArgument(field, f"token id {bad} outside the vocabulary [0, {vocab_size})")
-
-
 def _check_new_seqs(
     new_seqs: Iterable[worker_pb2.NewSequence],
     lengths: dict[int, int],
@@ -56,7 +51,9 @@ def _check_new_seqs(
     for n in new_seqs:
         if n.seq_id in lengths:
             raise InvalidArgument("new_seqs.seq_id", f"sequence {n.seq_id} already exists")
-        _check_tokens(n.token_ids, vocab_size, "new_seqs.token_ids")
+        check_token_ids(n.token_ids, vocab_size, "new_seqs.token_ids")
+        check_token_ids(n.params.stop_token_ids, vocab_size,  # min_tokens indexes logits by them
+                        "new_seqs.params.stop_token_ids")
         base = 0
         if n.HasField("parent_seq_id"):
             if n.parent_seq_id not in lengths:
@@ -82,7 +79,7 @@ def _check_scheduled(
         if s.seq_id in seen:
             raise InvalidArgument("scheduled.seq_id", f"sequence {s.seq_id} scheduled twice")
         seen.add(s.seq_id)
-        _check_tokens(s.append_token_ids, vocab_size, "scheduled.append_token_ids")
+        check_token_ids(s.append_token_ids, vocab_size, "scheduled.append_token_ids")
         bad = [b for b in s.new_block_ids if b >= cache.num_gpu_blocks]
         if bad:
             raise InvalidArgument("scheduled.new_block_ids",

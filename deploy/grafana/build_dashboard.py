@@ -53,16 +53,25 @@ def info_table(title: str, metric: str, columns: list[str]) -> dict[str, Any]:
 
 
 def overview() -> list[dict[str, Any]]:
+    """What clients see, per protocol (``grpc``: the Generation service; ``http``: the
+    OpenAI-compatible API), so the two are compared on the same panels."""
     r = "pagedserve_router"
+    by = "le, protocol"
     return [
-        panel("Requests/s by outcome",
-              [(f"sum by (outcome) (rate({r}_requests_total[{RATE}]))", "{{outcome}}")], "reqps"),
-        panel("Time to first token", quantiles(f"{r}_time_to_first_token_seconds"), "s"),
-        panel("Inter-token latency", quantiles(f"{r}_inter_token_latency_seconds"), "s"),
-        panel("End-to-end latency", quantiles(f"{r}_e2e_request_latency_seconds"), "s"),
-        panel("Tokens/s", [(f"sum(rate({r}_prompt_tokens_total[{RATE}]))", "prompt"),
-                           (f"sum(rate({r}_generated_tokens_total[{RATE}]))", "generated")]),
-        panel("Streams in flight", [(f"sum({r}_streams_in_flight)", "streams")]),
+        panel("Requests/s by protocol and outcome",
+              [(f"sum by (protocol, outcome) (rate({r}_requests_total[{RATE}]))",
+                "{{protocol}} {{outcome}}")], "reqps"),
+        panel("Time to first token", quantiles(f"{r}_time_to_first_token_seconds", by), "s"),
+        panel("Time per output token", quantiles(f"{r}_time_per_output_token_seconds", by), "s"),
+        panel("Inter-token latency", quantiles(f"{r}_inter_token_latency_seconds", by), "s"),
+        panel("End-to-end latency", quantiles(f"{r}_e2e_request_latency_seconds", by), "s"),
+        panel("Tokens/s",
+              [(f"sum by (protocol) (rate({r}_prompt_tokens_total[{RATE}]))",
+                "prompt {{protocol}}"),
+               (f"sum by (protocol) (rate({r}_generated_tokens_total[{RATE}]))",
+                "generated {{protocol}}")]),
+        panel("Requests in flight", [(f"sum by (protocol) ({r}_streams_in_flight)",
+                                      "{{protocol}}")]),
     ]
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -23,12 +25,13 @@ def _free_port() -> int:
 
 def test_up_generate_and_ctrl_c(tmp_path):
     model = tiny_llama_dir()
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     # The child keeps its own copy of the descriptor, so ours can close once it has started.
     with open(tmp_path / "up.log", "w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--workers", "2",
-             "--port", str(port), "--kv-cache-memory-gib", "0.01", "--log-level", "WARNING"],
+             "--port", str(port), "--http-port", str(http_port), "--kv-cache-memory-gib", "0.01",
+             "--log-level", "WARNING"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -46,6 +49,16 @@ def test_up_generate_and_ctrl_c(tmp_path):
             [sys.executable, "-m", "pagedserve.cli", "generate", "--address", f"127.0.0.1:{port}",
              "--raw", "--temperature", "-1", "hello"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        # The OpenAI-compatible API is on, at the URL it printed, as the README's curl uses it.
+        url = f"http://127.0.0.1:{http_port}"
+        assert f"OpenAI-compatible HTTP API at {url}/v1 (try: curl" in (
+            tmp_path / "up.log").read_text()
+        request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(
+            {"prompt": "hello world", "max_tokens": 8, "ignore_eos": True}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            body = json.loads(resp.read())
+        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 8
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         try:

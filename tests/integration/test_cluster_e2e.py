@@ -152,7 +152,6 @@ def test_bad_prompts_are_invalid_argument(cluster):
     cases = [
         (generation_pb2.GenerateRequest(text=""), "prompt"),
         (generation_pb2.GenerateRequest(), "prompt"),
-        (generation_pb2.GenerateRequest(text="hi", model="no-such-model"), "model"),
         (_request([1] * 600, 10), "prompt"),  # longer than the 512-token context
         (_request([1] * 500, 100), "max_tokens"),  # prompt + max_tokens beyond the context
     ]
@@ -161,6 +160,10 @@ def test_bad_prompts_are_invalid_argument(cluster):
             list(cluster.generation.Generate(req, timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
         assert field in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(cluster.generation.Generate(
+            generation_pb2.GenerateRequest(text="hi", model="no-such-model"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "model" in err.value.details()
     assert cluster.all_blocks_free()
 
 

@@ -19,6 +19,7 @@ from scheduler.worker_handle import InProcessWorkerHandle
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_factory import cpu_worker
 from worker.kernels import cpu_ops
+from worker.models.execution import ExecutionPath
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,11 +138,11 @@ def test_requests_admitted_in_one_step_share_the_prefix_computed_in_that_step(
 
         llm.worker.step = recording_step
         outs = llm.generate(prompts, _greedy(10))
-        fused = llm.worker.model._fused
+        path = llm.worker.runner.execution.path
         kv = llm.engine.workers[0].kv
         assert kv.gpu.num_free_blocks == kv.gpu.num_blocks
-    ran_layer_stack = fused is not None and not isinstance(fused, list)  # the C++ stack ran
-    assert ran_layer_stack == (kernels == "cpu_ops")  # the path this case is about
+    # the path this case is about: the C++ layer stack, or torch ops
+    assert path is (ExecutionPath.FUSED_CPU_STACK if kernels == "cpu_ops" else ExecutionPath.TORCH)
     with LLM(str(model_dir), num_gpu_blocks=256, dtype="float32", block_size=16,
              enable_prefix_caching=False) as plain:
         reference = plain.generate(prompts, _greedy(10))

@@ -108,26 +108,33 @@ def workload(cluster: ClusterThread, urls: dict[str, str]) -> dict[str, str]:
 
     def settled() -> bool:  # the router records a request after its last message is sent
         page = _scrape(urls["router"])
-        return _value(page, "pagedserve_router_requests_total", outcome="ok", code="OK") == 3
+        return _value(page, "pagedserve_router_requests_total", outcome="ok", code="OK",
+                      protocol="grpc") == 3
     _eventually(settled, "the router to record three finished requests")
     return {name: _scrape(url) for name, url in urls.items()}
 
 
 def test_router_endpoint_counts_requests_by_code_and_tokens(workload: dict[str, str]) -> None:
     page = workload["router"]
-    assert _value(page, "pagedserve_router_requests_total", outcome="ok", code="OK") == 3
-    assert _value(page, "pagedserve_router_requests_total", outcome="rejected",
+    assert _value(page, "pagedserve_router_requests_total", outcome="ok", code="OK",
+                  protocol="grpc") == 3
+    assert _value(page, "pagedserve_router_requests_total", outcome="rejected", protocol="grpc",
                   code="INVALID_ARGUMENT") == 1
-    assert _value(page, "pagedserve_router_prompt_tokens_total") == NUM_PROMPT_TOKENS
-    assert _value(page, "pagedserve_router_generated_tokens_total") == NUM_GENERATED_TOKENS
-    assert _value(page, "pagedserve_router_streams_in_flight") == 0
+    assert _value(page, "pagedserve_router_prompt_tokens_total",
+                  protocol="grpc") == NUM_PROMPT_TOKENS
+    assert _value(page, "pagedserve_router_generated_tokens_total",
+                  protocol="grpc") == NUM_GENERATED_TOKENS
+    assert _value(page, "pagedserve_router_streams_in_flight", protocol="grpc") == 0
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
                       "time_per_output_token_seconds"):  # refusals stay out of latencies
-        assert _value(page, f"pagedserve_router_{histogram}_count") == 3, histogram
+        assert _value(page, f"pagedserve_router_{histogram}_count", protocol="grpc") == 3, \
+            histogram
     # one gap per token after the first
-    assert _value(page, "pagedserve_router_inter_token_latency_seconds_count") == (
+    assert _value(page, "pagedserve_router_inter_token_latency_seconds_count",
+                  protocol="grpc") == (
         NUM_GENERATED_TOKENS - len(WORKLOAD))
-    assert _value(page, "vllm:time_to_first_token_seconds_count", model_name="model") == 3
+    assert _value(page, "vllm:time_to_first_token_seconds_count", model_name="model",
+                  protocol="grpc") == 3
 
 
 def test_scheduler_endpoint_counts_tokens_finished_requests_and_blocks(
@@ -244,7 +251,7 @@ def test_cancelled_stream_is_counted_and_frees_its_blocks(
     call = cluster.generation.Generate(_request(ids, 400, temperature=0.0), timeout=60)
     next(call)  # the first token arrived: the request holds blocks on the worker
     router, scheduler = _scrape(urls["router"]), _scrape(urls["scheduler"])
-    assert _value(router, "pagedserve_router_streams_in_flight") == 1
+    assert _value(router, "pagedserve_router_streams_in_flight", protocol="grpc") == 1
     assert _value(scheduler, "pagedserve_scheduler_requests_running") == 1
     used = _value(scheduler, "pagedserve_scheduler_kv_blocks", worker=worker, state="used")
     assert used is not None and used >= 4
@@ -255,8 +262,8 @@ def test_cancelled_stream_is_counted_and_frees_its_blocks(
     def recorded() -> bool:
         r, s = _scrape(urls["router"]), _scrape(urls["scheduler"])
         return (_value(r, "pagedserve_router_requests_total", outcome="cancelled",
-                       code="CANCELLED") == 1
-                and _value(r, "pagedserve_router_streams_in_flight") == 0
+                       code="CANCELLED", protocol="grpc") == 1
+                and _value(r, "pagedserve_router_streams_in_flight", protocol="grpc") == 0
                 and _value(s, "pagedserve_scheduler_requests_finished_total",
                            finished_reason="abort") == before + 1
                 and _value(s, "pagedserve_scheduler_kv_blocks", worker=worker,

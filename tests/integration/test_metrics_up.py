@@ -36,7 +36,7 @@ def test_up_with_metrics_prints_and_serves_every_services_metrics(tmp_path: Path
     with log_path.open("w+") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(tiny_llama_dir()),
-             "--port", str(port), "--kv-cache-memory-gib", "0.01", "--metrics",
+             "--port", str(port), "--http-port", "0", "--kv-cache-memory-gib", "0.01", "--metrics",
              "--log-level", "WARNING"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -53,12 +53,14 @@ def test_up_with_metrics_prints_and_serves_every_services_metrics(tmp_path: Path
              "--raw", "--max-tokens", "6", "--ignore-eos", "hello world"],
             check=False, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        ok = ("pagedserve_router_requests_total", frozenset({("outcome", "ok"), ("code", "OK")}))
+        ok = ("pagedserve_router_requests_total",
+              frozenset({("protocol", "grpc"), ("outcome", "ok"), ("code", "OK")}))
         deadline = time.monotonic() + 10
         while _page(urls["router"]).get(ok) != 1:
             assert time.monotonic() < deadline, "router did not count the request"
             time.sleep(0.1)
-        assert _page(urls["router"])[("pagedserve_router_generated_tokens_total", frozenset())] == 6
+        assert _page(urls["router"])[("pagedserve_router_generated_tokens_total",
+                                      frozenset({("protocol", "grpc")}))] == 6
         scheduler = _page(urls["scheduler"])
         assert scheduler[("pagedserve_scheduler_generated_tokens_total", frozenset())] == 6
         worker = _page(urls["worker-0"])

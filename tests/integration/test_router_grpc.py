@@ -257,7 +257,6 @@ def test_client_deadline_cancels_upstream_and_reports_deadline(tokenizer: Tokeni
     ("prompt.text", {"prompt": ""}),
     ("prompt.token_ids[1]", {"token_ids": [5, 49152]}),
     ("prompt.chat.messages", {"messages": []}),
-    ("model", {"prompt": "x", "model": "gpt-5"}),
     ("params.temperature", {"prompt": "x", "temperature": -1.0}),
     ("params.top_p", {"prompt": "x", "top_p": 0.0}),
     ("params.max_tokens", {"prompt": "x", "max_tokens": 129}),
@@ -277,6 +276,20 @@ def test_bad_input_is_invalid_argument_naming_the_field(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (info.value.details() or "").startswith(f"{field}:")
         assert not fake.requests  # refused before the scheduler saw it
+
+    asyncio.run(main())
+
+
+def test_an_unknown_model_is_not_found_naming_the_field(tokenizer: Tokenizer) -> None:
+    """NOT_FOUND, which the HTTP API maps to 404 (``router.openai_protocol.HTTP_STATUS``)."""
+    async def main() -> None:
+        fake = FakeScheduler()
+        async with cluster(tokenizer, fake) as (client, _):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate_text("x", model="gpt-5")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (info.value.details() or "").startswith("model: 'gpt-5' is not served here")
+        assert not fake.requests
 
     asyncio.run(main())
 

@@ -77,6 +77,8 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
     assert info.num_gpu_blocks == 64 and info.vocab_size == 512
     assert list(info.eos_token_ids) == [0] and info.attention_backend == "torch"
     assert info.device == "cpu"
+    # The step it was started for, which the scheduler checks its own budget against.
+    assert (info.max_num_batched_tokens, info.max_num_seqs) == (2048, 256)
     assert bad_code == grpc.StatusCode.NOT_FOUND
 
     local = cpu_worker(path, block_size=4)

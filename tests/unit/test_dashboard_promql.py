@@ -17,6 +17,8 @@ from scheduler.metrics import SchedulerMetrics
 from tests.support.promql import exported_names, grafana_to_promql, metric_names
 from worker.metrics import WorkerMetrics
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/pagedserve.json"
 CHART_COPY = ROOT / "deploy/helm/pagedserve/dashboards/pagedserve.json"
@@ -82,3 +84,16 @@ def test_chart_ships_the_same_dashboard_as_the_generator_writes() -> None:
     text = module.render()
     assert DASHBOARD.read_text() == text, "run python deploy/grafana/build_dashboard.py"
     assert CHART_COPY.read_text() == text, "run python deploy/grafana/build_dashboard.py"
+
+
+def test_router_panels_split_by_protocol() -> None:
+    """HTTP (OpenAI API) and gRPC requests are told apart on every router panel."""
+    router_exprs = [e for e in _exprs() if "pagedserve_router_" in e]
+    assert router_exprs
+    for expr in router_exprs:
+        assert "protocol" in expr, expr
+    registry = CollectorRegistry()
+    RouterMetrics(registry)
+    samples = [s for family in registry.collect() for s in family.samples
+               if s.name.startswith("pagedserve_router_")]
+    assert samples and all("protocol" in s.labels for s in samples)

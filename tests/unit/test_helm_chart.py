@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk not installed")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -111,12 +113,41 @@ def test_containers_use_cli_native_grpc_probes_and_named_metrics_ports(default_d
         port = int(c["args"][c["args"].index("--port") + 1])
         metrics_port = int(c["args"][c["args"].index("--metrics-port") + 1])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        if name == "router":
+            assert ports.pop("http") == 8000  # the OpenAI-compatible API: tested below
         assert ports == {"grpc": port, "metrics": metrics_port}
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert c[probe]["grpc"] == {"port": port}, (name, probe)
+            if (name, probe) != ("router", "readinessProbe"):
+                assert c[probe]["grpc"] == {"port": port}, (name, probe)
     for svc in by_kind(default_docs, "Service").values():
         if svc["metadata"]["labels"]["app.kubernetes.io/component"] != "redis":
             assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_router_serves_the_openai_http_api_with_readiness_on_health(default_docs) -> None:
+    router = containers(default_docs)["router"]
+    args = router["args"]
+    assert args[args.index("--http-port") + 1] == "8000"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in router["ports"]
+    assert router["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert router["readinessProbe"]["periodSeconds"] == 5
+    assert router["livenessProbe"]["grpc"] == {"port": 50051}  # the process answers gRPC
+    svc = by_kind(default_docs, "Service")["ps-pagedserve-router"]
+    assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP",
+            "appProtocol": "http"} in svc["spec"]["ports"]
+    ingress = by_kind(default_docs, "NetworkPolicy")["ps-pagedserve-router"]["spec"]["ingress"]
+    assert {"port": 8000, "protocol": "TCP"} in ingress[0]["ports"]
+
+    off = render({"router": {"httpPort": 0}})
+    router = containers(off)["router"]
+    assert "--http-port" not in router["args"]
+    assert "http" not in {p["name"] for p in router["ports"]}
+    assert router["readinessProbe"]["grpc"] == {"port": 50051}
+    svc = by_kind(off, "Service")["ps-pagedserve-router"]
+    assert "http" not in {p["name"] for p in svc["spec"]["ports"]}
+    for doc in off:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
 def test_grace_periods_exceed_server_grace(default_docs) -> None:
@@ -223,6 +254,8 @@ def test_ttft_slo_is_configurable(variant_docs) -> None:
     {"worker": {"gpu": {"count": -1}}},
     {"router": {"port": "grpc"}},
     {"router": {"prot": 50051}},
+    {"router": {"httpPort": "http"}},
+    {"router": {"httpPort": 70000}},
     {"scheduler": {"replicaCount": 2}},
     {"model": {"source": "pvc"}},
     {"kvstore": {"backend": "etcd"}},

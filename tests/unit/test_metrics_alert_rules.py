@@ -15,6 +15,8 @@ from scheduler.metrics import SchedulerMetrics
 from tests.support.promql import exported_names, metric_names
 from worker.metrics import WorkerMetrics
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy/prometheus/alerts.yaml"
 

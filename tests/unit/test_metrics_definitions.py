@@ -79,22 +79,37 @@ def test_scheduler_aliases_carry_the_same_values() -> None:
 def test_router_request_finished_records_tokens_latency_and_tpot() -> None:
     registry = CollectorRegistry()
     m = RouterMetrics(registry, model_name="smollm2")
-    with m.track_stream():
-        assert _sample(registry, "pagedserve_router_streams_in_flight") == 1
-        m.observe_ttft(0.25)
-    assert _sample(registry, "pagedserve_router_streams_in_flight") == 0
-    m.request_finished("ok", "OK", prompt_tokens=12, generated_tokens=11, e2e_s=1.25, ttft_s=0.25)
-    assert _sample(registry, "pagedserve_router_requests_total", outcome="ok", code="OK") == 1
-    assert _sample(registry, "pagedserve_router_prompt_tokens_total") == 12
-    assert _sample(registry, "pagedserve_router_generated_tokens_total") == 11
-    assert _sample(registry, "pagedserve_router_time_per_output_token_seconds_sum") == 0.1
-    assert _sample(registry, "vllm:time_per_output_token_seconds_sum", model_name="smollm2") == 0.1
-    assert _sample(registry, "vllm:time_to_first_token_seconds_count", model_name="smollm2") == 1
+    grpc = {"protocol": "grpc"}
+    with m.track_stream("grpc"):
+        assert _sample(registry, "pagedserve_router_streams_in_flight", **grpc) == 1
+        m.observe_ttft(0.25, "grpc")
+    assert _sample(registry, "pagedserve_router_streams_in_flight", **grpc) == 0
+    m.request_finished("ok", "OK", prompt_tokens=12, generated_tokens=11, e2e_s=1.25, ttft_s=0.25,
+                       protocol="grpc")
+    assert _sample(registry, "pagedserve_router_requests_total", outcome="ok", code="OK",
+                   **grpc) == 1
+    assert _sample(registry, "pagedserve_router_prompt_tokens_total", **grpc) == 12
+    assert _sample(registry, "pagedserve_router_generated_tokens_total", **grpc) == 11
+    assert _sample(registry, "pagedserve_router_time_per_output_token_seconds_sum", **grpc) == 0.1
+    assert _sample(registry, "vllm:time_per_output_token_seconds_sum", model_name="smollm2",
+                   **grpc) == 0.1
+    assert _sample(registry, "vllm:time_to_first_token_seconds_count", model_name="smollm2",
+                   **grpc) == 1
+    # The HTTP API's series exist from the start, at 0, beside gRPC's.
+    assert _sample(registry, "pagedserve_router_generated_tokens_total", protocol="http") == 0
+    assert _sample(registry, "pagedserve_router_time_to_first_token_seconds_count",
+                   protocol="http") == 0
 
 
-def test_router_rejects_unknown_outcome_to_bound_cardinality() -> None:
+def test_router_rejects_unknown_outcome_or_protocol_to_bound_cardinality() -> None:
     with pytest.raises(ValueError, match="outcome"):
-        RouterMetrics(CollectorRegistry()).request_finished("weird", "OK", 1, 1, 0.1)
+        RouterMetrics(CollectorRegistry()).request_finished("weird", "OK", 1, 1, 0.1,
+                                                            protocol="grpc")
+    with pytest.raises(ValueError, match="protocol"):
+        RouterMetrics(CollectorRegistry()).request_finished("ok", "OK", 1, 1, 0.1,
+                                                            protocol="websocket")
+    with pytest.raises(ValueError, match="protocol"):
+        RouterMetrics(CollectorRegistry()).track_stream("websocket")
 
 
 def test_scheduler_kvstore_op_times_and_counts_errors() -> None:

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos" / "pagedserve" / "v1"
 

@@ -12,6 +12,8 @@ from pagedserve.models import default_model_path
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.tokenizer import Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 _TOKENIZER: Tokenizer | None = None
 
 

@@ -10,6 +10,8 @@ from protos.pagedserve.v1 import common_pb2, scheduler_pb2
 from router.output import OutputProcessor
 from router.tokenizer import Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 STOP, LENGTH = common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH
 
 
@@ -20,7 +22,8 @@ def tokenizer() -> Tokenizer:
 
 def processor(tokenizer: Tokenizer, **sampling: object) -> OutputProcessor:
     params = resolve_sampling_params(make_sampling_params(**sampling), num_prompt_tokens=4,
-                                     max_model_len=2048, max_tokens_limit=1024)
+                                     max_model_len=2048, max_tokens_limit=1024,
+                                     eos_token_ids=tokenizer.eos_token_ids)
     return OutputProcessor("req", tokenizer, params, num_prompt_tokens=4)
 
 

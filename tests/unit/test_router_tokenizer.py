@@ -8,6 +8,8 @@ from pagedserve.errors import InvalidArgument
 from pagedserve.models import default_model_path
 from router.tokenizer import Tokenizer, load_tokenizer
 
+pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+
 TEXTS = [
     "Hello world",
     " leading space",

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from pagedserve.errors import InvalidArgument
 from pagedserve.sampling import (
     DEFAULT_MAX_TOKENS,
+    DEFAULTS,
+    TOP_K_DISABLED,
     make_sampling_params,
+    param_or_default,
     resolve_sampling_params,
 )
 from protos.pagedserve.v1 import common_pb2
@@ -135,3 +138,23 @@ def test_resolving_twice_changes_nothing(**kwargs: object) -> None:
     except InvalidArgument:
         return
     assert resolve_sampling_params(once, **LIMITS) == once  # type: ignore[arg-type]
+
+
+def test_the_stop_set_is_resolved_once_with_the_models_eos() -> None:
+    p = resolve_sampling_params(make_sampling_params(stop_token_ids=[5, 9]),
+                                eos_token_ids=[9, 2, 2], **LIMITS)  # type: ignore[arg-type]
+    assert list(p.stop_token_ids) == [5, 9, 2]  # the client's ids, then EOS not already there
+    again = resolve_sampling_params(p, eos_token_ids=[9, 2], **LIMITS)  # type: ignore[arg-type]
+    assert again == p
+    ignored = resolve_sampling_params(make_sampling_params(stop_token_ids=[5], ignore_eos=True),
+                                      eos_token_ids=[2], **LIMITS)  # type: ignore[arg-type]
+    assert list(ignored.stop_token_ids) == [5]
+
+
+def test_defaults_have_one_home_that_unresolved_readers_share() -> None:
+    unset = common_pb2.SamplingParams()
+    assert {name: param_or_default(unset, name) for name in DEFAULTS} == dict(DEFAULTS)
+    assert param_or_default(common_pb2.SamplingParams(top_k=0), "top_k") == TOP_K_DISABLED
+    resolved = resolve()
+    assert all(getattr(resolved, name) == value for name, value in DEFAULTS.items()
+               if name != "logprobs")  # logprobs stays unset: "none"

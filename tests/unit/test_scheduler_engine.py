@@ -181,3 +181,78 @@ def test_a_failed_worker_loses_only_kv_its_requests_finish_elsewhere_without_a_g
             assert results[rid] == reference_output(prompt, params.max_tokens, None), rid
         await engine.stop()
     asyncio.run(main())
+
+
+def test_the_resolved_stop_set_ends_a_request_at_eos():
+    """EOS joins ``stop_token_ids`` where the request is resolved; the engine stops on that set
+    and on nothing it computes itself (``ignore_eos`` leaves EOS out of it)."""
+    eos = 0  # the shadow worker's
+    prompt = next(p for p in ([i, i + 1] for i in range(1, 99))
+                  if eos in reference_output(p, 30, None)[:25])
+    expected = reference_output(prompt, 30, None, eos=eos)
+
+    def params(ignore_eos: bool):
+        p = make_sampling_params(max_tokens=30, ignore_eos=ignore_eos)
+        return resolve_sampling_params(p, num_prompt_tokens=len(prompt), max_model_len=4096,
+                                       max_tokens_limit=4096, eos_token_ids=[eos])
+
+    async def main():
+        engine = _engine(ShadowWorker(num_gpu_blocks=64, eos=eos))
+        await engine.start()
+        stopped = await _run(engine, {"eos": (prompt, params(False))})
+        ignored = await _run(engine, {"ignore": (prompt, params(True))})
+        await engine.stop()
+        assert stopped["eos"][0] == expected and expected[-1] == eos and len(expected) < 30
+        assert ignored["ignore"][0] == reference_output(prompt, 30, None)
+    asyncio.run(main())
+
+
+def test_token_ids_that_bypassed_the_router_are_checked_by_the_scheduler():
+    from pagedserve.errors import InvalidArgument
+
+    async def main():
+        engine = _engine(ShadowWorker(num_gpu_blocks=64, vocab_size=100))
+        await engine.start()
+        with pytest.raises(InvalidArgument, match=r"^prompt_token_ids\[1\]"):
+            engine.submit("p", [5, 100], _params(4, 2))
+        with pytest.raises(InvalidArgument, match=r"^generated_token_ids\[0\]"):
+            engine.submit("g", [5, 6], _params(4, 2), generated_token_ids=[-1])
+        assert not engine.requests
+        await engine.stop()
+    asyncio.run(main())
+
+
+class _SizedShadowWorker(ShadowWorker):
+    """Reports the step it was started for, as a real worker does (``WorkerInfo``)."""
+
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int, **kw) -> None:
+        super().__init__(**kw)
+        self.budget = (max_num_batched_tokens, max_num_seqs)
+
+    def info(self):
+        info = super().info()
+        info.max_num_batched_tokens, info.max_num_seqs = self.budget
+        return info
+
+
+@pytest.mark.parametrize(("worker_budget", "flag"), [((1024, 256), "--max-num-batched-tokens"),
+                                                     ((2048, 64), "--max-num-seqs")])
+def test_a_worker_started_for_smaller_steps_than_the_scheduler_plans_is_refused(worker_budget,
+                                                                               flag):
+    async def main():
+        engine = _engine(_SizedShadowWorker(*worker_budget), max_num_batched_tokens=2048,
+                         max_num_seqs=256)
+        with pytest.raises(ValueError, match=f"started with {flag}.*same {flag}"):
+            await engine.start()
+        await engine.stop()
+    asyncio.run(main())
+
+
+def test_a_worker_started_for_the_schedulers_steps_or_larger_joins():
+    async def main():
+        engine = _engine(_SizedShadowWorker(4096, 256), max_num_batched_tokens=2048)
+        await engine.start()
+        results = await _run(engine, {"r": ([1, 2, 3], _params(3, 3))})
+        assert results["r"][0] == reference_output([1, 2, 3], 3, None)
+        await engine.stop()
+    asyncio.run(main())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pagedserve.sampling import TOP_K_DISABLED, make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from worker.kernels import cpu_ops
 from worker.sampler import (
@@ -41,7 +42,7 @@ def _draws(sampler: Sampler, logits: torch.Tensor, row: SamplingRow, n: int) -> 
 
 def test_unset_fields_resolve_to_documented_defaults() -> None:
     p = ResolvedParams.from_proto(common_pb2.SamplingParams())
-    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, TOP_K_DISABLED, 0.0)
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
     assert p.seed is None and p.min_tokens == 0 and p.num_logprobs == 0
 
@@ -97,14 +98,40 @@ def test_frequency_and_presence_penalties_count_only_output_tokens() -> None:
 
 
 def test_min_tokens_suppresses_eos_and_stop_ids_until_reached() -> None:
+    """The stop set arrives resolved: EOS joined ``stop_token_ids`` where the request was
+    resolved (``pagedserve.sampling``), and the sampler suppresses exactly that set."""
     logits = torch.zeros(2, VOCAB)
     logits[:, EOS] = 100.0
     logits[:, 9] = 50.0
-    rows = [_row(output=[3], temperature=0.0, min_tokens=2, stop_token_ids=[9]),
-            _row(output=[3, 4], temperature=0.0, min_tokens=2, stop_token_ids=[9])]
-    out = Sampler([EOS]).sample(logits, rows)
+    resolved = resolve_sampling_params(
+        make_sampling_params(temperature=0.0, min_tokens=2, stop_token_ids=[9]),
+        num_prompt_tokens=2, max_model_len=64, max_tokens_limit=64, eos_token_ids=[EOS])
+    assert list(resolved.stop_token_ids) == [9, EOS]
+    params = ResolvedParams.from_proto(resolved)
+    prompt = np.array([1, 2], dtype=np.int64)
+    rows = [SamplingRow(params, prompt, np.array([3], dtype=np.int64)),
+            SamplingRow(params, prompt, np.array([3, 4], dtype=np.int64))]
+    out = Sampler().sample(logits, rows)
     assert out.token_ids[0] not in (EOS, 9)
     assert out.token_ids[1] == EOS
+
+
+def test_min_tokens_blocks_eos_even_when_eos_is_ignored() -> None:
+    """vLLM and Hugging Face's ``min_new_tokens`` keep EOS out until ``min_tokens`` outputs,
+    ``ignore_eos`` or not (a greedy run with min_tokens = max_tokens and ignore_eos must give the
+    same tokens as theirs); past it, an ignored EOS is an ordinary token."""
+    logits = torch.zeros(2, VOCAB)
+    logits[:, EOS] = 100.0
+    resolved = resolve_sampling_params(
+        make_sampling_params(temperature=0.0, min_tokens=2, ignore_eos=True),
+        num_prompt_tokens=2, max_model_len=64, max_tokens_limit=64, eos_token_ids=[EOS])
+    assert EOS not in resolved.stop_token_ids
+    params = ResolvedParams.from_proto(resolved)
+    prompt = np.array([1, 2], dtype=np.int64)
+    rows = [SamplingRow(params, prompt, np.array([3], dtype=np.int64)),
+            SamplingRow(params, prompt, np.array([3, 4], dtype=np.int64))]
+    out = Sampler([EOS]).sample(logits, rows)
+    assert out.token_ids == [int(logits[0, :EOS].argmax()), EOS]
 
 
 def test_seeded_sampling_is_reproducible_across_batch_compositions() -> None:

@@ -66,20 +66,30 @@ image: {{ printf "%s:%s" $repo $tag | quote }}
 imagePullPolicy: {{ default $shared.pullPolicy .image.pullPolicy }}
 {{- end -}}
 
-{{/* The one probe helper: native gRPC probes against grpc.health.v1. (dict "port" N "probes" map) */}}
+{{/* The one probe helper: native gRPC probes against grpc.health.v1, except readiness with an
+     HTTP port: GET /health on port `http` (the router's OpenAI-compatible API).
+     (dict "port" N "probes" map ["httpPort" H]) */}}
 {{- define "pagedserve.grpcProbes" -}}
 {{- $port := .port -}}
+{{- $httpPort := .httpPort -}}
 {{- range $kind := list "startup" "liveness" "readiness" }}
 {{- with (get $.probes $kind) }}
 {{ $kind }}Probe:
+  {{- if and (eq $kind "readiness") $httpPort }}
+  httpGet:
+    path: /health
+    port: http
+  {{- else }}
   grpc:
     port: {{ $port }}
+  {{- end }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 {{- end -}}
 
-{{/* Container ports: `grpc` and `metrics`. (dict "port" N "metricsPort" M) */}}
+{{/* Container ports: `grpc`, `metrics`, and `http` when the component has an httpPort (the
+     router's OpenAI-compatible API). (dict "port" N "metricsPort" M ["httpPort" H]) */}}
 {{- define "pagedserve.ports" -}}
 ports:
   - name: grpc
@@ -88,6 +98,11 @@ ports:
   - name: metrics
     containerPort: {{ .metricsPort }}
     protocol: TCP
+  {{- with .httpPort }}
+  - name: http
+    containerPort: {{ . }}
+    protocol: TCP
+  {{- end }}
 {{- end -}}
 
 {{/* Pod annotations incl. annotation-based scraping. (dict "root" $ "c" .Values.router) */}}

@@ -1,0 +1,268 @@
+"""One request's life in the router, whichever public API carried it.
+
+Both front ends, the gRPC ``Generation`` service (``router/servicer.py``) and the
+OpenAI-compatible HTTP API (``router/http_server.py``), describe their call as a ``CallInfo``,
+turn the request into a ``GenerateRequest`` and run it here, by the same code::
+
+    async with service.request(call) as scope:      # in flight; outcome recorded when it ends
+        prepared = await scope.prepare(request)     # the one admission path (raises)
+        async for message in scope.stream(prepared):
+            ...                                     # GenerateResponse messages
+
+``GenerationService.prepare`` is the only way into the scheduler: validation and tokenizing
+today; authentication and rate limits belong there too (``CallInfo.metadata`` holds the gRPC
+metadata or the HTTP headers), so whatever is added applies to both protocols. ``scope.stream``
+submits on the router's shared ``Scheduler.Connect`` call with the client's remaining deadline,
+feeds each update through an ``OutputProcessor`` and yields its messages; stop string, client
+cancel, deadline and error all leave through one ``finally`` that aborts the request upstream
+(the scheduler then frees its blocks). The scope records outcome, status code, tokens and
+latencies once, when it exits: ``OK``, the code of the ``PagedServeError`` that left it, or
+``CANCELLED``/``DEADLINE_EXCEEDED`` when the client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from pagedserve.errors import PagedServeError
+from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
+from router.metrics import RouterMetrics, outcome_for_code
+from router.output import OutputProcessor
+from router.request import PreparedRequest, ServedModel, prepare_request, prompt_token_ids
+from router.scheduler_client import SchedulerClient, SubmitStream, UpstreamError
+from router.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTINUATIONS = 5  # resubmissions of one request after its scheduler went away
+
+
+@dataclass
+class CallInfo:
+    """What the router needs of the call that carries a request, whichever protocol.
+
+    ``deadline`` is the ``time.monotonic()`` value by which the client wants its answer (None =
+    it set none). ``metadata`` maps lower-case names to values (gRPC metadata, HTTP headers).
+    ``add_done_callback`` registers a callback run when the call ends for any reason (gRPC);
+    None where the protocol cancels the handler itself when the client goes away (HTTP)."""
+
+    protocol: str
+    deadline: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    peer: str = ""
+    add_done_callback: Callable[[Callable[[], None]], None] | None = None
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def cancel_code(self) -> str:
+        """The status of a request whose handler was cancelled: the client's deadline passed,
+        or the client went away."""
+        remaining = self.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+@dataclass
+class _RequestRecord:
+    """What the metrics need of one request, filled in as it streams."""
+
+    metrics: RouterMetrics
+    protocol: str
+    started: float = field(default_factory=time.monotonic)
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    reached_scheduler: bool = False
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def tokens_streamed(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.observe_ttft(now - self.started, self.protocol)
+        elif self.last_token_at is not None:
+            self.metrics.observe_inter_token(now - self.last_token_at, self.protocol)
+        self.last_token_at = now
+        self.num_generated_tokens += num_tokens
+
+    def finish(self, code: str) -> None:
+        end = self.last_token_at or time.monotonic()
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        self.metrics.request_finished(
+            outcome_for_code(code), code, self.num_prompt_tokens, self.num_generated_tokens,
+            end - self.started if self.reached_scheduler else None, ttft, protocol=self.protocol)
+
+
+class GenerationService:
+    """Holds only what every request shares (tokenizer, scheduler channel, model facts)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        scheduler: SchedulerClient,
+        model: ServedModel,
+        *,
+        max_tokens_limit: int,
+        request_timeout_s: float,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_tokens_limit = max_tokens_limit
+        self._scheduler = scheduler
+        self._request_timeout_s = request_timeout_s
+
+    @contextlib.asynccontextmanager
+    async def request(self, call: CallInfo) -> AsyncIterator[RequestScope]:
+        """One request, counted in flight while the block runs and recorded once when it
+        exits, with the status it exits with."""
+        scope = RequestScope(self, call)
+        code = "UNKNOWN"  # until proven otherwise: an unexpected exception
+        with self.metrics.track_stream(call.protocol):
+            try:
+                yield scope
+                code = "OK"
+            except PagedServeError as exc:
+                code = exc.code
+                logger.info("request %s: %s", scope.request_id or "-", exc)
+                raise
+            except (asyncio.CancelledError, GeneratorExit, ConnectionError):
+                code = call.cancel_code()  # ConnectionError: an HTTP client gone mid-write
+                raise
+            finally:
+                scope.record.finish(code)
+
+    async def prepare(self, request: generation_pb2.GenerateRequest,
+                      call: CallInfo) -> PreparedRequest:
+        """Admits one request, for every protocol: checks it and tokenizes its prompt.
+        Tokenizing runs in a thread (long texts must not stall the streams); token ids are only
+        checked, which is cheaper here than a thread hand-off. Raises ``PagedServeError``."""
+        prepare = functools.partial(prepare_request, request, self.tokenizer, self.model,
+                                    max_tokens_limit=self.max_tokens_limit)
+        if request.WhichOneof("prompt") == "token_ids":
+            return prepare()
+        return await asyncio.to_thread(prepare)
+
+    async def tokenize(self, request: generation_pb2.TokenizeRequest,
+                       call: CallInfo) -> list[int]:
+        """A prompt's token ids, exactly as ``prepare`` would tokenize it."""
+        return await asyncio.to_thread(
+            prompt_token_ids, request, self.tokenizer, self.model.vocab_size)
+
+    def timeout_s(self, call: CallInfo) -> float | None:
+        """The client's remaining deadline, capped by the router's own request timeout."""
+        limits = [t for t in (call.time_remaining(), self._request_timeout_s or None) if t]
+        return min(limits) if limits else None
+
+    def submit(self, request: scheduler_pb2.SubmitRequest) -> SubmitStream:
+        return self._scheduler.submit(request)
+
+
+class RequestScope:
+    """One request inside ``GenerationService.request``: admit it, then stream it."""
+
+    def __init__(self, service: GenerationService, call: CallInfo) -> None:
+        self._service = service
+        self._call = call
+        self.request_id = ""
+        self.record = _RequestRecord(service.metrics, call.protocol)
+
+    async def prepare(self, request: generation_pb2.GenerateRequest) -> PreparedRequest:
+        self.request_id = request.request_id
+        prepared = await self._service.prepare(request, self._call)
+        self.request_id = prepared.request_id
+        return prepared
+
+    async def stream(self, prepared: PreparedRequest
+                     ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
+        """The request's messages, until every output finished. A scheduler that goes away
+        mid-stream loses nothing the router holds: a single-output request is resubmitted as a
+        continuation (prompt + the tokens already streamed), so the client sees no gap."""
+        service, record = self._service, self.record
+        processor = OutputProcessor(
+            prepared.request_id, service.tokenizer, prepared.params, prepared.num_prompt_tokens
+        )
+        logger.info("request %s: %d prompt tokens, max_tokens %d, n %d (%s)",
+                    prepared.request_id, prepared.num_prompt_tokens, prepared.params.max_tokens,
+                    prepared.params.n, self._call.protocol)
+        record.num_prompt_tokens = prepared.num_prompt_tokens
+        record.reached_scheduler = True
+        generated: list[int] = []  # output 0 so far: what a continuation must not redo
+        current: list[SubmitStream] = []
+
+        def cancel_current() -> None:  # the client went away
+            if current:
+                current[-1].cancel()
+
+        if self._call.add_done_callback is not None:
+            self._call.add_done_callback(cancel_current)
+        for attempt in range(MAX_CONTINUATIONS + 1):
+            stream = service.submit(
+                _submit_request(prepared, generated, service.timeout_s(self._call)))
+            current.append(stream)
+            try:
+                async for message in _stream_outputs(processor, _recording(stream, generated)):
+                    if message.token_ids:
+                        record.tokens_streamed(len(message.token_ids))
+                    yield message
+                return
+            except UpstreamError as exc:
+                if not _may_continue(exc, prepared, attempt):
+                    raise
+                logger.warning("request %s: scheduler unavailable (%s); continuing after %d "
+                               "tokens", prepared.request_id, exc, len(generated))
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+            finally:
+                stream.cancel()
+
+
+def _may_continue(exc: UpstreamError, prepared: PreparedRequest, attempt: int) -> bool:
+    """Only a single-output request can be continued (n samples or beams cannot be rebuilt
+    from output 0), and only after the scheduler went away (``UNAVAILABLE``)."""
+    p = prepared.params
+    single = p.n == 1 and p.best_of <= 1 and p.beam_width <= 1
+    return exc.code == "UNAVAILABLE" and single and attempt < MAX_CONTINUATIONS
+
+
+def _submit_request(prepared: PreparedRequest, generated: list[int],
+                    timeout_s: float | None) -> scheduler_pb2.SubmitRequest:
+    return scheduler_pb2.SubmitRequest(
+        request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids,
+        params=prepared.params, generated_token_ids=generated, timeout_s=timeout_s or 0.0,
+    )
+
+
+async def _recording(
+    stream: SubmitStream, generated: list[int]
+) -> AsyncIterator[scheduler_pb2.RequestUpdate]:
+    """Passes the scheduler's stream through, remembering output 0's token ids."""
+    async for response in stream:
+        for out in response.outputs:
+            if out.index == 0 and not out.replaces:
+                generated.extend(out.token_ids)
+        yield response
+
+
+async def _stream_outputs(
+    processor: OutputProcessor, stream: AsyncIterator[scheduler_pb2.RequestUpdate]
+) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    """Runs the scheduler's stream through ``processor`` until every output is finished."""
+    async for response in stream:
+        for message in processor.process(response):
+            yield message
+        if processor.all_finished:
+            logger.debug("request %s: all outputs finished", processor.request_id)
+            return
+    for message in processor.abort_unfinished():
+        logger.warning("request %s: scheduler stream ended before output %d finished",
+                       processor.request_id, message.index)
+        yield message
