@@ -8,7 +8,9 @@ Input building is vectorized over the flat batch (numpy), never a Python loop pe
     slot:       table_A[p // bs] * bs + p % bs, ...
 
 The runner owns the model, the attention backend and the sampler; it borrows the KV caches from
-the ``CacheEngine`` and knows nothing about the scheduler or gRPC.
+the ``CacheEngine`` and knows nothing about the scheduler or gRPC. At construction it chooses how
+the model runs (``worker/models/execution.py``: the fused C++ layer stack, C++ ops, torch ops or
+Triton attention), once, and prepares the model for that path; every step runs that path.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from worker.attention.metadata import AttentionMetadata, HostMetadata
+from worker.models.execution import Execution, ExecutionPath, prepare_execution
 from worker.models.llama import KVCache, LlamaForCausalLM
 from worker.sampler import Sampler, SamplerOutput, SamplingRow
 from worker.sequence_state import SequenceState
@@ -65,11 +68,14 @@ class ModelRunner:
         sampler: Sampler,
         block_size: int,
         device: torch.device,
+        path: ExecutionPath | None = None,
     ) -> None:
+        """``path`` forces a slower execution path than the one chosen (tests, debugging)."""
         self.model = model
         self.sampler = sampler
         self.block_size = block_size
         self.device = device
+        self.execution: Execution = prepare_execution(model, device, path)
 
     @torch.inference_mode()
     def execute(self, work: list[ScheduledWork], kv_caches: list[KVCache]) -> StepResult:
@@ -77,10 +83,11 @@ class ModelRunner:
             return StepResult([], SamplerOutput([], []), 0.0, 0.0)
         start = time.perf_counter()
         inputs = self.prepare(work)
-        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.meta)
+        run = self.execution
+        hidden = run.forward(inputs.input_ids, inputs.positions, kv_caches, inputs.meta)
         sampled = [i for i, w in enumerate(work) if w.sample]
-        logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.last_rows[sampled])
-                                                  .to(self.device)]) if sampled else None
+        logits = run.compute_logits(hidden[torch.from_numpy(inputs.last_rows[sampled])
+                                           .to(self.device)]) if sampled else None
         self._sync()
         mid = time.perf_counter()
         output = SamplerOutput([], [])
@@ -157,9 +164,9 @@ class ModelRunner:
             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
             max_query_len=num_tokens, max_seq_len=num_tokens, block_size=self.block_size,
         )
-        hidden = self.model(ids, positions, kv_caches, meta)
+        hidden = self.execution.forward(ids, positions, kv_caches, meta)
         rows = hidden[:1].expand(num_seqs, -1)
-        logits = self.model.compute_logits(rows)
+        logits = self.execution.compute_logits(rows)
         torch.softmax(logits, dim=-1).sort(dim=-1)  # the sampler's biggest temporaries
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)

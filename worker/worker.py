@@ -61,10 +61,11 @@ class Worker:
         )
         self.cpu_kernels: CpuKernels = cpu_kernels(self.placement.device, self.placement.dtype)
         logger.info("cpu kernels: %s", self.cpu_kernels.describe())
-        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
+        self.sampler = Sampler(seed=config.seed)  # the stop set arrives in each request's params
         self.runner = ModelRunner(
             self.model, self.sampler, config.cache.block_size, self.placement.device
         )
+        logger.info("execution path: %s", self.runner.execution.describe())
         num_gpu, num_cpu = self._size_pools()
         self.cache = CacheEngine(
             self.model_config, config.cache.block_size, num_gpu, num_cpu,
@@ -94,6 +95,8 @@ class Worker:
             instance_id=self.instance_id,
             cached_blocks=[worker_pb2.BlockHash(block_id=b, block_hash=h)
                            for b, h in self.block_hashes.items()],
+            max_num_batched_tokens=self.config.batch.max_num_batched_tokens,
+            max_num_seqs=self.config.batch.max_num_seqs,
         )
 
     def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:

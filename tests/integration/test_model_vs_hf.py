@@ -22,7 +22,7 @@ from tests.support.worker_factory import cpu_worker
 from worker.attention.torch_backend import TorchAttentionBackend
 from worker.kernels import cpu_ops
 from worker.model_runner import ModelRunner, ScheduledWork
-from worker.models.llama import PackedLinear
+from worker.models.execution import ExecutionPath, FusedCpuStackExecution, PackedLinear
 from worker.models.loader import load_model
 from worker.sampler import ResolvedParams, Sampler
 from worker.sequence_state import SequenceState
@@ -79,9 +79,13 @@ def test_prefill_logits_through_shuffled_paged_cache_match_hf(
         monkeypatch.setenv(cpu_ops.ENV_ISA, kernels)
     path = tiny_llama_dir(**TINY_VARIANTS[variant])
     model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
+    runner = ModelRunner(model, Sampler(config.eos_token_ids), block_size, torch.device("cpu"))
+    run = runner.execution
+    assert run.path is (ExecutionPath.TORCH if kernels == "torch_ops"
+                        else ExecutionPath.FUSED_CPU_STACK)
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert bool(packed) == (kernels != "torch_ops")
-    assert all(m._ops.isa == kernels for m in packed)
+    assert all(m.kernels.isa == kernels for m in packed)
     hf = _hf(path)
     prompts = _prompts(1, [13, 5, 21], config.vocab_size)
     num_blocks = 32
@@ -94,11 +98,10 @@ def test_prefill_logits_through_shuffled_paged_cache_match_hf(
         seq = SequenceState(i, prompt, len(prompt), ResolvedParams(temperature=0.0))
         seq.block_table = [int(free.pop()) for _ in range(-(-len(prompt) // block_size))]
         work.append(ScheduledWork(seq, 0, len(prompt), sample=True))
-    runner = ModelRunner(model, Sampler(config.eos_token_ids), block_size, torch.device("cpu"))
     inputs = runner.prepare(work)
     with torch.inference_mode():
-        hidden = model(inputs.input_ids, inputs.positions, caches, inputs.meta)
-        logits = model.compute_logits(hidden)
+        hidden = run.forward(inputs.input_ids, inputs.positions, caches, inputs.meta)
+        logits = run.compute_logits(hidden)
     offset = 0
     for prompt in prompts:
         with torch.no_grad():
@@ -234,29 +237,27 @@ def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
 
 
 
-def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPatch,
-                                                  cpu_isa: str) -> None:
-    """``cpu_ops.LayerStack`` (every layer in one C++ call) runs the same kernels in the same order
-    as ``LlamaDecoderLayer.forward`` op by op: bit-identical hidden states, prefill and decode
-    rows mixed in one step, with Qwen2-style q/k/v biases. Each variant against itself."""
-    from worker.models.llama import LlamaForCausalLM
+def test_fused_cpu_layer_equals_the_op_by_op_layer(cpu_isa: str | None) -> None:
+    """``cpu_ops.LayerStack`` (every layer in one C++ call, the ``fused_cpu_stack`` path) runs the
+    same kernels in the same order as ``LlamaDecoderLayer.forward`` op by op over packed
+    projections and the kernels' primitives (the ``cpu_ops`` path): bit-identical hidden states,
+    prefill and decode rows mixed in one step, with Qwen2-style q/k/v biases. Each variant
+    against itself."""
+    if cpu_isa is None:
+        pytest.skip("fused CPU kernels off (PAGEDSERVE_CPU_KERNELS=0) or not built")
     path = tiny_llama_dir(architecture="qwen2")
-    model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
-    fused_steps = []
-    real_fused = LlamaForCausalLM._fused_layers
 
-    def counting(self: LlamaForCausalLM, *args: object) -> object:
-        out = real_fused(self, *args)
-        fused_steps.append(out is not None)
-        return out
-
-    def run(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(LlamaForCausalLM, "_fused_layers",
-                            counting if fused else (lambda self, *a: None))
+    def run(execution_path: ExecutionPath | None) -> torch.Tensor:
+        model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
+        runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"),
+                             path=execution_path)
+        execution = runner.execution
+        if execution_path is None:  # chosen, not forced
+            assert isinstance(execution, FusedCpuStackExecution), execution.describe()
+        assert execution.path is (execution_path or ExecutionPath.FUSED_CPU_STACK)
         caches = [(torch.zeros(64, 4, config.num_kv_heads, config.head_dim),
                    torch.zeros(64, 4, config.num_kv_heads, config.head_dim))
                   for _ in range(config.num_layers)]
-        runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"))
         prompts = _prompts(5, [9, 14, 6], config.vocab_size)
         seqs = []
         for i, prompt in enumerate(prompts):
@@ -270,9 +271,8 @@ def test_fused_cpu_layer_equals_the_op_by_op_layer(monkeypatch: pytest.MonkeyPat
                          [ScheduledWork(seqs[0], 8, 1, True), ScheduledWork(seqs[2], 0, 6, True),
                           ScheduledWork(seqs[1], 10, 4, True)]):
                 inputs = runner.prepare(work)
-                hidden.append(model(inputs.input_ids, inputs.positions, caches, inputs.meta))
+                hidden.append(execution.forward(inputs.input_ids, inputs.positions, caches,
+                                                inputs.meta))
         return torch.cat(hidden)
 
-    fused = run(True)
-    assert fused_steps and all(fused_steps), "the fused layers did not run"
-    assert torch.equal(fused, run(False))
+    assert torch.equal(run(None), run(ExecutionPath.CPU_OPS))

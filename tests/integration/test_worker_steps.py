@@ -3,6 +3,8 @@ block-table replace, and refuses a bad step without changing anything."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pagedserve.errors import InvalidArgument, NotFound
@@ -111,6 +113,9 @@ def test_worker_never_appends_its_own_samples(worker: Worker) -> None:
          InvalidArgument),
         (worker_pb2.StepRequest(new_seqs=[worker_pb2.NewSequence(seq_id=1, token_ids=[1])]),
          InvalidArgument),
+        (worker_pb2.StepRequest(new_seqs=[worker_pb2.NewSequence(
+            seq_id=2, token_ids=[1], params=common_pb2.SamplingParams(stop_token_ids=[512]))]),
+         InvalidArgument),
     ],
 )
 def test_bad_step_is_refused_and_changes_nothing(worker: Worker, req, error) -> None:
@@ -144,3 +149,14 @@ def test_batch_inputs_map_tokens_to_positions_and_slots(worker: Worker) -> None:
     assert not mixed.meta.is_decode_only
     assert mixed.positions.tolist() == [3, 4, 5, 6]
     assert mixed.meta.slot_mapping.tolist() == [6 * BS + 3, 2 * BS, 2 * BS + 1, 2 * BS + 2]
+
+
+def test_the_worker_logs_its_execution_path_once(caplog: pytest.LogCaptureFixture,
+                                                 cpu_isa: str | None) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.worker"):
+        fresh = cpu_worker(tiny_llama_dir(), block_size=BS, num_gpu_blocks=8)
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("execution path: ")]
+    assert lines == [f"execution path: {fresh.runner.execution.describe()}"]
+    assert lines[0].startswith("execution path: fused_cpu_stack (" if cpu_isa
+                               else "execution path: torch (")

@@ -104,7 +104,8 @@ def test_rope_in_place_is_bit_exact(ops: ModuleType) -> None:
 @pytest.mark.parametrize("num_rows", [1, 5, 8, 9, 64, 300])
 @pytest.mark.parametrize(("out_features", "in_features"),
                          [(960, 576), (576, 1536), (100, 70), (17, 1100), (49, 3)])
-def test_packed_linear_matches_torch(ops: ModuleType, num_rows: int, out_features: int, in_features: int) -> None:
+def test_packed_linear_matches_torch(ops: ModuleType, num_rows: int, out_features: int,
+                                     in_features: int) -> None:
     """Every row tile (1-8 rows), column padding (N not a multiple of 48) and K chunking
     (K > 768) path."""
     weight = torch.randn(out_features, in_features) / in_features**0.5

@@ -86,28 +86,24 @@ class TorchAttentionBackend:
             self._prefill(query, key_cache, value_cache, plan, scale, out)
         return out
 
-    def cpu_layer_args(self, meta: AttentionMetadata, head_dim: int
-                       ) -> tuple[torch.Tensor, ...] | None:
+    def layer_stack_args(self, meta: AttentionMetadata, ops: ModuleType, head_dim: int
+                         ) -> tuple[torch.Tensor, ...]:
         """This step's attention plan as the trailing arguments of ``cpu_ops.LayerStack.forward``
-        (decode rows, tables, lengths; prefill tables, lengths, query starts and lengths), or
-        None when some of it needs the SDPA path."""
-        if "cpu_layer_args" in meta.scratch:  # worked out once per step
-            return meta.scratch["cpu_layer_args"]
-        ops = cpu_ops.load()
-        args = None
-        if ops is not None and ops.prefill_attention_supported(head_dim):
-            plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
-            if not plan.prefill:
-                fd, fp = plan.fused_decode, plan.fused_prefill
-                none64 = torch.empty(0, dtype=torch.int64)
-                none32 = torch.empty(0, dtype=torch.int32)
-                no_table = torch.empty(0, 1, dtype=torch.int32)
-                args = (fd.rows if fd else none64, fd.block_tables if fd else no_table,
-                        fd.seq_lens if fd else none32, fp.block_tables if fp else no_table,
-                        fp.seq_lens if fp else none64, fp.q_starts if fp else none64,
-                        fp.q_lens if fp else none64)
-        meta.scratch["cpu_layer_args"] = args
-        return args
+        (decode rows, tables, lengths; prefill tables, lengths, query starts and lengths), for
+        the fused CPU stack (``worker/models/execution.py``), which runs only where ``ops``
+        takes this ``head_dim`` in its prefill kernel."""
+        if not ops.prefill_attention_supported(head_dim):
+            raise ValueError(f"cpu_ops prefill_attention does not take head_dim {head_dim}")
+        plan = self._plan(meta, torch.device("cpu"), ops, head_dim)
+        assert not plan.prefill, "a step planned for SDPA prefill"
+        fd, fp = plan.fused_decode, plan.fused_prefill
+        none64 = torch.empty(0, dtype=torch.int64)
+        none32 = torch.empty(0, dtype=torch.int32)
+        no_table = torch.empty(0, 1, dtype=torch.int32)
+        return (fd.rows if fd else none64, fd.block_tables if fd else no_table,
+                fd.seq_lens if fd else none32, fp.block_tables if fp else no_table,
+                fp.seq_lens if fp else none64, fp.q_starts if fp else none64,
+                fp.q_lens if fp else none64)
 
     @staticmethod
     def _plan(meta: AttentionMetadata, device: torch.device, ops: ModuleType | None,

@@ -9,21 +9,25 @@ and copies the separate HF projections into their slices of the fused weights.
 
 Numerics follow HF ``LlamaForCausalLM`` (RMSNorm in fp32, RoPE cos/sin in fp32, residual adds in
 the model dtype) so that fp32 outputs match it to rounding.
+
+This module is the math and the weight loading, nothing about which kernels run: each layer runs
+op by op over whatever projection modules it holds (``nn.Linear`` as loaded) and the primitives
+of a ``LayerOps`` (torch by default). ``worker/models/execution.py``, owned by the model runner,
+chooses the execution path once at load and prepares the model for it (packed projections and
+the C++ primitives on fp32 CPU, or every layer in one C++ call).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from worker.attention.metadata import AttentionMetadata
-from worker.kernels import cpu_ops
 from worker.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -53,41 +57,55 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
+class LayerOps:
+    """The primitives a decoder layer is written in besides its projections, in torch: RMSNorm,
+    RoPE on the fused q/k/v rows, and SwiGLU's ``silu(gate) * up``. This is the reference; an
+    execution path may lend the model an implementation of the same functions with other
+    kernels (``LlamaForCausalLM.use_ops``)."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(dtype)
+
+    def rope_qkv(self, qkv: torch.Tensor, cos_sin: KVCache, num_heads: int, num_kv_heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv`` ``[T, (H + 2 KVH) * D]`` -> q ``[T, H, D]``, k and v ``[T, KVH, D]``, q and k
+        rotated."""
+        q, k, v = split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+        return apply_rope(q, *cos_sin), apply_rope(k, *cos_sin), v
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)  # in place: one [T, I] buffer, not two
+
+
+TORCH_OPS = LayerOps()
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of the fused ``[T, (H + 2 KVH) * D]`` rows: q ``[T, H, D]``, k and v
+    ``[T, KVH, D]``."""
+    num_tokens = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+            v.view(num_tokens, num_kv_heads, head_dim))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _fused_ops(x)
-        if ops is not None and x.dim() == 2:
-            return ops.rms_norm(x.contiguous(), self.weight, self.eps)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-class PackedLinear(nn.Module):
-    """``nn.Linear`` on fp32 CPU with its weight in the panel layout of ``cpu_ops.packed_linear``
-    (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here). Same function; the weight is packed
-    once and the original freed."""
-
-    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, ops: ModuleType) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed: torch.Tensor
-        self.register_buffer("packed", cpu_ops.pack_weight(weight.detach()))
-        self.bias = bias
-        self._no_bias = torch.empty(0)
-        self._ops = ops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        bias = self._no_bias if self.bias is None else self.bias
-        out = self._ops.packed_linear(flat, self.packed, bias, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -142,13 +160,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _fused_ops(x: torch.Tensor) -> ModuleType | None:
-    """The fused CPU kernels when ``x`` is an fp32 CPU tensor and they could be built."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    return cpu_ops.load()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` is ``[num_tokens, heads, head_dim]``; cos/sin are ``[num_tokens, head_dim]``."""
     half = x.shape[-1] // 2
@@ -168,21 +179,14 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj: nn.Module = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.backend = backend
+        self.ops = TORCH_OPS
 
     def forward(
         self, x: torch.Tensor, cos_sin: KVCache, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        ops = _fused_ops(qkv)
-        if ops is not None:  # rotates q and k in place, in one pass over the fused rows
-            ops.rope_(qkv, *cos_sin, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if ops is None:
-            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.ops.rope_qkv(self.qkv_proj(x), cos_sin, self.num_heads, self.num_kv_heads,
+                                    self.head_dim)
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = self.backend.forward(q, key_cache, value_cache, meta, self.scale)
@@ -194,16 +198,12 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.intermediate_size = config.intermediate_size
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)  # PackedLinear
-        self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)  # once packed
+        self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)
+        self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        ops = _fused_ops(gate_up)
-        if ops is not None and gate_up.dim() == 2:
-            return self.down_proj(ops.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))  # in place: one [T, I] buffer, not two
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -220,23 +220,10 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def fused_weights(self) -> tuple | None:
-        """This layer's weights as ``cpu_ops.LayerStack.add`` takes them (norms, packed
-        projections, biases), or None when a projection is not packed."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
-        if not (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
-                and isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear)):
-            return None
-        no_bias = qkv._no_bias
-        return (self.input_layernorm.weight.detach(),
-                self.post_attention_layernorm.weight.detach(), qkv.packed,
-                no_bias if qkv.bias is None else qkv.bias.detach(), o.packed,
-                no_bias if o.bias is None else o.bias.detach(), gate_up.packed, down.packed)
-
 
 class LlamaForCausalLM(nn.Module):
-    """Owns the weights; the KV caches and the attention backend are lent to it per call.
+    """Owns the weights and the math; the KV caches are lent to it per call, the attention
+    backend at construction.
 
     Invariant: ``len(kv_caches) == num_layers`` and every cache is
     ``[num_blocks, block_size, num_kv_heads, head_dim]``.
@@ -245,27 +232,35 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
+        self.backend = backend
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, backend) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        # The logits projection; None: tied, the embedding table (an execution path may set a
+        # module computing the same product, e.g. from a packed copy of the table).
         self.lm_head: nn.Module | None = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.packed_logits: PackedLinear | None = None  # tied embeddings, once packed
-        # cpu_ops.LayerStack holding every layer's weights; [] = not worked out yet, None = some
-        # layer cannot run fused (see _fused_layers).
-        self._fused: Any = []
 
-    def set_backend(self, backend: AttentionBackend) -> None:
-        self._fused = []
-        for layer in self.layers:
-            assert isinstance(layer, LlamaDecoderLayer)
-            layer.self_attn.backend = backend
+    def decoder_layers(self) -> list[LlamaDecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
+
+    def use_ops(self, ops: LayerOps) -> None:
+        """Every norm, attention and MLP computes its primitives with ``ops`` from now on."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | LlamaAttention | LlamaMLP):
+                module.ops = ops
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, KVCache]:
+        """``[T]`` ids and positions -> hidden states ``[T, hidden]`` and RoPE ``(cos, sin)``."""
+        x = self.embed_tokens(input_ids)
+        return x, self.rotary.cos_sin(positions, x.dtype)
 
     def forward(
         self,
@@ -276,83 +271,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final-normed hidden states ``[T, hidden]``; K/V of all T tokens are
         written into their slots."""
-        x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        fused = self._fused_layers(x, kv_caches, meta)
-        if fused is not None:  # one C++ call for every layer: no Python between kernels
-            stack, plan = fused
-            x = stack.forward(x, *cos_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
-                              meta.slot_mapping, self.config.head_dim**-0.5, *plan)
-            return self.norm(x)
+        x, cos_sin = self.embed(input_ids, positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv_cache, meta)
         return self.norm(x)
 
-    def _fused_layers(self, x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
-                      ) -> tuple[Any, tuple] | None:
-        """``(cpu_ops.LayerStack, attention plan)`` when every layer can run as one
-        ``decoder_layer`` of cpu_ops.cpp (fp32 CPU, packed projections, the torch backend's fused
-        attention for this step), else None: the same computation, op by op."""
-        ops = _fused_ops(x)
-        if ops is None or x.dim() != 2 or not kv_caches or kv_caches[0][0].dtype != x.dtype:
-            return None
-        layer0 = self.layers[0] if len(self.layers) else None
-        if not isinstance(layer0, LlamaDecoderLayer):
-            return None
-        cpu_layer_args = getattr(layer0.self_attn.backend, "cpu_layer_args", None)
-        if self._fused == []:
-            layers = [layer.fused_weights() for layer in self.layers
-                      if isinstance(layer, LlamaDecoderLayer)]
-            usable = (len(layers) == len(self.layers) and all(w is not None for w in layers)
-                      and cpu_layer_args is not None)
-            self._fused = None
-            if usable:
-                cfg = self.config
-                stack = ops.LayerStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
-                                       cfg.intermediate_size)
-                for weights in layers:
-                    assert weights is not None
-                    stack.add(*weights)
-                self._fused = stack
-        if self._fused is None or cpu_layer_args is None:
-            return None
-        plan = cpu_layer_args(meta, self.config.head_dim)
-        return None if plan is None else (self._fused, plan)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` fp32."""
-        if self.packed_logits is not None:
-            return self.packed_logits(hidden)
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
-
-    def pack_weights(self) -> bool:
-        """After ``load_weights``, on fp32 CPU where the fused kernels built: every projection and
-        the logits matmul move to ``PackedLinear``. Tied embeddings keep their table for lookups
-        and gain a packed copy for the logits (one more vocab x hidden matrix). Returns whether
-        the weights were packed."""
-        ops = cpu_ops.load()
-        table = self.embed_tokens.weight
-        if (ops is None or table.device.type != "cpu" or table.dtype != torch.float32
-                or not ops.packed_linear_supported()):
-            return False
-
-        def packed(linear: nn.Module) -> PackedLinear:
-            assert isinstance(linear, nn.Linear)
-            return PackedLinear(linear.weight, linear.bias, ops)
-
-        for layer in self.layers:
-            assert isinstance(layer, LlamaDecoderLayer)
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
-            mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
-        if self.lm_head is None:
-            self.packed_logits = PackedLinear(table, None, ops)
-        else:
-            self.lm_head = packed(self.lm_head)
-        self._fused = []
-        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors in, fusing q/k/v and gate/up. Raises ValueError on an unknown
@@ -379,7 +307,7 @@ class LlamaForCausalLM(nn.Module):
         name = hf_name.removeprefix("model.")
         if "rotary_emb" in name:
             return None, None
-        if name == "lm_head.weight" and self.lm_head is None:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None, None  # tied: some checkpoints store the copy anyway
         cfg = self.config
         fused = {

@@ -49,7 +49,9 @@ def load_model(
     device: str | torch.device,
     backend: AttentionBackend | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Loads weights into an eval-mode model on ``device``. ``backend`` defaults to torch."""
+    """Loads weights into an eval-mode model on ``device``. ``backend`` defaults to torch. The
+    model holds the checkpoint's weights as loaded: how it runs (packing the projections for the
+    C++ kernels) is the model runner's choice (``worker/models/execution.py``)."""
     path = Path(path)
     if backend is None:
         from worker.attention.torch_backend import TorchAttentionBackend
@@ -61,8 +63,6 @@ def load_model(
         model, config = _load_hf_dir(path, dtype, torch.device(device), backend)
     else:
         raise ValueError(f"model {path}: expected a .gguf file or a directory with config.json")
-    if model.pack_weights():
-        logger.info("projections packed for the fused fp32 CPU matmul kernel")
     return model, config
 
 

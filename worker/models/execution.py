@@ -1,0 +1,271 @@
+"""How a loaded model runs: the execution path, chosen once at load by the model runner.
+
+``LlamaForCausalLM`` is the math and the weight loading. Which kernels compute it is decided
+here, once, from the device, the dtype, the C++ CPU kernels (``cpu_ops.load()``: the per-ISA
+module, or None when they are off or unbuilt) and the attention backend::
+
+    path              when                                   what runs
+    fused_cpu_stack   fp32 CPU, kernels built, torch         every decoder layer in one C++ call
+                      attention, a head_dim the fused        (cpu_ops.LayerStack) over packed
+                      prefill kernel takes                   weights; final norm and logits too
+                      (the usual CPU worker)                 from the kernels
+    cpu_ops           fp32 CPU, kernels built, but no        the model op by op: projections
+                      fused stack (other head_dim)           packed (``PackedLinear``), RMSNorm,
+                                                             RoPE, SwiGLU from the kernels
+    torch             kernels off or unbuilt; not fp32;      the model op by op in torch ops; the
+                      CUDA with the torch backend            attention backend as configured
+    triton            CUDA with the Triton backend           the model op by op in torch ops,
+                                                             Triton paged attention
+
+Preparing a CPU path packs the projection weights into the panel layout of
+``cpu_ops.packed_linear`` (``PackedLinear`` replaces each ``nn.Linear`` in the model, and the
+logits matmul gets a packed copy of a tied embedding table) and lends the model the kernels'
+RMSNorm, RoPE and SwiGLU (``CpuKernelOps``). The fused stack is bit-identical to ``cpu_ops`` op
+by op (same kernels, same order); every path computes the same function as the torch reference.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from worker.attention.metadata import AttentionMetadata
+from worker.attention.torch_backend import TorchAttentionBackend
+from worker.kernels import cpu_ops
+from worker.models.llama import (
+    AttentionBackend,
+    KVCache,
+    LayerOps,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    split_qkv,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutionPath(enum.Enum):
+    FUSED_CPU_STACK = "fused_cpu_stack"
+    CPU_OPS = "cpu_ops"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+# The paths a model prepared for one path could also run (a forced ``path``: tests, debugging):
+# each computes the same function, from the fastest down.
+_ALSO_RUNNABLE = {
+    ExecutionPath.FUSED_CPU_STACK: (ExecutionPath.CPU_OPS, ExecutionPath.TORCH),
+    ExecutionPath.CPU_OPS: (ExecutionPath.TORCH,),
+    ExecutionPath.TORCH: (),
+    ExecutionPath.TRITON: (),
+}
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    path: ExecutionPath
+    reason: str
+
+
+def choose_path(device: torch.device, dtype: torch.dtype, kernels: ModuleType | None,
+                backend: AttentionBackend, head_dim: int) -> PathChoice:
+    """The fastest path for this placement. ``kernels`` is ``cpu_ops.load()`` (None when the C++
+    kernels are off or failed to build; not consulted off CPU or off fp32)."""
+    if device.type != "cpu":
+        if backend.name == "triton":
+            return PathChoice(ExecutionPath.TRITON, f"{device.type}: Triton paged attention")
+        return PathChoice(ExecutionPath.TORCH,
+                          f"{device.type}: torch ops, {backend.name} attention backend")
+    if dtype != torch.float32:
+        return PathChoice(ExecutionPath.TORCH,
+                          f"{_dtype_name(dtype)} on CPU: the C++ kernels are fp32 only")
+    if kernels is None:
+        return PathChoice(ExecutionPath.TORCH,
+                          "C++ CPU kernels off (PAGEDSERVE_CPU_KERNELS=0) or not built")
+    isa = kernels.isa
+    if not kernels.packed_linear_supported():
+        return PathChoice(ExecutionPath.TORCH, f"{isa} kernels lack packed_linear")
+    if not isinstance(backend, TorchAttentionBackend):
+        return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: the {backend.name} "
+                          "attention backend has no fused layer step")
+    if not kernels.prefill_attention_supported(head_dim):
+        return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: head_dim {head_dim} "
+                          "not taken by the fused prefill kernel")
+    return PathChoice(ExecutionPath.FUSED_CPU_STACK,
+                      f"fp32 CPU, {isa} kernels: every layer in one C++ call")
+
+
+def prepare_execution(model: LlamaForCausalLM, device: torch.device,
+                      path: ExecutionPath | None = None) -> Execution:
+    """Chooses the path for ``model`` (loaded, on ``device``) and prepares the model for it.
+    ``path`` forces a slower path than the chosen one (one it can run; ValueError otherwise).
+    Call once per model: preparing packs its projections."""
+    dtype = model.embed_tokens.weight.dtype
+    kernels = cpu_ops.load() if device.type == "cpu" and dtype == torch.float32 else None
+    choice = choose_path(device, dtype, kernels, model.backend, model.config.head_dim)
+    if path is not None and path is not choice.path:
+        if path not in _ALSO_RUNNABLE[choice.path]:
+            raise ValueError(f"execution path {path.value} cannot run here "
+                             f"({choice.path.value}: {choice.reason})")
+        choice = PathChoice(path, f"asked for instead of {choice.path.value} ({choice.reason})")
+    if choice.path is ExecutionPath.FUSED_CPU_STACK:
+        assert kernels is not None
+        return FusedCpuStackExecution(model, choice, kernels)
+    if choice.path is ExecutionPath.CPU_OPS:
+        assert kernels is not None
+        return CpuOpsExecution(model, choice, kernels)
+    return Execution(model, choice)
+
+
+class Execution:
+    """The model op by op, in whatever modules and ops it holds (the ``torch`` and ``triton``
+    paths: torch ops, and the attention backend the model was built with)."""
+
+    def __init__(self, model: LlamaForCausalLM, choice: PathChoice) -> None:
+        self.model = model
+        self.choice = choice
+
+    @property
+    def path(self) -> ExecutionPath:
+        return self.choice.path
+
+    def describe(self) -> str:
+        return f"{self.path.value} ({self.choice.reason})"
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        """``LlamaForCausalLM.forward``: final-normed hidden states ``[T, hidden]``; the K/V of
+        every token written into its slot."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden] -> [N, vocab]`` fp32."""
+        return self.model.compute_logits(hidden)
+
+
+class CpuOpsExecution(Execution):
+    """fp32 CPU, op by op: packed projections (``PackedLinear``) and the kernels' primitives."""
+
+    def __init__(self, model: LlamaForCausalLM, choice: PathChoice, kernels: ModuleType) -> None:
+        super().__init__(model, choice)
+        self.kernels = kernels
+        pack_projections(model, kernels)
+        model.use_ops(CpuKernelOps(kernels))
+
+
+class FusedCpuStackExecution(CpuOpsExecution):
+    """fp32 CPU: every decoder layer in one call of ``cpu_ops.LayerStack`` (no Python between
+    kernels), which runs the kernels of ``CpuOpsExecution`` in the same order."""
+
+    def __init__(self, model: LlamaForCausalLM, choice: PathChoice, kernels: ModuleType) -> None:
+        super().__init__(model, choice, kernels)
+        if not isinstance(model.backend, TorchAttentionBackend):
+            raise TypeError(f"the fused CPU stack plans its steps with the torch attention "
+                            f"backend, not {model.backend.name}")
+        self.backend = model.backend
+        cfg = model.config
+        self.head_dim, self.scale = cfg.head_dim, cfg.head_dim**-0.5
+        self.stack = kernels.LayerStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                                        cfg.intermediate_size)
+        for layer in model.decoder_layers():
+            self.stack.add(*_stack_weights(layer))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        x, cos_sin = self.model.embed(input_ids, positions)
+        attention = self.backend.layer_stack_args(meta, self.kernels, self.head_dim)
+        x = self.stack.forward(x, *cos_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                               meta.slot_mapping, self.scale, *attention)
+        return self.model.norm(x)
+
+
+class CpuKernelOps(LayerOps):
+    """The layer primitives from the C++ kernels (fp32 CPU): the same functions as the torch
+    ``LayerOps`` to rounding (RoPE bit for bit), the same kernels as ``cpu_ops.LayerStack``."""
+
+    def __init__(self, kernels: ModuleType) -> None:
+        self.kernels = kernels
+        self.name = f"cpu_ops/{kernels.isa}"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dim() != 2:
+            return super().rms_norm(x, weight, eps)
+        return self.kernels.rms_norm(x.contiguous(), weight, eps)
+
+    def rope_qkv(self, qkv: torch.Tensor, cos_sin: KVCache, num_heads: int, num_kv_heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # rotates q and k in place, in one pass over the fused rows
+        self.kernels.rope_(qkv, *cos_sin, num_heads + num_kv_heads, head_dim)
+        return split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if gate_up.dim() != 2:
+            return super().silu_mul(gate_up)
+        return self.kernels.silu_mul(gate_up)
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` on fp32 CPU with its weight in the panel layout of ``cpu_ops.packed_linear``
+    (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here). Same function; the weight is packed
+    once and the original freed. The output is fp32 (so is the input)."""
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None,
+                 kernels: ModuleType) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed: torch.Tensor
+        self.register_buffer("packed", cpu_ops.pack_weight(weight.detach()))
+        self.bias = bias
+        self._no_bias = torch.empty(0)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        bias = self._no_bias if self.bias is None else self.bias
+        out = self.kernels.packed_linear(flat, self.packed, bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def bias_or_empty(self) -> torch.Tensor:
+        return self._no_bias if self.bias is None else self.bias.detach()
+
+
+def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
+    """Every projection of ``model`` and its logits matmul move to ``PackedLinear``. Tied
+    embeddings keep their table for lookups and gain a packed copy for the logits (one more
+    vocab x hidden matrix) as ``model.lm_head``."""
+
+    def packed(linear: nn.Module) -> PackedLinear:
+        if isinstance(linear, PackedLinear):
+            return linear
+        assert isinstance(linear, nn.Linear)
+        return PackedLinear(linear.weight, linear.bias, kernels)
+
+    for layer in model.decoder_layers():
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
+        mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
+    if model.lm_head is None:
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, kernels)
+    else:
+        model.lm_head = packed(model.lm_head)
+
+
+def _stack_weights(layer: LlamaDecoderLayer) -> tuple[torch.Tensor, ...]:
+    """One layer's weights as ``cpu_ops.LayerStack.add`` takes them: norms, packed projections
+    and their biases."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+    assert (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
+            and isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear))
+    return (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+            qkv.packed, qkv.bias_or_empty(), o.packed, o.bias_or_empty(), gate_up.packed,
+            down.packed)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
