@@ -61,7 +61,8 @@ class Worker:
         )
         self.cpu_kernels: CpuKernels = cpu_kernels(self.placement.device, self.placement.dtype)
         logger.info("cpu kernels: %s", self.cpu_kernels.describe())
-        self.sampler = Sampler(seed=config.seed)  # the stop set arrives in each request's params
+        # The stop set arrives in each request's params; the model's EOS serves min_tokens.
+        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(
             self.model, self.sampler, config.cache.block_size, self.placement.device
         )

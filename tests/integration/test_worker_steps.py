@@ -160,3 +160,10 @@ def test_the_worker_logs_its_execution_path_once(caplog: pytest.LogCaptureFixtur
     assert lines == [f"execution path: {fresh.runner.execution.describe()}"]
     assert lines[0].startswith("execution path: fused_cpu_stack (" if cpu_isa
                                else "execution path: torch (")
+
+
+def test_the_sampler_knows_the_models_eos_for_min_tokens(worker: Worker) -> None:
+    """min_tokens keeps the model's EOS out even under ignore_eos (vLLM's and HF's semantics),
+    so the worker's sampler must be given the model's EOS ids, not only each request's stops."""
+    assert worker.sampler.eos_token_ids == tuple(worker.model_config.eos_token_ids)
+    assert worker.sampler.eos_token_ids
