@@ -116,6 +116,19 @@ def test_shared_512_token_prefix_reuses_every_full_block(model_dir):
     assert b.outputs[0].token_ids == b_ref.outputs[0].token_ids
 
 
+def _record_steps(llm, measure) -> list:
+    """Wraps ``llm``'s worker so every step appends ``measure(step request)`` to the list."""
+    seen: list = []
+    original_step = llm.worker.step
+
+    def recording_step(req):
+        seen.append(measure(req))
+        return original_step(req)
+
+    llm.worker.step = recording_step
+    return seen
+
+
 @pytest.mark.parametrize("kernels", ["cpu_ops", "torch"])
 def test_requests_admitted_in_one_step_share_the_prefix_computed_in_that_step(
         model_dir, kernels, monkeypatch):
@@ -129,14 +142,7 @@ def test_requests_admitted_in_one_step_share_the_prefix_computed_in_that_step(
     prefix = _prompt(60, 96)  # 6 full blocks of 16
     prompts = [prefix + _prompt(61 + i, 3 + 5 * i) for i in range(4)] + [prefix + [7]]
     with LLM(str(model_dir), num_gpu_blocks=256, dtype="float32", block_size=16) as llm:
-        batch_sizes = []
-        original_step = llm.worker.step
-
-        def recording_step(req):
-            batch_sizes.append(len(req.scheduled.seq_ids))
-            return original_step(req)
-
-        llm.worker.step = recording_step
+        batch_sizes = _record_steps(llm, lambda req: len(req.scheduled.seq_ids))
         outs = llm.generate(prompts, _greedy(10))
         path = llm.worker.runner.execution.path
         kv = llm.engine.workers[0].kv
@@ -171,14 +177,7 @@ def test_chunked_prefill_keeps_decodes_running_and_matches(model_dir):
     long_prompt, short_prompt = _prompt(30, 400), _prompt(31, 10)
     with LLM(str(model_dir), num_gpu_blocks=128, dtype="float32", block_size=16,
              max_num_batched_tokens=64) as llm:
-        steps = []
-        original_step = llm.worker.step
-
-        def recording_step(req):
-            steps.append(sum(req.scheduled.num_new_tokens))
-            return original_step(req)
-
-        llm.worker.step = recording_step
+        steps = _record_steps(llm, lambda req: sum(req.scheduled.num_new_tokens))
         outs = llm.generate([short_prompt, long_prompt], _greedy(12))
     assert max(steps) <= 64
     with LLM(str(model_dir), num_gpu_blocks=128, dtype="float32", block_size=16) as ref:

@@ -47,8 +47,7 @@ class FakeStack:
 
 def fake_kernels(isa: str = "avx2", max_head_dim: int = 128) -> SimpleNamespace:
     """The parts of a ``cpu_ops`` variant module the choice and the preparation use."""
-    return SimpleNamespace(isa=isa, packed_linear_supported=lambda: True,
-                           prefill_attention_supported=lambda d: 16 <= d <= max_head_dim,
+    return SimpleNamespace(isa=isa, prefill_attention_supported=lambda d: 16 <= d <= max_head_dim,
                            LayerStack=FakeStack)
 
 

@@ -86,7 +86,6 @@ bool cpu_supports(const std::string& isa) {
     sub.def("rms_norm", &NS::rms_norm, release());                                            \
     sub.def("rope_", &NS::rope_, release());                                                  \
     sub.def("packed_linear", &NS::packed_linear, release());                                  \
-    sub.def("packed_linear_supported", []() { return true; });                               \
     sub.def("silu_mul", &NS::silu_mul, release());                                            \
     sub.def("greedy_sample", &NS::greedy_sample, release());                                  \
     sub.def("prefill_attention", &NS::prefill_attention, release());                          \

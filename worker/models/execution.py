@@ -88,8 +88,6 @@ def choose_path(device: torch.device, dtype: torch.dtype, kernels: ModuleType | 
         return PathChoice(ExecutionPath.TORCH,
                           "C++ CPU kernels off (PAGEDSERVE_CPU_KERNELS=0) or not built")
     isa = kernels.isa
-    if not kernels.packed_linear_supported():
-        return PathChoice(ExecutionPath.TORCH, f"{isa} kernels lack packed_linear")
     if not isinstance(backend, TorchAttentionBackend):
         return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: the {backend.name} "
                           "attention backend has no fused layer step")
