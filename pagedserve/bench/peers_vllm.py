@@ -34,6 +34,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE
 
 
 def _settings(llm: Any, load_seconds: float) -> dict[str, Any]:
+    import torch
     import vllm
 
     config = llm.llm_engine.vllm_config
@@ -52,6 +53,7 @@ def _settings(llm: Any, load_seconds: float) -> dict[str, Any]:
         "chunked_prefill": sched.enable_chunked_prefill,
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""),
         "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", ""),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 

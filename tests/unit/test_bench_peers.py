@@ -146,3 +146,35 @@ def test_prefix_workload_shares_its_prefix() -> None:
     assert len({tuple(p[32:]) for p in w.prompts}) == 4
     assert w.max_tokens == [3] * 4
 
+
+
+def test_isa_emulation_hides_avx512_from_vllms_processes(tmp_path: Path) -> None:
+    """``--isa avx2``: the sitecustomize put on vLLM's PYTHONPATH makes torch's CPU checks (the
+    ones vLLM picks its kernel library and attention ISA by) say no AVX-512 and no AMX, in every
+    process started with that environment, and only when asked."""
+    import subprocess
+
+    from pagedserve.bench.peers import PEER_ISA_SITE
+
+    probe = ("import torch.cpu; print(torch.cpu._is_avx512_supported(), "
+             "torch.cpu._is_amx_tile_supported())")
+    env = {**os.environ, "PYTHONPATH": str(PEER_ISA_SITE), "PAGEDSERVE_PEER_NO_AVX512": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"]
+    env.pop("PAGEDSERVE_PEER_NO_AVX512")
+    import torch.cpu
+
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == [str(torch.cpu._is_avx512_supported()),
+                           str(torch.cpu._is_amx_tile_supported())]
+
+
+def test_tree_libraries_names_what_the_process_tree_mapped() -> None:
+    from pagedserve.bench.peers import _tree_libraries
+
+    libs = _tree_libraries(os.getpid(), "lib")  # this process has torch/lib/*.so mapped
+    assert "libtorch_cpu.so" in libs
+    assert all(name.endswith(".so") for name in libs)
+    assert _tree_libraries(os.getpid(), "no-such-folder") == []
