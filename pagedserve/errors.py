@@ -34,6 +34,13 @@ class Unavailable(PagedServeError):
     code = "UNAVAILABLE"
 
 
+class FailedPrecondition(PagedServeError):
+    """The call was made for a state the service is no longer in (a worker restarted since the
+    scheduler planned the step)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class NotFound(PagedServeError):
     code = "NOT_FOUND"
 

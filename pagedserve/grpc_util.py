@@ -8,6 +8,11 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedserve.errors import PagedServeError
 
+# Metadata on every scheduler -> worker ``Step``: the worker process instance
+# (``WorkerInfo.instance_id``) the step was planned for; a restarted worker refuses other
+# instances' steps (scheduler/worker_handle.py, worker/servicer.py).
+WORKER_INSTANCE_METADATA = "pagedserve-worker-instance"
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -2,8 +2,16 @@
 
 Starts workers, then the scheduler, then the router (gRPC on ``--port``, the OpenAI-compatible
 HTTP API on ``--http-port``), each once the previous ones answer ``grpc.health.v1`` SERVING;
-serves until Ctrl-C/SIGTERM or until any process dies; then stops the router first and the
-workers last, each with SIGTERM (graceful) and SIGKILL after a grace period.
+serves until Ctrl-C/SIGTERM; then stops the router first and the workers last, each with SIGTERM
+(graceful) and SIGKILL after a grace period.
+
+Supervision: a process that dies is started again, with the same arguments and ports, after a
+backoff (``RESTART_BASE_S`` doubling per quick failure up to ``RESTART_MAX_S``; a process that
+stayed up ``STABLE_S`` starts again from the base), and ``up`` says so, and says when it serves
+again. The others keep running: the scheduler moves a dead worker's requests to the others as
+continuations and re-admits the worker when it answers again; the router's requests on a dead
+scheduler end UNAVAILABLE and it reconnects to the restarted one. ``--no-restart`` restores
+stop-everything-on-the-first-death (for scripts that want to notice).
 
 While it starts, it says on stderr which process it started, what it is waiting for (again every
 ``PROGRESS_EVERY_S`` seconds, with the time since that process started: a first start on CPU
@@ -48,6 +56,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics (ports printed at start)")
     parser.add_argument("--startup-timeout", type=float, default=300.0,
                         help="seconds each process may take, from its start, to serve")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="stop the whole cluster when any process dies, instead of "
+                             "restarting that process")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -57,16 +68,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _module_of(proc: subprocess.Popen[bytes]) -> str:
-    """The module a child runs: ``Supervisor.spawn`` starts each as
-    ``[python, "-m", module, ...]``."""
-    argv = proc.args
-    assert isinstance(argv, list) and isinstance(argv[2], str), "children come from spawn()"
-    return argv[2]
-
-
 PROGRESS_EVERY_S = 5.0
 POLL_S = 0.2
+RESTART_BASE_S = 1.0  # first restart delay; doubles per failure that came quickly
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0  # up this long before dying: the next restart waits RESTART_BASE_S again
+
+
+def restart_delay(quick_failures: int) -> float:
+    """Backoff before restarting a process that died ``quick_failures`` times in a row without
+    staying up ``STABLE_S`` (1 for the first death)."""
+    return min(RESTART_MAX_S, RESTART_BASE_S * 2 ** max(quick_failures - 1, 0))
 
 
 class _Process(Protocol):  # what waiting needs of a child: subprocess.Popen, or a test's fake
@@ -122,13 +134,13 @@ def wait_until_serving(
         sleep(POLL_S)
 
 
-def health_check(channel: grpc.Channel) -> Callable[[], bool]:
+def health_check(channel: grpc.Channel, timeout: float = 1.0) -> Callable[[], bool]:
     """One ``grpc.health.v1`` check per call: True once the server answers SERVING."""
     stub = health_pb2_grpc.HealthStub(channel)
 
     def is_serving() -> bool:
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:  # not listening yet ("Connection refused"), or not answering
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -141,18 +153,41 @@ def wait_serving(child: Child, proc: _Process, timeout: float) -> float:
         return wait_until_serving(child, proc, timeout, health_check(channel))
 
 
+@dataclass
+class Service:
+    """A supervised child: how to start it again, and what became of it."""
+
+    name: str
+    cmd: list[str]
+    address: str
+    proc: subprocess.Popen[bytes]
+    started: float  # time.monotonic() of its latest start
+    restarts: int = 0
+    quick_failures: int = 0  # deaths in a row, each before STABLE_S of uptime
+    restart_at: float | None = None  # dead: when it starts again
+    serving: bool = True  # False from a restart until it answers SERVING again
+
+
 class Supervisor:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace,
+                 popen: Callable[[list[str]], subprocess.Popen[bytes]] = subprocess.Popen,
+                 ) -> None:
         self.args = args
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.services: list[Service] = []
+        self.popen = popen  # how a child starts (tests give fakes)
+
+    @property
+    def procs(self) -> list[subprocess.Popen[bytes]]:
+        return [svc.proc for svc in self.services]
 
     def spawn(self, module: str, argv: list[str], name: str, address: str,
               doing: str) -> tuple[Child, subprocess.Popen[bytes]]:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
-        proc = subprocess.Popen(cmd)
-        self.procs.append(proc)
+        proc = self.popen(cmd)
+        started = time.monotonic()
+        self.services.append(Service(name, cmd, address, proc, started))
         say(f"started {name} (pid {proc.pid}), to serve on {address}")
-        return Child(name, address, doing, time.monotonic()), proc
+        return Child(name, address, doing, started), proc
 
     def start(self) -> tuple[str, str]:
         """Starts every process in order, each once the ones it needs serve; the router's gRPC
@@ -218,6 +253,8 @@ class Supervisor:
         return ["--model", self.args.model] if self.args.model else []
 
     def wait(self) -> int:
+        """Supervises until SIGINT/SIGTERM (0), or until a process dies under ``--no-restart``
+        (1)."""
         stop = {"signal": False}
 
         def on_signal(signum: int, frame: object) -> None:
@@ -226,13 +263,42 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while not stop["signal"]:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    logger.error("%s exited with code %s; stopping the cluster", _module_of(proc),
-                                 proc.returncode)
-                    return 1
-            time.sleep(0.3)
+            if not self.supervise(time.monotonic()):
+                return 1
+            time.sleep(POLL_S)
         return 0
+
+    def supervise(self, now: float) -> bool:
+        """One round over the children: notices deaths, starts again those whose backoff is
+        over, and says when a restarted one serves again. False when a child died and
+        ``--no-restart`` is set."""
+        for svc in self.services:
+            if svc.restart_at is None and svc.proc.poll() is not None:
+                if self.args.no_restart:
+                    logger.error("%s exited with code %s; stopping the cluster (--no-restart)",
+                                 svc.name, svc.proc.returncode)
+                    return False
+                up_for = now - svc.started
+                svc.quick_failures = 1 if up_for >= STABLE_S else svc.quick_failures + 1
+                delay = restart_delay(svc.quick_failures)
+                svc.restart_at = now + delay
+                say(f"{svc.name} (pid {svc.proc.pid}) exited with code {svc.proc.returncode} "
+                    f"after {up_for:.0f}s; restarting it in {delay:.0f}s")
+            elif svc.restart_at is not None and now >= svc.restart_at:
+                svc.proc = self.popen(svc.cmd)
+                svc.started, svc.restart_at, svc.serving = now, None, False
+                svc.restarts += 1
+                say(f"restarted {svc.name} (pid {svc.proc.pid}, restart {svc.restarts}), to "
+                    f"serve on {svc.address}")
+            elif not svc.serving and self.is_serving(svc.address):
+                svc.serving = True
+                say(f"{svc.name} serving again on {svc.address} after "
+                    f"{time.monotonic() - svc.started:.1f}s")
+        return True
+
+    def is_serving(self, address: str) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            return health_check(channel, timeout=0.5)()
 
     def shutdown(self, grace: float = 15.0) -> None:
         for proc in reversed(self.procs):  # router first, workers last

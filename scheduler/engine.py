@@ -500,6 +500,7 @@ class Engine:
                 num_swap_blocks=kv.cpu.num_blocks if kv.has_swap else 0,
                 num_free_swap_blocks=kv.cpu.num_free_blocks if kv.has_swap else 0,
                 healthy=ws.healthy,
+                num_steps=ws.num_steps,
             ))
         return stats
 

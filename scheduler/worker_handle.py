@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import grpc
 
 from pagedserve.errors import Unavailable
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.grpc_util import CHANNEL_OPTIONS, WORKER_INSTANCE_METADATA
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -48,19 +48,36 @@ class InProcessWorkerHandle:
         return None
 
 
+# Every step names (WORKER_INSTANCE_METADATA) the worker process instance its plan was made for
+# (``WorkerInfo.instance_id``, learned by ``info()`` at join and rejoin). A worker restarted behind
+# the same address, which the scheduler may not have noticed while it was idle, has empty KV
+# memory: it refuses the step (FAILED_PRECONDITION) instead of computing on blocks that no longer
+# hold what the plan assumes, and the scheduler fails it over and re-admits it as a new worker.
+# A dead worker's channel retries connecting at most this far apart (gRPC's default backoff grows
+# to 120 s), so a restarted worker is re-admitted within one rejoin probe of serving again.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250),
+                     ("grpc.min_reconnect_backoff_ms", 250),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 class GrpcWorkerHandle:
     def __init__(self, address: str, step_timeout: float = 120.0) -> None:
         self.name = address
         self.address = address
         self.step_timeout = step_timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address,
+                                                  options=[*CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._instance: tuple[tuple[str, str], ...] = ()  # step metadata, once info() is known
 
     async def info(self) -> worker_pb2.WorkerInfo:
-        return await self._call(self._stub.GetInfo, worker_pb2.WorkerInfoRequest(), 30.0)
+        info: worker_pb2.WorkerInfo = await self._call(
+            self._stub.GetInfo, worker_pb2.WorkerInfoRequest(), 30.0)
+        self._instance = ((WORKER_INSTANCE_METADATA, info.instance_id),) if info.instance_id else ()
+        return info
 
     async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await self._call(self._stub.Step, request, self.step_timeout)
+        return await self._call(self._stub.Step, request, self.step_timeout, self._instance)
 
     async def reset(self) -> None:
         await self._call(self._stub.Reset, worker_pb2.ResetRequest(), 30.0)
@@ -68,8 +85,9 @@ class GrpcWorkerHandle:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, timeout: float) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float,
+                    metadata: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"worker {self.address}: {exc.code().name}: {exc.details()}") from exc

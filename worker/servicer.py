@@ -12,8 +12,8 @@ import logging
 
 import grpc
 
-from pagedserve.errors import PagedServeError
-from pagedserve.grpc_util import abort_for
+from pagedserve.errors import FailedPrecondition, PagedServeError
+from pagedserve.grpc_util import WORKER_INSTANCE_METADATA, abort_for
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.worker import Worker
 
@@ -32,6 +32,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Step(
         self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.StepResponse:
+        planned_for = dict(context.invocation_metadata() or ()).get(WORKER_INSTANCE_METADATA)
+        if planned_for is not None and planned_for != self.worker.instance_id:
+            await abort_for(context, FailedPrecondition(
+                f"step {request.step_id} was planned for worker instance {planned_for}; this is "
+                f"instance {self.worker.instance_id} (restarted: its KV memory is empty)"))
         try:
             return await asyncio.to_thread(self.worker.step, request)
         except PagedServeError as exc:

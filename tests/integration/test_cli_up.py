@@ -77,3 +77,79 @@ def test_up_generate_and_ctrl_c(tmp_path):
     assert any(line.startswith("up: started worker 1 (pid ") for line in progress), text
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "child processes left running"
+
+
+def _wait_for(predicate, what: str, log, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what}; up's log:\n{log.read_text()}"
+        time.sleep(0.3)
+    return value
+
+
+def test_up_restarts_a_killed_worker_and_the_scheduler_readmits_it(tmp_path):
+    """SIGKILL a worker under ``up``: the cluster keeps serving, ``up`` starts the worker again
+    (same port) and says so, the scheduler re-admits the new instance (its first step planned for
+    the old instance is refused, not computed on empty KV memory), and later requests run on it,
+    token-exact with the surviving worker."""
+    import grpc
+
+    from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    model = tiny_llama_dir()
+    port, http_port, sched_port = _free_port(), _free_port(), _free_port()
+    log = tmp_path / "up.log"
+    with open(log, "w+") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--workers", "2",
+             "--port", str(port), "--http-port", str(http_port), "--scheduler-port",
+             str(sched_port), "--kv-cache-memory-gib", "0.01", "--log-level", "WARNING"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def generate(prompt: str) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "pagedserve.cli", "generate", "--address",
+             f"127.0.0.1:{port}", "--raw", "--max-tokens", "8", "--ignore-eos", prompt],
+            capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{sched_port}")
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+    def workers() -> dict[str, scheduler_pb2.WorkerStats]:
+        return {w.worker_id: w for w in stub.GetStats(scheduler_pb2.StatsRequest(),
+                                                       timeout=10).workers}
+
+    try:
+        _wait_for(lambda: "pagedserve is up" in log.read_text(), "cluster did not start", log,
+                  timeout=240)
+        line = next(x for x in log.read_text().splitlines()
+                    if x.startswith("up: started worker 0 (pid "))
+        pid = int(line.split("(pid ")[1].split(")")[0])
+        address = line.rsplit("to serve on ", 1)[1]
+        reference = [generate(f"hello {i}") for i in range(4)]
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: "up: worker 0 serving again on" in log.read_text(),
+                  "worker 0 was not restarted", log)
+        assert f"up: worker 0 (pid {pid}) exited with code -9" in log.read_text()
+        assert f"up: restarted worker 0 (pid " in log.read_text()
+        # Served throughout, and the scheduler takes the new instance back: the steps it runs
+        # there grow once requests arrive (the first one there may be refused and moved).
+        before = workers()[address].num_steps
+
+        def used_again() -> bool:
+            assert [generate(f"hello {i}") for i in range(4)] == reference
+            w = workers()[address]
+            return w.healthy and w.num_steps > before
+
+        _wait_for(used_again, "the restarted worker was not used again", log, timeout=60)
+    finally:
+        channel.close()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("pagedserve up did not stop on Ctrl-C")
+    assert code == 0, log.read_text()

@@ -90,3 +90,41 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
     first = sampled_rows(responses[0].sampled)[0]
     assert len(first.top) == 3 and first.logprob <= 0.0
     assert responses[0].forward_seconds > 0.0
+
+
+def test_a_step_planned_for_another_worker_instance_is_refused() -> None:
+    """The scheduler's handle names the worker instance it planned each step for; a worker
+    restarted behind the same address (a new instance, empty KV memory) refuses such a step with
+    FAILED_PRECONDITION instead of computing on blocks that do not hold what the plan assumes."""
+    from pagedserve.errors import Unavailable
+    from scheduler.worker_handle import GrpcWorkerHandle
+
+    path = tiny_llama_dir()
+
+    async def session() -> None:
+        started = await start_worker_server(cpu_worker_config(path, block_size=4),
+                                            cpu_worker(path, block_size=4))
+        handle = GrpcWorkerHandle(f"127.0.0.1:{started.port}")
+        prompt = worker_pb2.NewSequence(seq_id=1, token_ids=[5, 9, 14], num_prompt_tokens=3,
+                                        params=common_pb2.SamplingParams(temperature=0.0))
+        try:
+            info = await handle.info()
+            step = scheduled_request(rows=[ScheduledRow(seq_id=1, num_new_tokens=3, sample=True,
+                                                        new_block_ids=[0])])
+            step.new_seqs.append(prompt)
+            await handle.step(step)  # planned for the instance it knows: served
+            started.worker.instance_id = "a-restarted-instance"  # what a restart changes
+            stale = scheduled_request(rows=[ScheduledRow(seq_id=2, num_new_tokens=3, sample=True,
+                                                         new_block_ids=[1])])
+            stale.new_seqs.append(worker_pb2.NewSequence(
+                seq_id=2, token_ids=[5, 9, 14], num_prompt_tokens=3, params=prompt.params))
+            with pytest.raises(Unavailable, match="FAILED_PRECONDITION.*" + info.instance_id):
+                await handle.step(stale)
+            assert 2 not in started.worker.seqs  # refused before anything ran
+            await handle.info()  # a rejoin learns the new instance: its steps are served again
+            await handle.step(stale)
+        finally:
+            await handle.close()
+            await started.stop()
+
+    _run(session())

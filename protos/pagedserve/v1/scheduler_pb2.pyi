@@ -94,7 +94,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "num_blocks", "num_free_blocks", "num_cached_blocks", "num_swap_blocks", "num_free_swap_blocks", "healthy")
+    __slots__ = ("worker_id", "num_blocks", "num_free_blocks", "num_cached_blocks", "num_swap_blocks", "num_free_swap_blocks", "healthy", "num_steps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class WorkerStats(_message.Message):
     NUM_SWAP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_SWAP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_blocks: int
     num_free_blocks: int
@@ -109,7 +110,8 @@ class WorkerStats(_message.Message):
     num_swap_blocks: int
     num_free_swap_blocks: int
     healthy: bool
-    def __init__(self, worker_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_swap_blocks: _Optional[int] = ..., num_free_swap_blocks: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    num_steps: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_swap_blocks: _Optional[int] = ..., num_free_swap_blocks: _Optional[int] = ..., healthy: _Optional[bool] = ..., num_steps: _Optional[int] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("num_running", "num_waiting", "num_swapped", "workers", "num_steps", "num_preemptions", "prefix_query_tokens", "prefix_hit_tokens", "num_finished_requests", "num_generated_tokens")
