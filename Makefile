@@ -9,7 +9,7 @@ ARGS ?=
 # The venv's tools (ninja for the fused CPU kernels) on PATH for everything make runs.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test test-unit bench bench-peers lint proto services install clean
+.PHONY: run test test-unit bench bench-peers soak lint proto services install clean
 
 run: $(STAMP_RUN)
 	$(VENV)/bin/pagedserve up $(ARGS)
@@ -31,6 +31,12 @@ test-unit: $(STAMP_TEST)
 
 bench: $(STAMP_TEST)
 	$(PY) -m pagedserve.bench.suite $(ARGS)
+
+# Bounded (about 10 minutes, stops by itself; never part of `make test`): a local cluster with
+# Redis under Poisson load, cancels, deadlines, hostile requests, a worker SIGKILL and a Redis
+# restart; exits non-zero if blocks leaked, a stream stuck or a greedy bystander failed or changed.
+soak: $(STAMP_TEST) services
+	$(PY) -m pagedserve.loadtest.soak $(ARGS)
 
 # Optional, never part of `make test`: pagedserve vs vLLM's CPU build, same workloads, one run
 # (pagedserve/bench/peers.py; results in .bench_peers.md). vLLM gets its own venv: it pins its
