@@ -3,6 +3,12 @@
 ``start_local_cluster`` runs router, scheduler and workers as real gRPC servers on loopback ports
 inside the current event loop (tests, benchmarks). ``pagedserve up`` (``pagedserve/up.py``) runs
 the same servers as separate processes.
+
+Why two launchers: this one is for code that needs the servers' objects in hand (a test asserting
+on the engine's block pool, a benchmark sharing one loaded model between runs) and starts in a
+second with nothing to clean up after; ``up`` is for people: a process per service, as deployed,
+supervised and restarted, with progress on stderr. Both build the servers with the same
+``start_*``/``build_server`` functions, so the services themselves have one way to start.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Shape: batch 64, 32 query heads, 8 KV heads, head dim 128, block size 16, fp16, 
   mask, so each GQA group's query heads are folded into the query-length axis
   (``[B, kv_heads, group, D]``), which lets SDPA pick its flash kernel and read K/V once per group.
 
-Run from the repo root: ``python bench/gpu_kernels.py``.
+Run from the repo root: ``python -m pagedserve.bench.gpu_kernels``.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 # GPU check for the Triton attention kernels, in one go (about 5 minutes on an H100, under 8):
 #   1. every tests/kernels case compiled on CUDA: the CPU cases plus the @pytest.mark.gpu sweeps
 #      (bf16, all head dims x block sizes, long contexts);
-#   2. decode kernel timing vs the copy-bandwidth roofline and torch SDPA (bench/gpu_kernels.py);
+#   2. decode kernel timing vs the copy-bandwidth roofline and torch SDPA
+#      (pagedserve/bench/gpu_kernels.py);
 #   3. a full decode step, if the lead's pagedserve.bench.decode_step module exists.
-# Usage, from anywhere: bash bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
+# Usage, from anywhere: bash pagedserve/bench/gpu_check.sh   (PYTHON=... to pick the interpreter)
 # Exit status: 0 all passed, 1 something failed, 2 no CUDA device / no triton (nothing ran).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
@@ -42,7 +43,7 @@ step() {  # step <seconds> <label> <command...>
 
 step 270 "kernel tests on CUDA (CPU cases + -m gpu sweeps)" \
   "$PY" -m pytest tests/kernels -q -p no:cacheprovider -rfEs
-step 120 "decode kernel timing" "$PY" bench/gpu_kernels.py
+step 120 "decode kernel timing" "$PY" -m pagedserve.bench.gpu_kernels
 
 if "$PY" - <<'PYEOF' 2>/dev/null
 import importlib.util, sys
