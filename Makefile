@@ -61,6 +61,7 @@ $(STAMP_VLLM):
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy router scheduler worker kvstore pagedserve
+	$(VENV)/bin/lint-imports  # the layering contract in pyproject.toml
 
 # Regenerate the gRPC stubs (committed; tests/unit/test_protos.py fails if they drift).
 proto: $(STAMP_RUN)

@@ -13,7 +13,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing pagedserve must not load t
 
         return LLM
     if name == "make_sampling_params":
-        from pagedserve.sampling import make_sampling_params
+        from pagedserve.core.sampling import make_sampling_params
 
         return make_sampling_params
     raise AttributeError(name)

@@ -16,8 +16,8 @@ from typing import Any, Self
 
 import grpc
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS
-from pagedserve.sampling import make_sampling_params
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
 

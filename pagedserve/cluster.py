@@ -17,7 +17,7 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pagedserve.models import resolve_model_path
+from pagedserve.core.models import resolve_model_path
 from router.config import RouterConfig
 from router.config import ServerConfig as RouterServerConfig
 from router.server import RouterServer, start_router

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pagedserve.models import resolve_model_path
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.models import resolve_model_path
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from router.output import OutputProcessor
 from router.tokenizer import Tokenizer, load_tokenizer

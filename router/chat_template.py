@@ -18,7 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.core.errors import InvalidArgument
 
 
 class ChatTemplateError(InvalidArgument):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from pagedserve.errors import PagedServeError
+from pagedserve.core.errors import PagedServeError
 from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor

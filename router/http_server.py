@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pagedserve.errors import InvalidArgument, PagedServeError
+from pagedserve.core.errors import InvalidArgument, PagedServeError
 from protos.pagedserve.v1 import generation_pb2
 from router.generation import CallInfo, GenerationService
 from router.openai_protocol import (
@@ -48,7 +48,7 @@ from router.request import PreparedRequest, check_model, checked_token_ids
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024  # as gRPC's message limit (pagedserve.grpc_util)
+MAX_BODY_BYTES = 64 * 1024 * 1024  # as gRPC's message limit (pagedserve.core.grpc_util)
 TIMEOUT_HEADER = "X-Request-Timeout"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Messages = AsyncGenerator[tuple[int, generation_pb2.GenerateResponse], None]

@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pagedserve.metrics_server import AliasCollector
+from pagedserve.core.metrics_server import AliasCollector
 
 PREFIX = "pagedserve_router"
 

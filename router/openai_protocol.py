@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.errors import InvalidArgument, ModelNotFound, PagedServeError
+from pagedserve.core.errors import InvalidArgument, ModelNotFound, PagedServeError
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from router.tokenizer import Tokenizer
 

@@ -34,7 +34,7 @@ class _OutputState:
 
 class OutputProcessor:
     """Owns the text state of every output of one request; holds no I/O. ``params`` are
-    resolved (``pagedserve.sampling.resolve_sampling_params`` with the model's EOS ids), so
+    resolved (``pagedserve.core.sampling.resolve_sampling_params`` with the model's EOS ids), so
     ``params.stop_token_ids`` is the request's whole stop set."""
 
     def __init__(
@@ -48,7 +48,7 @@ class OutputProcessor:
         self._tokenizer = tokenizer
         self._params = params
         self._num_prompt_tokens = num_prompt_tokens
-        # Resolved params carry the whole stop set, EOS included (pagedserve.sampling).
+        # Resolved params carry the whole stop set, EOS included (pagedserve.core.sampling).
         self._stop_token_ids = frozenset(params.stop_token_ids)
         self._outputs = [self._new_state() for _ in range(max(params.n, 1))]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from pagedserve.errors import InvalidArgument, ModelNotFound
-from pagedserve.sampling import resolve_sampling_params
-from pagedserve.token_ids import check_token_ids
+from pagedserve.core.errors import InvalidArgument, ModelNotFound
+from pagedserve.core.sampling import resolve_sampling_params
+from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from router.tokenizer import Tokenizer
 

@@ -3,10 +3,10 @@ model info at start.
 
 ``SchedulerClient.submit`` puts a request on the shared call and returns its ``SubmitStream``; a
 reader task hands each ``RequestUpdate`` of the scheduler's per-step messages to its stream. An
-upstream failure becomes ``UpstreamError`` carrying the scheduler's status code, so the servicer's
-single error path (``pagedserve.grpc_util.abort_for``) passes it through unchanged. When the call
-breaks (scheduler restart, failover), every stream on it ends ``UNAVAILABLE`` and the next submit
-opens a new call.
+upstream failure becomes ``UpstreamError`` carrying the scheduler's status code, so the
+servicer's single error path (``pagedserve.core.grpc_util.abort_for``) passes it through
+unchanged. When the call breaks (scheduler restart, failover), every stream on it ends
+``UNAVAILABLE`` and the next submit opens a new call.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pagedserve.deadline import expire_after
-from pagedserve.errors import InvalidArgument, PagedServeError
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.deadline import expire_after
+from pagedserve.core.errors import InvalidArgument, PagedServeError
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 logger = logging.getLogger(__name__)

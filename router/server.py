@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
-from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
-from pagedserve.models import resolve_model_path
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
+from pagedserve.core.models import resolve_model_path
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
 from router.config import RouterConfig
 from router.generation import GenerationService

@@ -4,7 +4,7 @@ too.
 
 Per ``Generate``: describe the call (deadline, metadata, done callback) -> prepare -> stream the
 messages. A ``PagedServeError`` becomes the status code it names, in one place
-(``pagedserve.grpc_util.abort_for``).
+(``pagedserve.core.grpc_util.abort_for``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from pagedserve.errors import PagedServeError
-from pagedserve.grpc_util import abort_for
+from pagedserve.core.errors import PagedServeError
+from pagedserve.core.grpc_util import abort_for
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc
 from router.generation import CallInfo, GenerationService
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from pagedserve.deadline import expire_after
-from pagedserve.errors import InvalidArgument, PagedServeError
-from pagedserve.grpc_util import status_code_for
+from pagedserve.core.deadline import expire_after
+from pagedserve.core.errors import InvalidArgument, PagedServeError
+from pagedserve.core.grpc_util import status_code_for
 from protos.pagedserve.v1 import scheduler_pb2
 from scheduler.request_stream import RequestStream
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
-from pagedserve.step_codec import SampledRow, split_tops
-from pagedserve.token_ids import check_token_ids
+from pagedserve.core.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
+from pagedserve.core.step_codec import SampledRow, split_tops
+from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
@@ -176,7 +176,7 @@ class Engine:
         generated_token_ids: Seq[int] = (),
     ) -> RequestStream:
         """Queues a request (or a continuation of one) and returns its output stream.
-        ``params`` must be resolved (``pagedserve.sampling.resolve_sampling_params``, with this
+        ``params`` must be resolved (``pagedserve.core.sampling.resolve_sampling_params``, with this
         model's ``eos_token_ids``): their ranges are not checked again here, and their
         ``stop_token_ids`` is the whole stop set."""
         num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,

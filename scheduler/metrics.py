@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pagedserve.metrics_server import AliasCollector
+from pagedserve.core.metrics_server import AliasCollector
 
 PREFIX = "pagedserve_scheduler"
 

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
+from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import scheduler_pb2
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.metrics import SchedulerMetrics

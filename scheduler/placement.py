@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from pagedserve.errors import Unavailable
+from pagedserve.core.errors import Unavailable
 from scheduler.kv_cache_manager import KVCacheManager
 
 if TYPE_CHECKING:

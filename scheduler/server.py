@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 
 from kvstore import open_store
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import discovery
 from scheduler.config import SchedulerConfig

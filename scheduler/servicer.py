@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pagedserve.errors import PagedServeError
-from pagedserve.grpc_util import abort_for
-from pagedserve.sampling import resolve_sampling_params
+from pagedserve.core.errors import PagedServeError
+from pagedserve.core.grpc_util import abort_for
+from pagedserve.core.sampling import resolve_sampling_params
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.connection import RouterConnection
 from scheduler.engine import Engine

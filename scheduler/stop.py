@@ -13,7 +13,7 @@ class StopCriteria:
 
     - stopped: ``token_id in stop_ids`` once ``num_tokens >= min_len`` (``min_tokens`` outputs);
       ``stop_ids`` is the resolved ``params.stop_token_ids``, which already holds the model's EOS
-      unless the client ignored it (``pagedserve.sampling``: the stop set has one home);
+      unless the client ignored it (``pagedserve.core.sampling``: the stop set has one home);
     - length: ``num_tokens >= max_len`` (``max_tokens`` outputs, or the model's context).
     Stop strings are the router's job (they need text)."""
 

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.errors import Unavailable
-from pagedserve.grpc_util import CHANNEL_OPTIONS, WORKER_INSTANCE_METADATA
+from pagedserve.core.errors import Unavailable
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS, WORKER_INSTANCE_METADATA
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 

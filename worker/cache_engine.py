@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.core.errors import InvalidArgument
 from worker.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)

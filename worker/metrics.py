@@ -1,7 +1,7 @@
 """Worker metrics: the memory a worker owns (KV and swap pools, device memory) and step timing.
 
 Built into a ``CollectorRegistry`` the caller owns (tests pass a fresh one); ``worker/server.py``
-serves it with ``pagedserve.metrics_server``. The scheduler decides which block holds what, so
+serves it with ``pagedserve.core.metrics_server``. The scheduler decides which block holds what, so
 the worker exports pool *capacity* only; used / cached-free / free blocks and KV usage per
 worker come from the scheduler (``pagedserve_scheduler_kv_blocks{worker,state}``,
 ``pagedserve_scheduler_swap_blocks{worker,state}``, ``pagedserve_scheduler_kv_cache_usage_ratio``).

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedserve.sampling import TOP_K_DISABLED, param_or_default
+from pagedserve.core.sampling import TOP_K_DISABLED, param_or_default
 from protos.pagedserve.v1 import common_pb2
 from worker.kernels import cpu_ops
 
@@ -35,9 +35,9 @@ _MASK64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class ResolvedParams:
     """``SamplingParams`` as plain values. Defaults, and ``TOP_K_DISABLED`` for "no top-k", are
-    those of ``pagedserve.sampling`` (the scheduler sends resolved params; an unset field reads
+    those of ``pagedserve.core.sampling`` (the scheduler sends resolved params; an unset field reads
     as its default there). ``stop_token_ids`` is the request's whole stop set, EOS included
-    unless the client ignored it: resolution put it there (``pagedserve.sampling``)."""
+    unless the client ignored it: resolution put it there (``pagedserve.core.sampling``)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
-from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics

@@ -1,6 +1,6 @@
 """The Worker gRPC service: a thin typed adapter over the domain ``Worker``.
 
-Domain errors become status codes here and only here (``pagedserve.grpc_util.abort_for``).
+Domain errors become status codes here and only here (``pagedserve.core.grpc_util.abort_for``).
 ``Step`` runs in a thread (``asyncio.to_thread``) so health checks and GetInfo stay responsive
 while the model computes; the ``Worker`` serialises steps itself.
 """
@@ -12,8 +12,8 @@ import logging
 
 import grpc
 
-from pagedserve.errors import FailedPrecondition, PagedServeError
-from pagedserve.grpc_util import WORKER_INSTANCE_METADATA, abort_for
+from pagedserve.core.errors import FailedPrecondition, PagedServeError
+from pagedserve.core.grpc_util import WORKER_INSTANCE_METADATA, abort_for
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.worker import Worker
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from pagedserve.errors import InvalidArgument, NotFound
-from pagedserve.step_codec import ScheduledRow
-from pagedserve.token_ids import check_token_ids
+from pagedserve.core.errors import InvalidArgument, NotFound
+from pagedserve.core.step_codec import ScheduledRow
+from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import CacheEngine
 from worker.sequence_state import SequenceState
@@ -31,7 +31,7 @@ def validate_step(
     vocab_size: int,
 ) -> None:
     """Raises ``InvalidArgument`` / ``NotFound`` naming the offending field. ``scheduled`` is
-    ``req.scheduled`` decoded (``pagedserve.step_codec.scheduled_rows``)."""
+    ``req.scheduled`` decoded (``pagedserve.core.step_codec.scheduled_rows``)."""
     finished = set(req.finished_seq_ids)
     lengths = {sid: s.num_tokens for sid, s in seqs.items() if sid not in finished}
     tables = {sid: len(s.block_table) for sid, s in seqs.items() if sid not in finished}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.models import resolve_model_path
-from pagedserve.step_codec import ScheduledRow, scheduled_rows
+from pagedserve.core.models import resolve_model_path
+from pagedserve.core.step_codec import ScheduledRow, scheduled_rows
 from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import GIB, CacheEngine, block_bytes, num_blocks_for_budget
 from worker.config import WorkerConfig

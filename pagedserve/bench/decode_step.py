@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pagedserve.step_codec import ScheduledRow, add_scheduled
+from pagedserve.core.step_codec import ScheduledRow, add_scheduled
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 from worker.config import BatchConfig, CacheConfig, LoadConfig, ServerConfig, WorkerConfig
 from worker.worker import Worker

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 
 from pagedserve.bench.null_worker import NullWorker
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle

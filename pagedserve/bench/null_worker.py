@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from pagedserve.step_codec import SampledRow, add_sampled
+from pagedserve.core.step_codec import SampledRow, add_sampled
 from protos.pagedserve.v1 import worker_pb2
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedserve.bench.workload import WorkloadSpec, make_requests
-from pagedserve.models import resolve_model_path
+from pagedserve.core.models import resolve_model_path
 
 VLLM_SCRIPT = Path(__file__).with_name("peers_vllm.py")
 # --isa avx2: both systems run as on a CPU without AVX-512 (AMD Zen 2/3, Intel before Ice Lake).
@@ -155,7 +155,7 @@ def check_lengths(system: str, workload: Workload, run: Run) -> None:
 def run_pagedserve(model: str, workload: Workload, kv_cache_gib: float) -> Run:
     """One timed ``generate`` of the whole workload on a freshly loaded engine."""
     from pagedserve import LLM
-    from pagedserve.sampling import make_sampling_params
+    from pagedserve.core.sampling import make_sampling_params
 
     params = [make_sampling_params(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
               for n in workload.max_tokens]

@@ -11,8 +11,8 @@ import argparse
 import random
 import time
 
+from pagedserve.core.sampling import make_sampling_params
 from pagedserve.llm import LLM
-from pagedserve.sampling import make_sampling_params
 
 
 def run(model: str | None, mode: str, num_blocks: int, prompts: list[list[int]],

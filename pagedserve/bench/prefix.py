@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from pagedserve.sampling import make_sampling_params
+from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import common_pb2
 
 TARGET_SPEEDUP = 3.5

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import worker_pb2
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine

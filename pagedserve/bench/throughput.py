@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedserve.bench.workload import Request, WorkloadSpec, make_requests
-from pagedserve.models import resolve_model_path
-from pagedserve.sampling import make_sampling_params
+from pagedserve.core.models import resolve_model_path
+from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import common_pb2
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS
 from pagedserve.loadtest.datasets import RequestSpec
 from pagedserve.loadtest.metrics import OK, RequestResult
 from protos.pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc

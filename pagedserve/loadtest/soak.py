@@ -45,7 +45,7 @@ from typing import Any
 
 import grpc
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS
 from pagedserve.loadtest.arrivals import arrival_offsets
 from protos.pagedserve.v1 import (
     common_pb2,

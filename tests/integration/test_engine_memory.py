@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, make_sampling_params
-from pagedserve.sampling import resolve_sampling_params
+from pagedserve.core.sampling import resolve_sampling_params
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle

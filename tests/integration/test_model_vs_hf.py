@@ -150,7 +150,7 @@ TIE_GAP = 1e-3  # fp32 logits this close are a rounding tie, not a disagreement
 
 @pytest.fixture(scope="module")
 def smollm2_hf() -> torch.nn.Module:
-    from pagedserve.models import default_model_path
+    from pagedserve.core.models import default_model_path
 
     path = default_model_path()
     return transformers.AutoModelForCausalLM.from_pretrained(

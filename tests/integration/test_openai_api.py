@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from pagedserve.sampling import make_sampling_params
+from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import generation_pb2
 from tests.support.cluster import ClusterThread
 from tests.support.tiny_llama import tiny_llama_dir

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pagedserve.metrics_server import start_metrics_server, stop_metrics_server
+from pagedserve.core.metrics_server import start_metrics_server, stop_metrics_server
 from scheduler.metrics import SchedulerMetrics
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,"

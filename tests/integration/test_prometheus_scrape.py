@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from pagedserve.metrics_server import serve_metrics
+from pagedserve.core.metrics_server import serve_metrics
 from scheduler.metrics import SchedulerMetrics
 from tests.support.prometheus import PrometheusServer
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from pagedserve.client import AsyncClient
-from pagedserve.models import default_model_path
+from pagedserve.core.models import default_model_path
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
 from router.config import RouterConfig, ServerConfig
 from router.server import RouterServer, start_router

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS
-from pagedserve.step_codec import ScheduledRow, sampled_rows, scheduled_request
+from pagedserve.core.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.step_codec import ScheduledRow, sampled_rows, scheduled_request
 from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
@@ -96,7 +96,7 @@ def test_a_step_planned_for_another_worker_instance_is_refused() -> None:
     """The scheduler's handle names the worker instance it planned each step for; a worker
     restarted behind the same address (a new instance, empty KV memory) refuses such a step with
     FAILED_PRECONDITION instead of computing on blocks that do not hold what the plan assumes."""
-    from pagedserve.errors import Unavailable
+    from pagedserve.core.errors import Unavailable
     from scheduler.worker_handle import GrpcWorkerHandle
 
     path = tiny_llama_dir()

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from pagedserve.errors import InvalidArgument, NotFound
-from pagedserve.step_codec import ScheduledRow, add_scheduled, sampled_rows
+from pagedserve.core.errors import InvalidArgument, NotFound
+from pagedserve.core.step_codec import ScheduledRow, add_scheduled, sampled_rows
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver

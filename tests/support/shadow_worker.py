@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pagedserve.step_codec import SampledRow, add_sampled, scheduled_rows
+from pagedserve.core.step_codec import SampledRow, add_sampled, scheduled_rows
 from protos.pagedserve.v1 import worker_pb2
 
 

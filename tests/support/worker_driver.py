@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pagedserve.step_codec import SampledRow, ScheduledRow, add_scheduled, sampled_rows
+from pagedserve.core.step_codec import SampledRow, ScheduledRow, add_scheduled, sampled_rows
 from protos.pagedserve.v1 import common_pb2, worker_pb2
 
 StepFn = Callable[[worker_pb2.StepRequest], worker_pb2.StepResponse]

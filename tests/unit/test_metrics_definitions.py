@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pagedserve.metrics_server import text_format_app
+from pagedserve.core.metrics_server import text_format_app
 from router.metrics import VLLM_NAME_MAP as ROUTER_VLLM
 from router.metrics import RouterMetrics
 from scheduler.metrics import VLLM_NAME_MAP as SCHEDULER_VLLM

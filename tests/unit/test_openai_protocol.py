@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
-from pagedserve.errors import InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
+from pagedserve.core.errors import InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from router.openai_protocol import (
     HTTP_STATUS,

@@ -13,8 +13,8 @@ import asyncio
 
 import pytest
 
-from pagedserve.errors import ResourceExhausted, Unavailable
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.errors import ResourceExhausted, Unavailable
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.engine import Engine

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine

@@ -8,7 +8,7 @@ import asyncio
 
 from kvstore.base import PrefixEntry, worker_key
 from kvstore.memory import MemoryPrefixStore
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import worker_pb2
 from scheduler.block_hash import hash_full_blocks
 from scheduler.config import SchedulerConfig

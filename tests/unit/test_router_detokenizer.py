@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedserve.models import default_model_path
+from pagedserve.core.models import default_model_path
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.tokenizer import Tokenizer, load_tokenizer
 

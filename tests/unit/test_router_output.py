@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.models import default_model_path
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.models import default_model_path
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2
 from router.output import OutputProcessor
 from router.tokenizer import Tokenizer, load_tokenizer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.errors import InvalidArgument
-from pagedserve.models import default_model_path
+from pagedserve.core.errors import InvalidArgument
+from pagedserve.core.models import default_model_path
 from router.tokenizer import Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess

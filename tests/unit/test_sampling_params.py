@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedserve.errors import InvalidArgument
-from pagedserve.sampling import (
+from pagedserve.core.errors import InvalidArgument
+from pagedserve.core.sampling import (
     DEFAULT_MAX_TOKENS,
     DEFAULTS,
     TOP_K_DISABLED,

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle
@@ -208,7 +208,7 @@ def test_the_resolved_stop_set_ends_a_request_at_eos():
 
 
 def test_token_ids_that_bypassed_the_router_are_checked_by_the_scheduler():
-    from pagedserve.errors import InvalidArgument
+    from pagedserve.core.errors import InvalidArgument
 
     async def main():
         engine = _engine(ShadowWorker(num_gpu_blocks=64, vocab_size=100))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.core.errors import InvalidArgument
 from worker.cache_engine import CacheEngine, block_bytes
 from worker.models.config import ModelConfig
 

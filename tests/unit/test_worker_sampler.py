@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedserve.sampling import TOP_K_DISABLED, make_sampling_params, resolve_sampling_params
+from pagedserve.core.sampling import TOP_K_DISABLED, make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from worker.kernels import cpu_ops
 from worker.sampler import (
@@ -99,7 +99,7 @@ def test_frequency_and_presence_penalties_count_only_output_tokens() -> None:
 
 def test_min_tokens_suppresses_eos_and_stop_ids_until_reached() -> None:
     """The stop set arrives resolved: EOS joined ``stop_token_ids`` where the request was
-    resolved (``pagedserve.sampling``), and the sampler suppresses exactly that set."""
+    resolved (``pagedserve.core.sampling``), and the sampler suppresses exactly that set."""
     logits = torch.zeros(2, VOCAB)
     logits[:, EOS] = 100.0
     logits[:, 9] = 50.0

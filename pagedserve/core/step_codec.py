@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.core.errors import InvalidArgument
 from protos.pagedserve.v1 import worker_pb2
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pagedserve.errors import InvalidArgument
+from pagedserve.core.errors import InvalidArgument
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int | None, field: str) -> None:

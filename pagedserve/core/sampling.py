@@ -25,8 +25,8 @@ from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from pagedserve.errors import InvalidArgument
-from pagedserve.token_ids import check_token_ids
+from pagedserve.core.errors import InvalidArgument
+from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 256

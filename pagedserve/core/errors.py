@@ -1,5 +1,5 @@
 """Domain errors shared by every service. Domain code raises these; each gRPC servicer maps them to
-status codes in exactly one place (``pagedserve.grpc_util.abort_for``). Nothing here imports
+status codes in exactly one place (``pagedserve.core.grpc_util.abort_for``). Nothing here imports
 grpc."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.errors import PagedServeError
+from pagedserve.core.errors import PagedServeError
 
 # Metadata on every scheduler -> worker ``Step``: the worker process instance
 # (``WorkerInfo.instance_id``) the step was planned for; a restarted worker refuses other
