@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pagedserve.step_codec import SampledRow
+from pagedserve.step import SampledRow
 from scheduler.sequence import Sequence
 
 _NEG = np.float32(-1.0e9)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
-from pagedserve.step_codec import SampledRow, split_tops
+from pagedserve.step import SampledRow, WorkerResult
 from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.beam_search import BeamState
@@ -26,7 +26,7 @@ from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step_request
+from scheduler.step_builder import build_step
 from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
@@ -288,39 +288,38 @@ class Engine:
             if req is not None:
                 self.seqs[child.seq_id] = (child, req)
         published, ws.kv.published = ws.kv.published, []
-        request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
-                                     published)
-        response = await ws.handle.step(request)
+        step = build_step(next(self._step_ids), plan, dropped, self._seq_by_id, published)
+        result = await ws.handle.step(step)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
-        self._process(ws, response)
+        self._process(ws, result)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
         for listener in self.listeners:
             listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
                      num_tokens=plan.num_tokens, preempted=plan.preempted,
-                     forward_seconds=response.forward_seconds, plan=plan,
+                     forward_seconds=result.forward_seconds, plan=plan,
                      num_generated_tokens=self.num_generated_tokens - num_generated)
 
     def _seq_by_id(self, seq_id: int) -> Sequence | None:
         entry = self.seqs.get(seq_id)
         return entry[0] if entry is not None else None
 
-    def _process(self, ws: WorkerState, response: worker_pb2.StepResponse) -> None:
-        """Appends each sampled token to its sequence and finishes what stopped. The hot path:
-        per token a few attribute reads, one append and a set lookup; no message is built here
-        (the request's stream reads the new tokens when its consumer wakes)."""
+    def _process(self, ws: WorkerState, result: WorkerResult) -> None:
+        """Appends each sampled token to its sequence (the worker appended it to its copy too)
+        and finishes what stopped. The hot path: per token a few attribute reads, one append and
+        a set lookup; no message is built here (the request's stream reads the new tokens when
+        its consumer wakes)."""
         ws.kv.commit_step()  # the blocks cached while planning the step are written now
-        sampled = response.sampled
-        if not len(sampled.seq_ids) == len(sampled.token_ids) == len(sampled.logprobs):
+        if not len(result.seq_ids) == len(result.token_ids) == len(result.logprobs):
             raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
-        tops = split_tops(sampled) if len(sampled.num_top) else None
+        tops = result.top_logprobs or None
         seqs_get = self.seqs.get
         done: list[_Request] = []
         beams: dict[str, list[tuple[Sequence, SampledRow]]] = {}
         num_generated = 0
         for i, (seq_id, token_id, logprob) in enumerate(
-                zip(sampled.seq_ids, sampled.token_ids, sampled.logprobs, strict=True)):
+                zip(result.seq_ids, result.token_ids, result.logprobs, strict=True)):
             entry = seqs_get(seq_id)
             if entry is None:  # aborted while the step ran
                 continue
@@ -333,6 +332,7 @@ class Engine:
                 continue
             tokens = seq.token_ids
             tokens.append(token_id)
+            seq.num_tokens_on_worker += 1
             seq.cumulative_logprob += logprob
             num_generated += 1
             stream = req.stream

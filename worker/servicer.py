@@ -1,6 +1,7 @@
 """The Worker gRPC service: a thin typed adapter over the domain ``Worker``.
 
-Domain errors become status codes here and only here (``pagedserve.grpc_util.abort_for``).
+Domain errors become status codes here and only here (``pagedserve.grpc_util.abort_for``); steps
+cross here between their wire form and ``pagedserve.step`` objects (``pagedserve.step_codec``).
 ``Step`` runs in a thread (``asyncio.to_thread``) so health checks and GetInfo stay responsive
 while the model computes; the ``Worker`` serialises steps itself.
 """
@@ -14,6 +15,7 @@ import grpc
 
 from pagedserve.errors import PagedServeError
 from pagedserve.grpc_util import abort_for
+from pagedserve.step_codec import decode_step, encode_result
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.worker import Worker
 
@@ -33,7 +35,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.StepResponse:
         try:
-            return await asyncio.to_thread(self.worker.step, request)
+            step = decode_step(request)
+            return encode_result(await asyncio.to_thread(self.worker.step, step))
         except PagedServeError as exc:
             logger.warning("step %d refused: %s", request.step_id, exc)
             await abort_for(context, exc)

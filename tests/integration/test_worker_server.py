@@ -9,7 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.grpc_util import CHANNEL_OPTIONS
-from pagedserve.step_codec import ScheduledRow, sampled_rows, scheduled_request
+from pagedserve.step import ScheduledBatch, ScheduledRow, WorkerResult, WorkerStep
+from pagedserve.step_codec import decode_result, encode_step
 from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
@@ -44,15 +45,15 @@ async def _served_session(path) -> tuple[worker_pb2.WorkerInfo, list, str, list]
 
 
 async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list]:
-    """Records the step requests an in-thread driver would send, sending them over gRPC."""
-    responses: list[worker_pb2.StepResponse] = []
+    """Records the steps an in-thread driver would send, sending them over gRPC."""
+    responses: list[WorkerResult] = []
     loop = asyncio.get_running_loop()
 
-    async def call(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await stub.Step(req, timeout=30)  # the call object must be made on the loop
+    async def call(req: WorkerStep) -> worker_pb2.StepResponse:
+        return await stub.Step(encode_step(req), timeout=30)  # made on the loop
 
-    def step(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        resp = asyncio.run_coroutine_threadsafe(call(req), loop).result()
+    def step(req: WorkerStep) -> WorkerResult:
+        resp = decode_result(asyncio.run_coroutine_threadsafe(call(req), loop).result())
         responses.append(resp)
         return resp
 
@@ -62,7 +63,8 @@ async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list
 
 
 async def _bad_step_code(stub: worker_pb2_grpc.WorkerStub) -> grpc.StatusCode:
-    req = scheduled_request(rows=[ScheduledRow(seq_id=999, num_new_tokens=1)])
+    req = encode_step(WorkerStep(scheduled=ScheduledBatch.from_rows(
+        [ScheduledRow(seq_id=999, num_new_tokens=1)])))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Step(req, timeout=10)
     return err.value.code()
@@ -83,10 +85,9 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
 
     local = cpu_worker(path, block_size=4)
     local_responses = [local.step(req) for req in requests]
-    sampled = [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)] for r in responses]
-    assert sampled == [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)]
-                       for r in local_responses]
+    sampled = [[(t.seq_id, t.token_id) for t in r.rows()] for r in responses]
+    assert sampled == [[(t.seq_id, t.token_id) for t in r.rows()] for r in local_responses]
     assert sum(len(s) for s in sampled) == 6 * len(PROMPTS)
-    first = sampled_rows(responses[0].sampled)[0]
+    first = responses[0].rows()[0]
     assert len(first.top) == 3 and first.logprob <= 0.0
     assert responses[0].forward_seconds > 0.0

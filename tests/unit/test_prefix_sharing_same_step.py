@@ -24,7 +24,7 @@ from scheduler.engine import Engine
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.policy import StepPlan, WorkerScheduler
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step_request
+from scheduler.step_builder import build_step
 from scheduler.worker_handle import InProcessWorkerHandle
 from tests.support.shadow_worker import ShadowWorker, reference_output
 
@@ -55,7 +55,7 @@ def _add(sched: WorkerScheduler, request_id: str, tokens: list[int],
 def _run_step(sched: WorkerScheduler, plan: StepPlan, next_token: int = 7) -> None:
     """What the engine does around the worker: build the delta (moves ``num_computed_tokens``),
     the step runs, its blocks count as written, each sampled sequence gets a token."""
-    build_step_request(1, plan, [], lambda _: None)
+    build_step(1, plan, [], lambda _: None)
     sched.kv.commit_step()
     for item in plan.scheduled:
         if item.sample:
@@ -92,7 +92,7 @@ def test_two_requests_admitted_together_share_the_prefix_and_compute_only_the_su
     # The worker and the kvstore hear of the new hashes only once the step that writes them has
     # run (the worker with the next step).
     assert kv.published == [] and kv.events.stored == []
-    request = build_step_request(1, plan, [], lambda _: None)
+    request = build_step(1, plan, [], lambda _: None)
     assert list(request.cached) == []
     kv.commit_step()
     written = sorted(blk.block_id for blk in sa.blocks[:2])
@@ -148,7 +148,7 @@ def test_the_computing_request_removed_mid_step_leaves_the_shared_blocks_to_the_
     a = _add(sched, "a", PREFIX + [31, 32], 0)
     b = _add(sched, "b", PREFIX + [41, 42], 1)
     plan = sched.schedule()
-    build_step_request(1, plan, [], lambda _: None)  # the step is on its way to the worker
+    build_step(1, plan, [], lambda _: None)  # the step is on its way to the worker
     shared = a.seqs[0].blocks[:2]
     sched.remove(a)  # aborted while the step runs
     assert [blk.ref_cnt for blk in shared] == [1, 1]  # b keeps them: not on the free queue
