@@ -2,7 +2,8 @@
 
 Everything here runs on one asyncio event loop, so scheduler state needs no locks; only the
 worker's computation leaves the loop (a thread for in-process workers, an RPC for remote ones).
-Per worker, the loop is: schedule -> build the delta -> ``handle.step`` -> process sampled tokens.
+Per worker, the loop is: schedule -> build the delta (``step_builder.build_step``) -> ``commit``
+the plan -> ``handle.step`` -> process sampled tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step
+from scheduler.step_builder import build_step, commit
 from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
@@ -278,8 +279,8 @@ class Engine:
     async def _step(self, ws: WorkerState) -> None:
         started = time.perf_counter()
         plan = ws.sched.schedule()
-        dropped, ws.sched.dropped_seq_ids = ws.sched.dropped_seq_ids, []
-        if plan.is_empty and not dropped:  # (published blocks wait for the next real step)
+        mirror = ws.sched.mirror
+        if plan.is_empty and not mirror.has_news:  # (published blocks wait for a real step)
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
@@ -287,8 +288,8 @@ class Engine:
             req = self.requests.get(group.request_id)
             if req is not None:
                 self.seqs[child.seq_id] = (child, req)
-        published, ws.kv.published = ws.kv.published, []
-        step = build_step(next(self._step_ids), plan, dropped, self._seq_by_id, published)
+        step = build_step(next(self._step_ids), plan, mirror)
+        commit(plan, mirror)
         result = await ws.handle.step(step)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
@@ -301,16 +302,13 @@ class Engine:
                      forward_seconds=result.forward_seconds, plan=plan,
                      num_generated_tokens=self.num_generated_tokens - num_generated)
 
-    def _seq_by_id(self, seq_id: int) -> Sequence | None:
-        entry = self.seqs.get(seq_id)
-        return entry[0] if entry is not None else None
-
     def _process(self, ws: WorkerState, result: WorkerResult) -> None:
         """Appends each sampled token to its sequence (the worker appended it to its copy too)
         and finishes what stopped. The hot path: per token a few attribute reads, one append and
         a set lookup; no message is built here (the request's stream reads the new tokens when
         its consumer wakes)."""
-        ws.kv.commit_step()  # the blocks cached while planning the step are written now
+        # The blocks cached while planning the step are written now; the worker hears next step.
+        ws.sched.mirror.cached.extend(ws.kv.commit_step())
         if not len(result.seq_ids) == len(result.token_ids) == len(result.logprobs):
             raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
         tops = result.top_logprobs or None
@@ -332,7 +330,6 @@ class Engine:
                 continue
             tokens = seq.token_ids
             tokens.append(token_id)
-            seq.num_tokens_on_worker += 1
             seq.cumulative_logprob += logprob
             num_generated += 1
             stream = req.stream
