@@ -242,3 +242,27 @@ def test_best_of_returns_the_n_most_likely_of_best_of_samples_at_the_end(model_d
             candidates[o.index] = (o.cumulative_logprob, toks + list(o.token_ids))
     best = sorted(candidates.values(), key=lambda c: -c[0])[:2]
     assert [list(o.token_ids) for o in outs] == [toks for _, toks in best]
+
+
+def test_the_offline_path_passes_steps_as_objects_without_protobuf_or_recheck(model_dir, hf,
+                                                                             monkeypatch):
+    """The offline ``LLM``'s scheduler and worker share a process: no step is encoded, decoded or
+    re-validated on the way, and greedy output still equals Hugging Face's."""
+    import pagedserve.step_codec as codec
+    import worker.worker as worker_module
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("the in-process path must not use the codec or re-check steps")
+
+    for name in ("encode_step", "decode_step", "encode_result", "decode_result"):
+        monkeypatch.setattr(codec, name, refuse)
+    monkeypatch.setattr(worker_module, "validate_step", refuse)
+    prompt = _prompt(1, 40)
+    with LLM(str(model_dir), num_gpu_blocks=64, dtype="float32", block_size=16) as llm:
+        assert not llm.worker.check_steps
+        out = llm.generate([prompt], _greedy(6))[0].outputs[0].token_ids
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # ignore_eos: HF neither stops at nor suppresses EOS
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert out == ref[0, len(prompt):].tolist()
