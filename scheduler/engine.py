@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
 from pagedserve.step import SampledRow, WorkerResult
@@ -22,6 +22,7 @@ from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
+from scheduler.events import EngineObserver, StepStats
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
@@ -50,6 +51,18 @@ class WorkerState:
         return self.sched.kv
 
 
+class PrefixIndexSync(Protocol):
+    """Write-behind of a worker's prefix index to the kvstore (``scheduler.prefix_sync``)."""
+
+    async def restore(self, ws: WorkerState) -> int:
+        """Loads what the kvstore holds for this worker; returns the blocks it restored."""
+
+    def record(self, ws: WorkerState) -> None: ...
+
+    async def close(self) -> None:
+        """Flushes and seals the index; called by its owner once the engine has stopped."""
+
+
 @dataclass
 class _Request:
     group: SequenceGroup
@@ -58,7 +71,12 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, config: SchedulerConfig, handles: Seq[WorkerHandle]) -> None:
+    """``observers`` hear of placements, steps and finished requests (``scheduler.events``);
+    ``prefix_sync`` keeps the kvstore's prefix index in step (None: the in-memory view only)."""
+
+    def __init__(self, config: SchedulerConfig, handles: Seq[WorkerHandle],
+                 observers: Seq[EngineObserver] = (),
+                 prefix_sync: PrefixIndexSync | None = None) -> None:
         if not handles:
             raise ValueError("the scheduler needs at least one worker")
         self.config = config
@@ -72,12 +90,8 @@ class Engine:
         self.model_info = scheduler_pb2.SchedulerModelInfo()
         self.num_finished_requests = 0
         self.num_generated_tokens = 0
-        self.listeners: list = []  # callables(event: str, **fields) for metrics
-        # scheduler.metrics.SchedulerMetrics once observed (scheduler/observability.py);
-        # prefix_sync may time kvstore calls with ``self.metrics.kvstore_op(op)``.
-        self.metrics: Any = None
-        # Write-behind to the kvstore (scheduler/prefix_sync.py); None = in-memory view only.
-        self.prefix_sync: Any = None
+        self.observers = list(observers)
+        self.prefix_sync = prefix_sync
         self.background_tasks: list[asyncio.Task] = []  # cancelled by stop()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -253,8 +267,8 @@ class Engine:
     def _place(self, group: SequenceGroup) -> WorkerState:
         healthy = [ws for ws in self.workers if ws.healthy]
         ws, reason = choose_worker(healthy, group.seqs[0].token_ids, group.num_blocks_needed)
-        for listener in self.listeners:
-            listener("placement", reason=reason, worker=ws.handle.name)
+        for observer in self.observers:
+            observer.on_placement(ws.handle.name, reason)
         group.worker_id = ws.handle.name
         return ws
 
@@ -296,11 +310,12 @@ class Engine:
         self._process(ws, result)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
-        for listener in self.listeners:
-            listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
-                     num_tokens=plan.num_tokens, preempted=plan.preempted,
-                     forward_seconds=result.forward_seconds, plan=plan,
-                     num_generated_tokens=self.num_generated_tokens - num_generated)
+        if self.observers:
+            stats = StepStats(ws.handle.name, time.perf_counter() - started,
+                              result.forward_seconds, result.sample_seconds, plan,
+                              self.num_generated_tokens - num_generated)
+            for observer in self.observers:
+                observer.on_step(stats)
 
     def _process(self, ws: WorkerState, result: WorkerResult) -> None:
         """Appends each sampled token to its sequence (the worker appended it to its copy too)
@@ -427,8 +442,8 @@ class Engine:
         req.worker.wakeup.set()  # the worker must hear about dropped sequences
         if error is None:
             self.num_finished_requests += 1
-        for listener in self.listeners:
-            listener("finished", group=req.group, error=error)
+        for observer in self.observers:
+            observer.on_finished(req.group, error)
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------

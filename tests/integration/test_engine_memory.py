@@ -189,10 +189,20 @@ def test_two_workers_place_a_common_prefix_where_it_is_cached(model_dir):
     async def main():
         workers = [cpu_worker(model_dir, num_gpu_blocks=128) for _ in range(2)]
         handles = [InProcessWorkerHandle(w, f"w{i}") for i, w in enumerate(workers)]
-        engine = Engine(SchedulerConfig(batching=BatchingConfig(), cache=CacheConfig()), handles)
         placements: list[tuple[str, str]] = []
-        engine.listeners.append(lambda event, **f: placements.append((f["worker"], f["reason"]))
-                                if event == "placement" else None)
+
+        class Placements:
+            def on_placement(self, worker: str, reason: str) -> None:
+                placements.append((worker, reason))
+
+            def on_step(self, stats) -> None:
+                return None
+
+            def on_finished(self, group, error) -> None:
+                return None
+
+        engine = Engine(SchedulerConfig(batching=BatchingConfig(), cache=CacheConfig()), handles,
+                        observers=[Placements()])
         await engine.start()
         prefix = _prompt(40, 96)
 
