@@ -4,8 +4,9 @@
     outs = llm.generate(["Hello"], pagedserve.make_sampling_params(max_tokens=16, temperature=0))
     print(outs[0].outputs[0].text)
 
-The engine is the scheduler's ``Engine`` driving a ``worker.worker.Worker`` through an in-process
-``WorkerHandle``; text goes through the router's tokenizer and ``OutputProcessor``.
+The engine is the scheduler's ``Engine`` driving a ``worker.worker.Worker`` through an
+in-process ``WorkerHandle`` (steps pass as ``pagedserve.core.step`` objects, no protobuf); text
+goes through the router's tokenizer and ``OutputProcessor``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class LLM:
             server=ServerConfig(worker_id="offline-0"),
             seed=seed,
         )
-        self.worker = Worker(worker_config)
+        # The engine below is this worker's only scheduler, in this process: its steps are
+        # well-formed by construction, so the worker does not re-check them.
+        self.worker = Worker(worker_config, check_steps=False)
         self.tokenizer: Tokenizer = load_tokenizer(path)
         config = SchedulerConfig(
             batching=BatchingConfig(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pagedserve.core.step_codec import SampledRow
+from pagedserve.core.step import SampledRow
 from scheduler.sequence import Sequence
 
 _NEG = np.float32(-1.0e9)

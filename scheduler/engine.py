@@ -2,7 +2,8 @@
 
 Everything here runs on one asyncio event loop, so scheduler state needs no locks; only the
 worker's computation leaves the loop (a thread for in-process workers, an RPC for remote ones).
-Per worker, the loop is: schedule -> build the delta -> ``handle.step`` -> process sampled tokens.
+Per worker, the loop is: schedule -> build the delta (``step_builder.build_step``) -> ``commit``
+the plan -> ``handle.step`` -> process sampled tokens.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from pagedserve.core.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
-from pagedserve.core.step_codec import SampledRow, split_tops
+from pagedserve.core.step import SampledRow, WorkerResult
 from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
+from scheduler.events import EngineObserver, StepStats
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step_request
+from scheduler.step_builder import build_step, commit
 from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
@@ -49,6 +51,18 @@ class WorkerState:
         return self.sched.kv
 
 
+class PrefixIndexSync(Protocol):
+    """Write-behind of a worker's prefix index to the kvstore (``scheduler.prefix_sync``)."""
+
+    async def restore(self, ws: WorkerState) -> int:
+        """Loads what the kvstore holds for this worker; returns the blocks it restored."""
+
+    def record(self, ws: WorkerState) -> None: ...
+
+    async def close(self) -> None:
+        """Flushes and seals the index; called by its owner once the engine has stopped."""
+
+
 @dataclass
 class _Request:
     group: SequenceGroup
@@ -57,7 +71,12 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, config: SchedulerConfig, handles: Seq[WorkerHandle]) -> None:
+    """``observers`` hear of placements, steps and finished requests (``scheduler.events``);
+    ``prefix_sync`` keeps the kvstore's prefix index in step (None: the in-memory view only)."""
+
+    def __init__(self, config: SchedulerConfig, handles: Seq[WorkerHandle],
+                 observers: Seq[EngineObserver] = (),
+                 prefix_sync: PrefixIndexSync | None = None) -> None:
         if not handles:
             raise ValueError("the scheduler needs at least one worker")
         self.config = config
@@ -71,12 +90,8 @@ class Engine:
         self.model_info = scheduler_pb2.SchedulerModelInfo()
         self.num_finished_requests = 0
         self.num_generated_tokens = 0
-        self.listeners: list = []  # callables(event: str, **fields) for metrics
-        # scheduler.metrics.SchedulerMetrics once observed (scheduler/observability.py);
-        # prefix_sync may time kvstore calls with ``self.metrics.kvstore_op(op)``.
-        self.metrics: Any = None
-        # Write-behind to the kvstore (scheduler/prefix_sync.py); None = in-memory view only.
-        self.prefix_sync: Any = None
+        self.observers = list(observers)
+        self.prefix_sync = prefix_sync
         self.background_tasks: list[asyncio.Task] = []  # cancelled by stop()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -252,8 +267,8 @@ class Engine:
     def _place(self, group: SequenceGroup) -> WorkerState:
         healthy = [ws for ws in self.workers if ws.healthy]
         ws, reason = choose_worker(healthy, group.seqs[0].token_ids, group.num_blocks_needed)
-        for listener in self.listeners:
-            listener("placement", reason=reason, worker=ws.handle.name)
+        for observer in self.observers:
+            observer.on_placement(ws.handle.name, reason)
         group.worker_id = ws.handle.name
         return ws
 
@@ -278,8 +293,8 @@ class Engine:
     async def _step(self, ws: WorkerState) -> None:
         started = time.perf_counter()
         plan = ws.sched.schedule()
-        dropped, ws.sched.dropped_seq_ids = ws.sched.dropped_seq_ids, []
-        if plan.is_empty and not dropped:  # (published blocks wait for the next real step)
+        mirror = ws.sched.mirror
+        if plan.is_empty and not mirror.has_news:  # (published blocks wait for a real step)
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
@@ -287,40 +302,37 @@ class Engine:
             req = self.requests.get(group.request_id)
             if req is not None:
                 self.seqs[child.seq_id] = (child, req)
-        published, ws.kv.published = ws.kv.published, []
-        request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
-                                     published)
-        response = await ws.handle.step(request)
+        step = build_step(next(self._step_ids), plan, mirror)
+        commit(plan, mirror)
+        result = await ws.handle.step(step)
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
-        self._process(ws, response)
+        self._process(ws, result)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
-        for listener in self.listeners:
-            listener("step", worker=ws.handle.name, seconds=time.perf_counter() - started,
-                     num_tokens=plan.num_tokens, preempted=plan.preempted,
-                     forward_seconds=response.forward_seconds, plan=plan,
-                     num_generated_tokens=self.num_generated_tokens - num_generated)
+        if self.observers:
+            stats = StepStats(ws.handle.name, time.perf_counter() - started,
+                              result.forward_seconds, result.sample_seconds, plan,
+                              self.num_generated_tokens - num_generated)
+            for observer in self.observers:
+                observer.on_step(stats)
 
-    def _seq_by_id(self, seq_id: int) -> Sequence | None:
-        entry = self.seqs.get(seq_id)
-        return entry[0] if entry is not None else None
-
-    def _process(self, ws: WorkerState, response: worker_pb2.StepResponse) -> None:
-        """Appends each sampled token to its sequence and finishes what stopped. The hot path:
-        per token a few attribute reads, one append and a set lookup; no message is built here
-        (the request's stream reads the new tokens when its consumer wakes)."""
-        ws.kv.commit_step()  # the blocks cached while planning the step are written now
-        sampled = response.sampled
-        if not len(sampled.seq_ids) == len(sampled.token_ids) == len(sampled.logprobs):
+    def _process(self, ws: WorkerState, result: WorkerResult) -> None:
+        """Appends each sampled token to its sequence (the worker appended it to its copy too)
+        and finishes what stopped. The hot path: per token a few attribute reads, one append and
+        a set lookup; no message is built here (the request's stream reads the new tokens when
+        its consumer wakes)."""
+        # The blocks cached while planning the step are written now; the worker hears next step.
+        ws.sched.mirror.cached.extend(ws.kv.commit_step())
+        if not len(result.seq_ids) == len(result.token_ids) == len(result.logprobs):
             raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
-        tops = split_tops(sampled) if len(sampled.num_top) else None
+        tops = result.top_logprobs or None
         seqs_get = self.seqs.get
         done: list[_Request] = []
         beams: dict[str, list[tuple[Sequence, SampledRow]]] = {}
         num_generated = 0
         for i, (seq_id, token_id, logprob) in enumerate(
-                zip(sampled.seq_ids, sampled.token_ids, sampled.logprobs, strict=True)):
+                zip(result.seq_ids, result.token_ids, result.logprobs, strict=True)):
             entry = seqs_get(seq_id)
             if entry is None:  # aborted while the step ran
                 continue
@@ -430,8 +442,8 @@ class Engine:
         req.worker.wakeup.set()  # the worker must hear about dropped sequences
         if error is None:
             self.num_finished_requests += 1
-        for listener in self.listeners:
-            listener("finished", group=req.group, error=error)
+        for observer in self.observers:
+            observer.on_finished(req.group, error)
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------

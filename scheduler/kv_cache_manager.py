@@ -62,10 +62,8 @@ class KVCacheManager:
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self.hash_extra = hash_extra
         self.events = CacheEvents()
-        # Newly cached (block id, hash), told to the worker with the next step (cached_blocks).
-        self.published: list[tuple[int, bytes]] = []
         # Cached while planning the current step, whose writes have not run yet: moved to
-        # ``events`` and ``published`` by ``commit_step``.
+        # ``events`` (and returned for the worker) by ``commit_step``.
         self.unwritten: list[tuple[bytes, int, tuple[int, ...], bytes | None]] = []
         self.num_query_tokens = 0
         self.num_hit_tokens = 0
@@ -137,7 +135,7 @@ class KVCacheManager:
                 copies.append((old.block_id, new.block_id))
                 self.gpu.free([old])
                 seq.blocks[i] = new
-                seq.replace_table = True
+                seq.num_table_rewrites += 1
         grow = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.blocks)
         if grow > 0:
             new_blocks = self.gpu.allocate(grow)
@@ -181,17 +179,17 @@ class KVCacheManager:
                 self.gpu.cache_block(block, parent, tokens)
                 self.unwritten.append((parent, block.block_id, tokens, prev))
 
-    def commit_step(self) -> None:
+    def commit_step(self) -> list[tuple[int, bytes]]:
         """The planned step has run, so the blocks cached while planning it hold their K/V: they
-        go to the kvstore (``events``) and to the worker with the next step (``published``).
-        Blocks freed meanwhile (an abort while the step ran) are included: the worker ran the
-        whole step, and they stay cached until evicted."""
+        go to the kvstore (``events``) and are returned as (block id, hash), for the worker to
+        hear with the next step. Blocks freed meanwhile (an abort while the step ran) are
+        included: the worker ran the whole step, and they stay cached until evicted."""
         if not self.unwritten:
-            return
-        for entry in self.unwritten:
-            self.events.stored.append(entry)
-            self.published.append((entry[1], entry[0]))
+            return []
+        self.events.stored.extend(self.unwritten)
+        published = [(entry[1], entry[0]) for entry in self.unwritten]
         self.unwritten = []
+        return published
 
     # ---- swapping ----------------------------------------------------------------------------
     def can_swap_out(self, group: SequenceGroup) -> bool:
@@ -251,5 +249,5 @@ class KVCacheManager:
                 mapping[block.block_id].ref_cnt += 1
             src.free(list(reversed(seq.blocks)))
             seq.blocks = [mapping[b.block_id] for b in seq.blocks]
-            seq.replace_table = True
+            seq.num_table_rewrites += 1
         return [(bid, new.block_id) for bid, new in mapping.items()]

@@ -2,17 +2,17 @@
 
 ``SchedulerObserver`` owns the scheduler's ``SchedulerMetrics`` and reaches the engine two ways:
 
-- **push**: it is one of ``Engine.listeners``; the engine calls it with events
-  ``"placement"`` (reason, worker), ``"step"`` (worker, seconds, plan, num_tokens,
-  num_generated_tokens, preempted) and ``"finished"`` (group, error). Counters and histograms
-  change only here, on the event loop.
+- **push**: it is one of the engine's observers (``scheduler.events.EngineObserver``, given to the
+  ``Engine`` at construction): ``on_placement``, ``on_step`` (a typed ``StepStats``) and
+  ``on_finished``. Counters and histograms change only here, on the event loop.
 - **pull**: gauges (queue sizes, per-worker blocks and KV usage, healthy workers) are read from
   ``Engine.stats()`` when Prometheus scrapes and before each stats line. The scrape runs on the
   metrics HTTP thread, so the read is handed to the event loop (engine state has no locks);
   a loop too busy to answer within ``_REFRESH_TIMEOUT_S`` leaves the previous values.
 
-The kvstore hook: ``engine.metrics.kvstore_op("get")`` is a context manager that times one
-kvstore call and counts its failure; ``scheduler/prefix_sync.py`` can wrap its I/O in it.
+The kvstore hook: ``observer.metrics.kvstore_op("get")`` is a context manager that times one
+kvstore call and counts its failure; ``scheduler/prefix_sync.py`` is given ``observer.metrics`` at
+construction and wraps its I/O in it.
 Never logs prompts: the stats line carries counts only.
 """
 
@@ -23,8 +23,8 @@ import concurrent.futures
 import logging
 import time
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -32,10 +32,14 @@ from prometheus_client.registry import Collector
 
 from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import scheduler_pb2
+from scheduler.events import StepStats
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import StepPlan
 from scheduler.sequence import SequenceGroup, SequenceStatus
+
+if TYPE_CHECKING:
+    from scheduler.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ def prompt_tokens_computed(plan: StepPlan) -> int:
 class _RefreshOnCollect(Collector):
     """Registered before the metric families, so a scrape refreshes the gauges first."""
 
-    def __init__(self, refresh: Any) -> None:
+    def __init__(self, refresh: Callable[[], object]) -> None:
         self._refresh = refresh
 
     def describe(self) -> Iterable[Metric]:
@@ -84,14 +88,16 @@ class _RefreshOnCollect(Collector):
 
 class SchedulerObserver:
     """Owns the scheduler's metrics registry, its /metrics server and the stats-line task.
+    Built before the engine (which takes it as an observer); ``start`` gives it the engine to
+    read gauges from.
 
     Invariant: counters are only changed by engine events, on the event loop; gauges are only
     set from ``Engine.stats()``, on the event loop too (``refresh`` hands itself over).
     """
 
-    def __init__(self, engine: Any, log_interval_s: float = 10.0,
+    def __init__(self, log_interval_s: float = 10.0,
                  registry: CollectorRegistry | None = None) -> None:
-        self.engine = engine
+        self.engine: Engine | None = None  # from ``start``
         self.log_interval_s = log_interval_s
         self.registry = registry if registry is not None else new_registry()
         self.registry.register(_RefreshOnCollect(self.refresh))
@@ -107,15 +113,17 @@ class SchedulerObserver:
         self._num_prompt_tokens = 0  # totals for the stats line's throughput
         self._num_generated_tokens = 0
         self._last_log: tuple[float, int, int] | None = None  # (time, prompt, generated)
-        engine.listeners.append(self)
-        engine.metrics = self.metrics
+        self._step_seconds = 0.0  # totals for the stats line's share of worker forward time
+        self._forward_seconds = 0.0
+        self._last_time_split = (0.0, 0.0)
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self, metrics_port: int | None, host: str = "127.0.0.1") -> None:
+    def start(self, engine: Engine, metrics_port: int | None, host: str = "127.0.0.1") -> None:
         """After ``engine.start()``: label aliases with the model, serve /metrics
         (``metrics_port`` None = no endpoint, 0 = a free port), start the stats line."""
+        self.engine = engine
         self._loop = asyncio.get_running_loop()
-        self.metrics.set_model_name(self.engine.model_info.model)
+        self.metrics.set_model_name(engine.model_info.model)
         if metrics_port is not None:
             self.server = serve_metrics(metrics_port, self.registry, host)
             logger.info("scheduler metrics on %s", self.server.url)
@@ -133,30 +141,23 @@ class SchedulerObserver:
     def metrics_port(self) -> int | None:
         return self.server.port if self.server is not None else None
 
-    # ---- push: engine events -----------------------------------------------------------------
-    def __call__(self, event: str, **fields: Any) -> None:
-        handler = getattr(self, f"_on_{event}", None)
-        if handler is not None:
-            handler(**fields)
-
-    def _on_placement(self, reason: str, **_: Any) -> None:
+    # ---- push: engine events (scheduler.events.EngineObserver) --------------------------------
+    def on_placement(self, worker: str, reason: str) -> None:
         self.metrics.placed(reason)
 
-    def _on_step(self, seconds: float, worker: str = "", plan: StepPlan | None = None,
-                 num_tokens: int = 0, num_generated_tokens: int = 0,
-                 preempted: Iterable[tuple[SequenceGroup, str]] = (), **_: Any) -> None:
-        num_prompt = prompt_tokens_computed(plan) if plan is not None else num_tokens
-        self.metrics.step_finished(seconds, num_prompt, num_generated_tokens)
+    def on_step(self, stats: StepStats) -> None:
+        num_prompt = prompt_tokens_computed(stats.plan)
+        self.metrics.step_finished(stats.seconds, num_prompt, stats.num_generated_tokens)
         self._num_prompt_tokens += num_prompt
-        self._num_generated_tokens += num_generated_tokens
-        for _group, mode in preempted:
+        self._num_generated_tokens += stats.num_generated_tokens
+        self._step_seconds += stats.seconds
+        self._forward_seconds += stats.forward_seconds
+        for _group, mode in stats.preempted:
             self.metrics.preempted(mode)
-        if plan is not None:
-            self._observe_queue_times(plan, time.monotonic() - seconds)
-        self._count_prefix_lookups(worker)
+        self._observe_queue_times(stats.plan, time.monotonic() - stats.seconds)
+        self._count_prefix_lookups(stats.worker)
 
-    def _on_finished(self, group: SequenceGroup, error: BaseException | None = None,
-                     **_: Any) -> None:
+    def on_finished(self, group: SequenceGroup, error: BaseException | None) -> None:
         self.metrics.request_finished(finished_reason(group, error))
 
     def _observe_queue_times(self, plan: StepPlan, step_started: float) -> None:
@@ -171,6 +172,8 @@ class SchedulerObserver:
     def _count_prefix_lookups(self, worker: str) -> None:
         """The KV managers count lookups cumulatively; a failed worker gets a fresh manager,
         so deltas are taken per manager object to keep the counters monotonic."""
+        if self.engine is None:
+            return
         for ws in self.engine.workers:
             if ws.handle.name != worker:
                 continue
@@ -205,6 +208,7 @@ class SchedulerObserver:
             return None
 
     def _refresh_now(self) -> scheduler_pb2.SchedulerStats:
+        assert self.engine is not None, "refreshed only once started (``_loop`` is set)"
         stats = self.engine.stats()
         self.metrics.set_queue_sizes(stats.num_running, stats.num_waiting, stats.num_swapped)
         self.metrics.set_workers_healthy(sum(1 for w in stats.workers if w.healthy))
@@ -225,7 +229,8 @@ class SchedulerObserver:
 
     def log_stats(self) -> None:
         """One INFO line: throughput since the last line, queues, KV usage per worker, prefix
-        hit rate (cumulative, in tokens)."""
+        hit rate (cumulative, in tokens), and the share of step time the workers spent in their
+        forward pass since the last line (the rest is scheduling, transport and sampling)."""
         stats = self._refresh_now()
         now = time.monotonic()
         prompt, generated = self._num_prompt_tokens, self._num_generated_tokens
@@ -235,11 +240,16 @@ class SchedulerObserver:
         kv = ", ".join(f"{w.worker_id}={_usage(w):.1%}" for w in stats.workers) or "-"
         hit_rate = stats.prefix_hit_tokens / stats.prefix_query_tokens if (
             stats.prefix_query_tokens) else 0.0
+        step_s = self._step_seconds - self._last_time_split[0]
+        forward_s = self._forward_seconds - self._last_time_split[1]
+        self._last_time_split = (self._step_seconds, self._forward_seconds)
         logger.info(
             "prompt throughput %.1f tokens/s, generation throughput %.1f tokens/s, "
-            "running %d, waiting %d, swapped %d, KV usage %s, prefix cache hit rate %.1f%%",
+            "running %d, waiting %d, swapped %d, KV usage %s, prefix cache hit rate %.1f%%, "
+            "worker forward %.1f%% of step time",
             (prompt - last[1]) / elapsed, (generated - last[2]) / elapsed,
-            stats.num_running, stats.num_waiting, stats.num_swapped, kv, 100.0 * hit_rate)
+            stats.num_running, stats.num_waiting, stats.num_swapped, kv, 100.0 * hit_rate,
+            100.0 * forward_s / step_s if step_s > 0 else 0.0)
 
 
 def _usage(w: scheduler_pb2.WorkerStats) -> float:

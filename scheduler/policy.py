@@ -30,6 +30,7 @@ from scheduler.block_pool import BlockPool
 from scheduler.config import BatchingConfig, CacheConfig
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
+from scheduler.worker_mirror import WorkerMirror
 
 
 @dataclass(slots=True)
@@ -59,7 +60,9 @@ class StepPlan:
 
 
 class WorkerScheduler:
-    """Owns the queues of one worker. ``seq_ids`` is shared by all workers' schedulers."""
+    """Owns the queues of one worker. ``seq_ids`` is shared by all workers' schedulers;
+    ``mirror`` is what the worker knows (``scheduler.worker_mirror``), told here of every sequence
+    released."""
 
     def __init__(
         self,
@@ -67,21 +70,22 @@ class WorkerScheduler:
         batching: BatchingConfig,
         cache: CacheConfig,
         seq_ids: itertools.count,
+        mirror: WorkerMirror | None = None,
     ) -> None:
         self.kv = kv
+        self.mirror = mirror if mirror is not None else WorkerMirror()
         self.batching = batching
         self.cache = cache
         self.seq_ids = seq_ids
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
-        self.dropped_seq_ids: list[int] = []  # to tell the worker at the next step
         self.num_preemptions = {"swap": 0, "recompute": 0}
 
     # ---- queue management --------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped or self.dropped_seq_ids)
+        return bool(self.waiting or self.running or self.swapped or self.mirror.has_news)
 
     @property
     def num_groups(self) -> int:
@@ -105,9 +109,7 @@ class WorkerScheduler:
         """Frees a sequence's blocks and tells the worker to forget it."""
         if seq.blocks:
             self.kv.free(seq)
-        if seq.on_worker:
-            self.dropped_seq_ids.append(seq.seq_id)
-            seq.on_worker = False
+        self.mirror.forget(seq.seq_id)
 
     # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -279,7 +281,7 @@ class WorkerScheduler:
             num_streamed_tokens=parent.num_streamed_tokens,
         )
         self.kv.fork(parent, child)
-        child.parent_seq_id = parent.seq_id if parent.on_worker else None
+        child.fork_of = (parent.seq_id, parent.num_tokens)
         return child
 
     @staticmethod

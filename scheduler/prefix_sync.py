@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kvstore.base import PrefixEntry, PrefixStore, StoreBatch, worker_key
 from scheduler.kv_cache_manager import KVCacheManager
@@ -56,6 +56,12 @@ class _WorkerSync:
     stale_keys: set[str] = field(default_factory=set)  # earlier keys of this worker to delete
 
 
+class KvstoreOpTimer(Protocol):
+    """Times one kvstore call and counts its failure (``scheduler.metrics.SchedulerMetrics``)."""
+
+    def kvstore_op(self, op: str) -> contextlib.AbstractContextManager[None]: ...
+
+
 class PrefixSync:
     """Owns the write-behind state of every worker and the flush task.
 
@@ -65,12 +71,12 @@ class PrefixSync:
 
     def __init__(self, store: PrefixStore, flush_interval_s: float = 0.15,
                  max_pending: int = 100_000, max_backoff_s: float = 5.0,
-                 metrics: Any = None) -> None:
+                 metrics: KvstoreOpTimer | None = None) -> None:
         self.store = store
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.max_backoff_s = max_backoff_s
-        self.metrics = metrics  # scheduler.metrics.SchedulerMetrics or None
+        self.metrics = metrics  # scheduler.metrics.SchedulerMetrics, when metrics are on
         self.healthy = True
         self.num_errors = 0
         self.num_dropped_ops = 0

@@ -46,8 +46,10 @@ class SequenceStatus(enum.IntEnum):
 class Sequence:
     """One token stream. ``blocks`` is its block table (physical blocks, in logical order).
 
-    Worker-sync fields record what the worker already knows, so each step sends only deltas:
-    ``num_tokens_on_worker`` tokens and ``num_blocks_on_worker`` table entries.
+    What a worker already knows of it is not here but in that worker's mirror
+    (``scheduler.step_builder.WorkerMirror``). ``num_table_rewrites`` counts changes to entries
+    already in the table (copy-on-write, swap), which a worker must hear as a whole new table;
+    appending blocks does not count.
     """
 
     seq_id: int
@@ -59,12 +61,9 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     cumulative_logprob: float = 0.0
-    # Worker sync state.
-    on_worker: bool = False
-    parent_seq_id: int | None = None  # set for a fork the worker has not seen yet
-    num_tokens_on_worker: int = 0
-    num_blocks_on_worker: int = 0
-    replace_table: bool = False
+    num_table_rewrites: int = 0
+    # (parent seq id, the parent's token count) when forked; None after a recompute.
+    fork_of: tuple[int, int] | None = None
     num_streamed_tokens: int = 0  # output tokens already sent to the client
     # Prefix-hash chain of this sequence's full blocks (grows as blocks fill).
     block_hashes: list[bytes] = field(default_factory=list)
@@ -93,11 +92,7 @@ class Sequence:
         """After recompute preemption: the KV is gone, the tokens stay."""
         self.blocks = []
         self.num_computed_tokens = 0
-        self.on_worker = False
-        self.parent_seq_id = None
-        self.num_tokens_on_worker = 0
-        self.num_blocks_on_worker = 0
-        self.replace_table = False
+        self.fork_of = None
         self.status = SequenceStatus.WAITING
 
 

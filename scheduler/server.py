@@ -62,18 +62,17 @@ async def build_server(
             host, dport = discovery.parse_discovery(config.worker_discovery)
             addresses += await discovery.wait_for_workers(host, dport, timeout=600)
         handles = [GrpcWorkerHandle(address) for address in addresses]
-    engine = Engine(config, handles)
-    observer = SchedulerObserver(engine, config.log_interval_seconds)  # engine.metrics from here
-    engine.prefix_sync = PrefixSync(open_store(config.kvstore_url),
-                                    metrics=getattr(engine, "metrics", None))
+    observer = SchedulerObserver(config.log_interval_seconds)
+    prefix_sync = PrefixSync(open_store(config.kvstore_url), metrics=observer.metrics)
+    engine = Engine(config, handles, observers=[observer], prefix_sync=prefix_sync)
     await engine.start()  # restores each worker's cached blocks from the kvstore
     if config.worker_discovery and handles:
         host, dport = discovery.parse_discovery(config.worker_discovery)
         known = {ws.handle.name for ws in engine.workers}
         engine.background_tasks.append(asyncio.create_task(discovery.watch(
             host, dport, known, lambda a: engine.add_worker(GrpcWorkerHandle(a)))))
-    engine.prefix_sync.start()
-    observer.start(config.server.metrics_port, config.server.host)
+    prefix_sync.start()
+    observer.start(engine, config.server.metrics_port, config.server.host)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     servicer = SchedulerServicer(engine)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)

@@ -1,7 +1,10 @@
 """How the scheduler reaches a worker: one interface, two transports, same engine code.
 
-``InProcessWorkerHandle`` calls a ``worker.worker.Worker`` in this process (offline batch use,
-tests, engine benchmarks); ``GrpcWorkerHandle`` calls a worker pod over gRPC (the cluster).
+A step is a ``pagedserve.core.step.WorkerStep`` in and a ``WorkerResult`` out on both transports.
+``InProcessWorkerHandle`` hands those objects to a ``worker.worker.Worker`` (or a test double) in
+this process (offline batch use, tests, engine benchmarks): no protobuf on the way.
+``GrpcWorkerHandle`` calls a worker pod over gRPC (the cluster) and is the scheduler side's only
+user of the step codec (``pagedserve.core.step_codec``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.core.errors import Unavailable
+from pagedserve.core.errors import InvalidArgument, Unavailable
 from pagedserve.core.grpc_util import CHANNEL_OPTIONS, WORKER_INSTANCE_METADATA
+from pagedserve.core.step import WorkerResult, WorkerStep
+from pagedserve.core.step_codec import decode_result, encode_step
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -21,25 +26,35 @@ class WorkerHandle(Protocol):
 
     async def info(self) -> worker_pb2.WorkerInfo: ...
 
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse: ...
+    async def step(self, step: WorkerStep) -> WorkerResult: ...
 
     async def reset(self) -> None: ...
 
     async def close(self) -> None: ...
 
 
+class LocalWorker(Protocol):
+    """What an in-process handle drives: ``worker.worker.Worker``, or a double of it."""
+
+    def info(self) -> worker_pb2.WorkerInfo: ...
+
+    def step(self, step: WorkerStep) -> WorkerResult: ...
+
+    def reset(self) -> None: ...
+
+
 class InProcessWorkerHandle:
     """Runs steps in a thread so the event loop keeps serving while the model computes."""
 
-    def __init__(self, worker: Any, name: str = "local-0") -> None:
+    def __init__(self, worker: LocalWorker, name: str = "local-0") -> None:
         self.worker = worker
         self.name = name
 
     async def info(self) -> worker_pb2.WorkerInfo:
         return self.worker.info()
 
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await asyncio.to_thread(self.worker.step, request)
+    async def step(self, step: WorkerStep) -> WorkerResult:
+        return await asyncio.to_thread(self.worker.step, step)
 
     async def reset(self) -> None:
         self.worker.reset()
@@ -76,8 +91,13 @@ class GrpcWorkerHandle:
         self._instance = ((WORKER_INSTANCE_METADATA, info.instance_id),) if info.instance_id else ()
         return info
 
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await self._call(self._stub.Step, request, self.step_timeout, self._instance)
+    async def step(self, step: WorkerStep) -> WorkerResult:
+        response = await self._call(self._stub.Step, encode_step(step), self.step_timeout,
+                                    self._instance)
+        try:
+            return decode_result(response)
+        except InvalidArgument as exc:  # the worker's fault, not the request's
+            raise Unavailable(f"worker {self.address} answered a malformed step: {exc}") from exc
 
     async def reset(self) -> None:
         await self._call(self._stub.Reset, worker_pb2.ResetRequest(), 30.0)

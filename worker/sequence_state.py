@@ -1,8 +1,8 @@
 """``SequenceState``: what a worker remembers about one sequence between steps.
 
-The scheduler decides what a sequence contains; the worker only mirrors it: token ids (appended
-from ``NewSequence.token_ids`` and ``ScheduledBatch.append_token_ids``, never from its own
-samples), the prompt length (for penalties), resolved sampling params and the block table.
+What the worker knows of a sequence: token ids (from ``NewSeq.token_ids``, then its own samples,
+or, for a sequence the scheduler appends to, ``ScheduledBatch.append_token_ids``), the prompt
+length (for penalties), resolved sampling params and the block table.
 
 Tokens live in a growable numpy buffer, so slicing out a step's new tokens or a penalty's prompt /
 output spans is a view, not a Python loop.
@@ -32,6 +32,7 @@ class SequenceState:
         self.params = params
         self.num_prompt_tokens = num_prompt_tokens
         self.block_table: list[int] = []
+        self.appends_samples = True  # False: the scheduler sends the tokens (beam search)
         self._buffer = np.zeros(max(16, 2 * len(token_ids)), dtype=np.int64)
         self.num_tokens = 0
         self.append(token_ids)
@@ -57,6 +58,13 @@ class SequenceState:
             self._buffer = grown
         self._buffer[self.num_tokens : self.num_tokens + count] = token_ids
         self.num_tokens += count
+
+    def append_one(self, token_id: int) -> None:
+        if self.num_tokens == self._buffer.shape[0]:
+            self.append([token_id])
+            return
+        self._buffer[self.num_tokens] = token_id
+        self.num_tokens += 1
 
     def fork(self, seq_id: int, params: ResolvedParams, num_prompt_tokens: int) -> SequenceState:
         """A child with a copy of this sequence's tokens (not its block table: the scheduler sends

@@ -1,6 +1,8 @@
 """The Worker gRPC service: a thin typed adapter over the domain ``Worker``.
 
-Domain errors become status codes here and only here (``pagedserve.core.grpc_util.abort_for``).
+Domain errors become status codes here and only here (``pagedserve.core.grpc_util.abort_for``);
+steps cross here between their wire form and ``pagedserve.core.step`` objects
+(``pagedserve.core.step_codec``).
 ``Step`` runs in a thread (``asyncio.to_thread``) so health checks and GetInfo stay responsive
 while the model computes; the ``Worker`` serialises steps itself.
 """
@@ -14,6 +16,7 @@ import grpc
 
 from pagedserve.core.errors import FailedPrecondition, PagedServeError
 from pagedserve.core.grpc_util import WORKER_INSTANCE_METADATA, abort_for
+from pagedserve.core.step_codec import decode_step, encode_result
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.worker import Worker
 
@@ -38,7 +41,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 f"step {request.step_id} was planned for worker instance {planned_for}; this is "
                 f"instance {self.worker.instance_id} (restarted: its KV memory is empty)"))
         try:
-            return await asyncio.to_thread(self.worker.step, request)
+            step = decode_step(request)
+            return encode_result(await asyncio.to_thread(self.worker.step, step))
         except PagedServeError as exc:
             logger.warning("step %d refused: %s", request.step_id, exc)
             await abort_for(context, exc)

@@ -1,4 +1,4 @@
-"""Checks a ``StepRequest`` against the worker's state *before* anything is mutated.
+"""Checks a ``WorkerStep`` against the worker's state *before* anything is mutated.
 
 A step that fails here changes nothing (no sequence, block table or KV block), so the scheduler
 can treat the error as "this step did not happen". The checks simulate the step's bookkeeping
@@ -16,34 +16,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from pagedserve.core.errors import InvalidArgument, NotFound
-from pagedserve.core.step_codec import ScheduledRow
+from pagedserve.core.step import NewSeq, ScheduledRow, WorkerStep
 from pagedserve.core.token_ids import check_token_ids
-from protos.pagedserve.v1 import worker_pb2
 from worker.cache_engine import CacheEngine
 from worker.sequence_state import SequenceState
 
 
 def validate_step(
-    req: worker_pb2.StepRequest,
+    step: WorkerStep,
     scheduled: Sequence[ScheduledRow],
     seqs: Mapping[int, SequenceState],
     cache: CacheEngine,
     vocab_size: int,
 ) -> None:
     """Raises ``InvalidArgument`` / ``NotFound`` naming the offending field. ``scheduled`` is
-    ``req.scheduled`` decoded (``pagedserve.core.step_codec.scheduled_rows``)."""
-    finished = set(req.finished_seq_ids)
+    ``step.scheduled.rows()``."""
+    finished = set(step.finished_seq_ids)
     lengths = {sid: s.num_tokens for sid, s in seqs.items() if sid not in finished}
     tables = {sid: len(s.block_table) for sid, s in seqs.items() if sid not in finished}
-    _check_new_seqs(req.new_seqs, lengths, tables, vocab_size)
-    cache.check_pairs([(m.src, m.dst) for m in req.swap_out], "swap_out", "gpu", "cpu")
-    cache.check_pairs([(m.src, m.dst) for m in req.swap_in], "swap_in", "cpu", "gpu")
-    cache.check_pairs([(m.src, m.dst) for m in req.copies], "copies", "gpu", "gpu")
+    _check_new_seqs(step.new_seqs, lengths, tables, vocab_size)
+    cache.check_pairs(step.swap_out, "swap_out", "gpu", "cpu")
+    cache.check_pairs(step.swap_in, "swap_in", "cpu", "gpu")
+    cache.check_pairs(step.copies, "copies", "gpu", "gpu")
     _check_scheduled(scheduled, lengths, tables, cache, vocab_size)
 
 
 def _check_new_seqs(
-    new_seqs: Iterable[worker_pb2.NewSequence],
+    new_seqs: Iterable[NewSeq],
     lengths: dict[int, int],
     tables: dict[int, int],
     vocab_size: int,
@@ -52,10 +51,10 @@ def _check_new_seqs(
         if n.seq_id in lengths:
             raise InvalidArgument("new_seqs.seq_id", f"sequence {n.seq_id} already exists")
         check_token_ids(n.token_ids, vocab_size, "new_seqs.token_ids")
-        check_token_ids(n.params.stop_token_ids, vocab_size,  # min_tokens indexes logits by them
-                        "new_seqs.params.stop_token_ids")
+        if n.params is not None:  # min_tokens indexes logits by the stop ids
+            check_token_ids(n.params.stop_token_ids, vocab_size, "new_seqs.params.stop_token_ids")
         base = 0
-        if n.HasField("parent_seq_id"):
+        if n.parent_seq_id is not None:
             if n.parent_seq_id not in lengths:
                 raise NotFound(f"new_seqs.parent_seq_id: no sequence {n.parent_seq_id}")
             base = lengths[n.parent_seq_id]

@@ -1,15 +1,11 @@
 """``Worker``: the domain object behind the Worker gRPC service (which is a thin adapter over it).
 
-A step is applied in a fixed order, the contract with the scheduler (see worker.proto)::
-
-    1. drop finished_seq_ids          4. swap_out, then swap_in, then copies
-    2. register new_seqs (forks copy  5. per scheduled seq: append append_token_ids, then replace
-       the parent's tokens as they       or extend its block table, then compute its tokens
-       stand before this step)        6. sample the seqs with sample=true, return their tokens
-
-The worker never appends its own samples: the scheduler echoes them back as
-``append_token_ids`` next step. Every request is validated before anything is mutated, so a bad
-step raises ``InvalidArgument``/``NotFound`` and changes nothing.
+A step is a ``pagedserve.core.step.WorkerStep`` applied in the contract's fixed order (see
+``pagedserve.core.step``); each sampled token is appended to its sequence here, unless the scheduler
+appends for that sequence (beam search). With ``check_steps`` (the default, and always behind the
+gRPC servicer) every step is validated before anything is mutated, so a bad step raises
+``InvalidArgument``/``NotFound`` and changes nothing; the offline ``LLM``, whose scheduler is this
+same process, turns the check off.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.core.models import resolve_model_path
-from pagedserve.core.step_codec import ScheduledRow, scheduled_rows
-from protos.pagedserve.v1 import worker_pb2
+from pagedserve.core.step import NewSeq, ScheduledRow, WorkerResult, WorkerStep
+from protos.pagedserve.v1 import common_pb2, worker_pb2
 from worker.cache_engine import GIB, CacheEngine, block_bytes, num_blocks_for_budget
 from worker.config import WorkerConfig
 from worker.cpu_kernels import CpuKernels, cpu_kernels
@@ -52,8 +48,9 @@ class Worker:
     Thread-safety: ``step``/``reset`` are serialised by a lock (the servicer runs them in a
     thread so the event loop stays responsive)."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, check_steps: bool = True) -> None:
         self.config = config
+        self.check_steps = check_steps
         self.placement = resolve_placement(config)
         self.model_path = resolve_model_path(config.load.model)
         self.model, self.model_config = load_model(
@@ -100,29 +97,31 @@ class Worker:
             max_num_seqs=self.config.batch.max_num_seqs,
         )
 
-    def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    def step(self, step: WorkerStep) -> WorkerResult:
         with self._lock:
-            rows = scheduled_rows(req.scheduled)
-            validate_step(req, rows, self.seqs, self.cache, self.model_config.vocab_size)
-            for seq_id in req.finished_seq_ids:
+            rows = step.scheduled.rows()
+            if self.check_steps:
+                validate_step(step, rows, self.seqs, self.cache, self.model_config.vocab_size)
+            for seq_id in step.finished_seq_ids:
                 self.seqs.pop(seq_id, None)
-            self._register(req.new_seqs)
-            for c in req.cached:  # computed in an earlier step, so before this step's writes
-                self.block_hashes[c.block_id] = c.block_hash
-            self.cache.swap_out([(m.src, m.dst) for m in req.swap_out])
-            self.cache.swap_in([(m.src, m.dst) for m in req.swap_in])
-            self.cache.copy_blocks([(m.src, m.dst) for m in req.copies])
+            self._register(step.new_seqs)
+            for block_id, block_hash in step.cached:  # computed earlier: before this step writes
+                self.block_hashes[block_id] = block_hash
+            self.cache.swap_out(step.swap_out)
+            self.cache.swap_in(step.swap_in)
+            self.cache.copy_blocks(step.copies)
             work = [self._apply_scheduled(s) for s in rows]
-            self._forget_written(req, work)
+            self._forget_written(step, work)
             result = self.runner.execute(work, self.cache.gpu_cache)
+            self._append_samples(result)
             num_seqs = len(self.seqs)
-        logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", req.step_id, len(work),
+        logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", step.step_id, len(work),
                      len(result.seq_ids), result.forward_seconds)
         if self.metrics is not None:
             self.metrics.observe_step(sum(w.num_new_tokens for w in work), len(result.seq_ids),
                                       result.forward_seconds, num_seqs,
                                       sampling_s=result.sample_seconds)
-        return self._response(req.step_id, result)
+        return self._result(step.step_id, result)
 
     def reset(self) -> None:
         """Drops every sequence; KV memory is left as is (the scheduler forgets it too)."""
@@ -131,27 +130,35 @@ class Worker:
 
     # -------------------------------------------------------------------------------- internal
 
-    def _register(self, new_seqs: list[worker_pb2.NewSequence]) -> None:
+    def _register(self, new_seqs: list[NewSeq]) -> None:
         """Appends of this step come later (phase 5), so a fork copies its parent's tokens as
         they stand before this step; a parent may itself be new in this step."""
         for n in new_seqs:
-            params = ResolvedParams.from_proto(n.params)
-            if n.HasField("parent_seq_id"):
+            params = ResolvedParams.from_proto(n.params) if n.params is not None else None
+            if n.parent_seq_id is not None:
                 parent = self.seqs[n.parent_seq_id]
-                if not n.HasField("params"):
-                    params = parent.params
-                seq = parent.fork(n.seq_id, params, n.num_prompt_tokens)
-                seq.append(list(n.token_ids))
+                seq = parent.fork(n.seq_id, params or parent.params, n.num_prompt_tokens)
+                seq.append(n.token_ids)
             else:
-                seq = SequenceState(n.seq_id, list(n.token_ids), n.num_prompt_tokens, params)
+                params = params or ResolvedParams.from_proto(common_pb2.SamplingParams())
+                seq = SequenceState(n.seq_id, n.token_ids, n.num_prompt_tokens, params)
+            seq.appends_samples = not n.scheduler_appends
             self.seqs[n.seq_id] = seq
 
-    def _forget_written(self, req: worker_pb2.StepRequest, work: list[ScheduledWork]) -> None:
+    def _append_samples(self, result: StepResult) -> None:
+        """Each sampled token joins its sequence, as the scheduler's copy will (phase 6)."""
+        seqs = self.seqs
+        for seq_id, token_id in zip(result.seq_ids, result.output.token_ids, strict=False):
+            seq = seqs[seq_id]
+            if seq.appends_samples:
+                seq.append_one(token_id)
+
+    def _forget_written(self, step: WorkerStep, work: list[ScheduledWork]) -> None:
         """Blocks this step writes no longer hold the content their hash names."""
         if not self.block_hashes:
             return
-        for m in (*req.copies, *req.swap_in):
-            self.block_hashes.pop(m.dst, None)
+        for _, dst in (*step.copies, *step.swap_in):
+            self.block_hashes.pop(dst, None)
         bs = self.config.cache.block_size
         for w in work:
             first = w.num_computed_tokens // bs
@@ -169,22 +176,12 @@ class Worker:
         return ScheduledWork(seq, s.num_computed_tokens, s.num_new_tokens, s.sample)
 
     @staticmethod
-    def _response(step_id: int, result: StepResult) -> worker_pb2.StepResponse:
-        out = result.output
-        response = worker_pb2.StepResponse(
-            step_id=step_id, forward_seconds=result.forward_seconds,
-            sample_seconds=result.sample_seconds,
-        )
-        sampled = response.sampled
-        sampled.seq_ids.extend(result.seq_ids)
-        sampled.token_ids.extend(out.token_ids[: len(result.seq_ids)])
-        sampled.logprobs.extend(out.logprobs[: len(result.seq_ids)])
-        tops = out.top_logprobs[: len(result.seq_ids)]
-        if any(tops):
-            sampled.num_top.extend(len(top) for top in tops)
-            sampled.top_token_ids.extend(t for top in tops for t, _ in top)
-            sampled.top_logprobs.extend(lp for top in tops for _, lp in top)
-        return response
+    def _result(step_id: int, result: StepResult) -> WorkerResult:
+        out, num = result.output, len(result.seq_ids)
+        tops = out.top_logprobs[:num]
+        return WorkerResult(step_id, result.seq_ids, out.token_ids[:num], out.logprobs[:num],
+                            tops if any(tops) else [], result.forward_seconds,
+                            result.sample_seconds)
 
     def _size_pools(self) -> tuple[int, int]:
         cc, mc = self.config.cache, self.model_config

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pagedserve.core.step_codec import ScheduledRow, add_scheduled
-from protos.pagedserve.v1 import common_pb2, worker_pb2
+from pagedserve.core.step import NewSeq, ScheduledBatch, ScheduledRow, WorkerResult, WorkerStep
+from protos.pagedserve.v1 import common_pb2
 from worker.config import BatchConfig, CacheConfig, LoadConfig, ServerConfig, WorkerConfig
 from worker.worker import Worker
 
@@ -33,32 +33,30 @@ def time_decode(worker: Worker, batch: int, context: int, iters: int) -> list[fl
     blocks_per_seq = -(-(context + iters + 1) // bs)
     greedy = common_pb2.SamplingParams(temperature=0.0, max_tokens=iters + 1)
     gen = torch.Generator().manual_seed(0)
-    prefill = worker_pb2.StepRequest(step_id=1)
+    new_seqs, rows = [], []
     for s in range(batch):
         ids = torch.randint(10, 1000, (context,), generator=gen).tolist()
         table = list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq))
-        prefill.new_seqs.append(worker_pb2.NewSequence(seq_id=s + 1, token_ids=ids,
-                                                       num_prompt_tokens=context, params=greedy))
-        add_scheduled(prefill.scheduled, [ScheduledRow(
-            seq_id=s + 1, num_computed_tokens=0, num_new_tokens=context, sample=True,
-            new_block_ids=table)])
-    last = _tokens(worker.step(prefill))
+        new_seqs.append(NewSeq(s + 1, ids, context, greedy))
+        rows.append(ScheduledRow(seq_id=s + 1, num_computed_tokens=0, num_new_tokens=context,
+                                 sample=True, new_block_ids=table))
+    _check(worker.step(WorkerStep(1, new_seqs, ScheduledBatch.from_rows(rows))), batch)
     times = []
-    for i in range(iters):
-        req = worker_pb2.StepRequest(step_id=i + 2)
-        add_scheduled(req.scheduled, [ScheduledRow(
-            seq_id=s + 1, num_computed_tokens=context + i, num_new_tokens=1, sample=True,
-            append_token_ids=[last[s + 1]]) for s in range(batch)])
+    for i in range(iters):  # the worker appended each sampled token itself
+        step = WorkerStep(i + 2, scheduled=ScheduledBatch.from_rows(ScheduledRow(
+            seq_id=s + 1, num_computed_tokens=context + i, num_new_tokens=1, sample=True)
+            for s in range(batch)))
         if worker.placement.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        last = _tokens(worker.step(req))
+        _check(worker.step(step), batch)
         times.append(time.perf_counter() - started)
     return times[1:] if len(times) > 1 else times
 
 
-def _tokens(response: worker_pb2.StepResponse) -> dict[int, int]:
-    return dict(zip(response.sampled.seq_ids, response.sampled.token_ids, strict=True))
+def _check(result: WorkerResult, batch: int) -> None:
+    if len(result) != batch:
+        raise RuntimeError(f"{len(result)} of {batch} sequences sampled")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from pagedserve.core.step_codec import SampledRow, add_sampled
+from pagedserve.core.step import SampledRow, WorkerResult, WorkerStep
 from protos.pagedserve.v1 import worker_pb2
 
 
@@ -19,7 +19,7 @@ class NullWorker:
         self.rng = random.Random(seed)
         self.logprobs: dict[int, int] = {}
         # Called with each request before it is answered, e.g. to sample memory use.
-        self.on_step: Callable[[worker_pb2.StepRequest], None] | None = None
+        self.on_step: Callable[[WorkerStep], None] | None = None
 
     def info(self) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(
@@ -31,18 +31,17 @@ class NullWorker:
     def reset(self) -> None:
         self.logprobs.clear()
 
-    def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    def step(self, step: WorkerStep) -> WorkerResult:
         if self.on_step is not None:
-            self.on_step(request)
-        for seq in request.new_seqs:
-            self.logprobs[seq.seq_id] = seq.params.logprobs
-        for seq_id in request.finished_seq_ids:
+            self.on_step(step)
+        for seq in step.new_seqs:
+            self.logprobs[seq.seq_id] = seq.params.logprobs if seq.params is not None else 0
+        for seq_id in step.finished_seq_ids:
             self.logprobs.pop(seq_id, None)
-        response = worker_pb2.StepResponse(step_id=request.step_id)
-        batch = request.scheduled
+        batch = step.scheduled
         rows = zip(batch.seq_ids, batch.sample, strict=True)
-        add_sampled(response.sampled, [self._sample(seq_id) for seq_id, sample in rows if sample])
-        return response
+        return WorkerResult.from_rows(
+            [self._sample(seq_id) for seq_id, sample in rows if sample], step.step_id)
 
     def _sample(self, seq_id: int) -> SampledRow:
         k = self.logprobs.get(seq_id, 0)

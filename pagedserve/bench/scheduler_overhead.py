@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
+from pagedserve.core.step import WorkerResult, WorkerStep
 from protos.pagedserve.v1 import worker_pb2
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
@@ -46,14 +47,12 @@ class InstantWorker:
     def reset(self) -> None:
         return None
 
-    def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    def step(self, step: WorkerStep) -> WorkerResult:
         cpu, wall = time.process_time(), time.perf_counter()
-        batch = request.scheduled
+        batch = step.scheduled
         seq_ids = [s for s, sample in zip(batch.seq_ids, batch.sample, strict=True) if sample]
-        response = worker_pb2.StepResponse(step_id=request.step_id)
-        response.sampled.seq_ids.extend(seq_ids)
-        response.sampled.token_ids.extend([7] * len(seq_ids))
-        response.sampled.logprobs.extend([-0.5] * len(seq_ids))
+        response = WorkerResult(step.step_id, seq_ids, [7] * len(seq_ids),
+                                [-0.5] * len(seq_ids))
         self.last_num_scheduled = len(batch.seq_ids)
         self.last_all_decode = all(n == 1 for n in batch.num_new_tokens)
         self.cpu_seconds += time.process_time() - cpu
@@ -64,8 +63,8 @@ class InstantWorker:
 class _DirectHandle(InProcessWorkerHandle):
     """No thread hop: the benchmark measures the scheduler, not ``asyncio.to_thread``."""
 
-    async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return self.worker.step(request)
+    async def step(self, step: WorkerStep) -> WorkerResult:
+        return self.worker.step(step)
 
 
 @dataclass

@@ -189,10 +189,20 @@ def test_two_workers_place_a_common_prefix_where_it_is_cached(model_dir):
     async def main():
         workers = [cpu_worker(model_dir, num_gpu_blocks=128) for _ in range(2)]
         handles = [InProcessWorkerHandle(w, f"w{i}") for i, w in enumerate(workers)]
-        engine = Engine(SchedulerConfig(batching=BatchingConfig(), cache=CacheConfig()), handles)
         placements: list[tuple[str, str]] = []
-        engine.listeners.append(lambda event, **f: placements.append((f["worker"], f["reason"]))
-                                if event == "placement" else None)
+
+        class Placements:
+            def on_placement(self, worker: str, reason: str) -> None:
+                placements.append((worker, reason))
+
+            def on_step(self, stats) -> None:
+                return None
+
+            def on_finished(self, group, error) -> None:
+                return None
+
+        engine = Engine(SchedulerConfig(batching=BatchingConfig(), cache=CacheConfig()), handles,
+                        observers=[Placements()])
         await engine.start()
         prefix = _prompt(40, 96)
 
@@ -242,3 +252,27 @@ def test_best_of_returns_the_n_most_likely_of_best_of_samples_at_the_end(model_d
             candidates[o.index] = (o.cumulative_logprob, toks + list(o.token_ids))
     best = sorted(candidates.values(), key=lambda c: -c[0])[:2]
     assert [list(o.token_ids) for o in outs] == [toks for _, toks in best]
+
+
+def test_the_offline_path_passes_steps_as_objects_without_protobuf_or_recheck(model_dir, hf,
+                                                                             monkeypatch):
+    """The offline ``LLM``'s scheduler and worker share a process: no step is encoded, decoded or
+    re-validated on the way, and greedy output still equals Hugging Face's."""
+    import pagedserve.core.step_codec as codec
+    import worker.worker as worker_module
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("the in-process path must not use the codec or re-check steps")
+
+    for name in ("encode_step", "decode_step", "encode_result", "decode_result"):
+        monkeypatch.setattr(codec, name, refuse)
+    monkeypatch.setattr(worker_module, "validate_step", refuse)
+    prompt = _prompt(1, 40)
+    with LLM(str(model_dir), num_gpu_blocks=64, dtype="float32", block_size=16) as llm:
+        assert not llm.worker.check_steps
+        out = llm.generate([prompt], _greedy(6))[0].outputs[0].token_ids
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # ignore_eos: HF neither stops at nor suppresses EOS
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert out == ref[0, len(prompt):].tolist()

@@ -87,9 +87,8 @@ def test_prune_deletes_other_instances_of_the_same_worker_only(redis_server):
 
 
 def _engine(worker, url: str, **sync_kw) -> Engine:
-    engine = Engine(SchedulerConfig(kvstore_url=url), [InProcessWorkerHandle(worker)])
-    engine.prefix_sync = PrefixSync(open_store(url), **sync_kw)
-    return engine
+    return Engine(SchedulerConfig(kvstore_url=url), [InProcessWorkerHandle(worker)],
+                  prefix_sync=PrefixSync(open_store(url), **sync_kw))
 
 
 def test_engine_restart_over_the_same_worker_keeps_prefix_hits(redis_server):

@@ -219,7 +219,8 @@ def _count(metric: Any, **labels: str) -> float:
 
 def test_a_client_that_disconnects_mid_stream_frees_every_block(
         cluster: ClusterThread, client: openai.OpenAI) -> None:
-    aborted = _count(cluster.cluster.engine.metrics.finished, finished_reason="abort")
+    finished = cluster.cluster.scheduler.observer.metrics.finished
+    aborted = _count(finished, finished_reason="abort")
     stream = client.completions.create(model="model", prompt=list(range(10, 60)),
                                        temperature=0, max_tokens=400, stream=True,
                                        extra_body={"ignore_eos": True})
@@ -232,7 +233,7 @@ def test_a_client_that_disconnects_mid_stream_frees_every_block(
     assert cluster.all_blocks_free()
     # ... because the scheduler aborted it (it did not run to its 400 tokens), and the router
     # counted the request as cancelled.
-    assert _count(cluster.cluster.engine.metrics.finished, finished_reason="abort") == aborted + 1
+    assert _count(finished, finished_reason="abort") == aborted + 1
     metrics = cluster.cluster.router.metrics
     assert metrics is not None
     deadline = time.monotonic() + 5

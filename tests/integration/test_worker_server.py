@@ -9,7 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.core.grpc_util import CHANNEL_OPTIONS
-from pagedserve.core.step_codec import ScheduledRow, sampled_rows, scheduled_request
+from pagedserve.core.step import NewSeq, ScheduledBatch, ScheduledRow, WorkerResult, WorkerStep
+from pagedserve.core.step_codec import decode_result, encode_step
 from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
@@ -44,15 +45,15 @@ async def _served_session(path) -> tuple[worker_pb2.WorkerInfo, list, str, list]
 
 
 async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list]:
-    """Records the step requests an in-thread driver would send, sending them over gRPC."""
-    responses: list[worker_pb2.StepResponse] = []
+    """Records the steps an in-thread driver would send, sending them over gRPC."""
+    responses: list[WorkerResult] = []
     loop = asyncio.get_running_loop()
 
-    async def call(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await stub.Step(req, timeout=30)  # the call object must be made on the loop
+    async def call(req: WorkerStep) -> worker_pb2.StepResponse:
+        return await stub.Step(encode_step(req), timeout=30)  # made on the loop
 
-    def step(req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        resp = asyncio.run_coroutine_threadsafe(call(req), loop).result()
+    def step(req: WorkerStep) -> WorkerResult:
+        resp = decode_result(asyncio.run_coroutine_threadsafe(call(req), loop).result())
         responses.append(resp)
         return resp
 
@@ -62,7 +63,8 @@ async def _drive_over_grpc(stub: worker_pb2_grpc.WorkerStub) -> tuple[list, list
 
 
 async def _bad_step_code(stub: worker_pb2_grpc.WorkerStub) -> grpc.StatusCode:
-    req = scheduled_request(rows=[ScheduledRow(seq_id=999, num_new_tokens=1)])
+    req = encode_step(WorkerStep(scheduled=ScheduledBatch.from_rows(
+        [ScheduledRow(seq_id=999, num_new_tokens=1)])))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Step(req, timeout=10)
     return err.value.code()
@@ -83,11 +85,10 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
 
     local = cpu_worker(path, block_size=4)
     local_responses = [local.step(req) for req in requests]
-    sampled = [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)] for r in responses]
-    assert sampled == [[(t.seq_id, t.token_id) for t in sampled_rows(r.sampled)]
-                       for r in local_responses]
+    sampled = [[(t.seq_id, t.token_id) for t in r.rows()] for r in responses]
+    assert sampled == [[(t.seq_id, t.token_id) for t in r.rows()] for r in local_responses]
     assert sum(len(s) for s in sampled) == 6 * len(PROMPTS)
-    first = sampled_rows(responses[0].sampled)[0]
+    first = responses[0].rows()[0]
     assert len(first.top) == 3 and first.logprob <= 0.0
     assert responses[0].forward_seconds > 0.0
 
@@ -105,24 +106,22 @@ def test_a_step_planned_for_another_worker_instance_is_refused() -> None:
         started = await start_worker_server(cpu_worker_config(path, block_size=4),
                                             cpu_worker(path, block_size=4))
         handle = GrpcWorkerHandle(f"127.0.0.1:{started.port}")
-        prompt = worker_pb2.NewSequence(seq_id=1, token_ids=[5, 9, 14], num_prompt_tokens=3,
-                                        params=common_pb2.SamplingParams(temperature=0.0))
+        params = common_pb2.SamplingParams(temperature=0.0)
+
+        def step(seq_id: int, block: int) -> WorkerStep:
+            return WorkerStep(new_seqs=[NewSeq(seq_id, [5, 9, 14], 3, params)],
+                              scheduled=ScheduledBatch.from_rows([ScheduledRow(
+                                  seq_id=seq_id, num_new_tokens=3, new_block_ids=[block])]))
+
         try:
             info = await handle.info()
-            step = scheduled_request(rows=[ScheduledRow(seq_id=1, num_new_tokens=3, sample=True,
-                                                        new_block_ids=[0])])
-            step.new_seqs.append(prompt)
-            await handle.step(step)  # planned for the instance it knows: served
+            await handle.step(step(1, 0))  # planned for the instance it knows: served
             started.worker.instance_id = "a-restarted-instance"  # what a restart changes
-            stale = scheduled_request(rows=[ScheduledRow(seq_id=2, num_new_tokens=3, sample=True,
-                                                         new_block_ids=[1])])
-            stale.new_seqs.append(worker_pb2.NewSequence(
-                seq_id=2, token_ids=[5, 9, 14], num_prompt_tokens=3, params=prompt.params))
             with pytest.raises(Unavailable, match="FAILED_PRECONDITION.*" + info.instance_id):
-                await handle.step(stale)
+                await handle.step(step(2, 1))
             assert 2 not in started.worker.seqs  # refused before anything ran
             await handle.info()  # a rejoin learns the new instance: its steps are served again
-            await handle.step(stale)
+            await handle.step(step(2, 1))
         finally:
             await handle.close()
             await started.stop()

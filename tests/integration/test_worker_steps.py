@@ -1,5 +1,6 @@
-"""The Worker applies a StepRequest exactly as worker.proto orders it: forks, swaps, copies,
-block-table replace, and refuses a bad step without changing anything."""
+"""The Worker applies a step exactly as ``pagedserve.core.step`` orders it: forks, swaps, copies,
+block-table replace, its own samples appended (or not, for the scheduler's sequences), and refuses a
+bad step without changing anything."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import logging
 import pytest
 
 from pagedserve.core.errors import InvalidArgument, NotFound
-from pagedserve.core.step_codec import ScheduledRow, add_scheduled, sampled_rows
-from protos.pagedserve.v1 import common_pb2, worker_pb2
+from pagedserve.core.step import NewSeq, ScheduledBatch, ScheduledRow, WorkerResult, WorkerStep
+from protos.pagedserve.v1 import common_pb2
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.worker_driver import StepDriver
 from tests.support.worker_factory import cpu_worker
@@ -39,14 +40,12 @@ def _sched(seq_id: int, computed: int, new: int, blocks: list[int] = (), append:
         append_token_ids=list(append), replace_block_table=replace, sample=sample)
 
 
-def _batch(*rows: ScheduledRow) -> worker_pb2.ScheduledBatch:
-    batch = worker_pb2.ScheduledBatch()
-    add_scheduled(batch, rows)
-    return batch
+def _batch(*rows: ScheduledRow) -> ScheduledBatch:
+    return ScheduledBatch.from_rows(rows)
 
 
-def _token(resp: worker_pb2.StepResponse, seq_id: int) -> int:
-    return next(t.token_id for t in sampled_rows(resp.sampled) if t.seq_id == seq_id)
+def _token(resp: WorkerResult, seq_id: int) -> int:
+    return next(t.token_id for t in resp.rows() if t.seq_id == seq_id)
 
 
 def _reference(worker: Worker, n: int) -> list[int]:
@@ -54,10 +53,11 @@ def _reference(worker: Worker, n: int) -> list[int]:
     return seq[0].outputs
 
 
-def _prefill(worker: Worker, seq_id: int, blocks: list[int]) -> int:
-    resp = worker.step(worker_pb2.StepRequest(
-        new_seqs=[worker_pb2.NewSequence(seq_id=seq_id, token_ids=PROMPT,
-                                         num_prompt_tokens=len(PROMPT), params=GREEDY)],
+def _prefill(worker: Worker, seq_id: int, blocks: list[int], scheduler_appends: bool = False,
+             ) -> int:
+    resp = worker.step(WorkerStep(
+        new_seqs=[NewSeq(seq_id, PROMPT, len(PROMPT), GREEDY,
+                         scheduler_appends=scheduler_appends)],
         scheduled=_batch(_sched(seq_id, 0, len(PROMPT), blocks))))
     return _token(resp, seq_id)
 
@@ -66,56 +66,54 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one(worker: Worker) -> N
     expected = _reference(worker, 3)
     first = _prefill(worker, 1, [3, 7])
     assert first == expected[0]
-    # Child: same tokens, shares block 3 (full), gets a copy of partial block 7 in block 9.
-    resp = worker.step(worker_pb2.StepRequest(
-        new_seqs=[worker_pb2.NewSequence(seq_id=2, parent_seq_id=1, num_prompt_tokens=6)],
-        copies=[worker_pb2.BlockMapping(src=7, dst=9)],
-        scheduled=_batch(_sched(1, 6, 1, append=[first]),
-                         _sched(2, 6, 1, blocks=[3, 9], append=[first], replace=True))))
+    # Child: the parent's tokens (its sample included), shares block 3 (full), gets a copy of
+    # partial block 7 in block 9.
+    resp = worker.step(WorkerStep(
+        new_seqs=[NewSeq(2, [], 6, parent_seq_id=1)],
+        copies=[(7, 9)],
+        scheduled=_batch(_sched(1, 6, 1), _sched(2, 6, 1, blocks=[3, 9], replace=True))))
     assert _token(resp, 1) == _token(resp, 2) == expected[1]
-    assert worker.seqs[2].token_ids.tolist() == PROMPT + [first]
+    assert worker.seqs[2].token_ids.tolist() == PROMPT + expected[:2]
     assert worker.seqs[2].block_table == [3, 9]
 
 
 def test_swap_out_and_back_in_elsewhere_resumes_identically(worker: Worker) -> None:
     expected = _reference(worker, 3)
-    first = _prefill(worker, 1, [2, 5])
-    worker.step(worker_pb2.StepRequest(swap_out=[worker_pb2.BlockMapping(src=2, dst=0),
-                                                 worker_pb2.BlockMapping(src=5, dst=1)]))
-    worker.step(worker_pb2.StepRequest(  # clobber the old device blocks
-        new_seqs=[worker_pb2.NewSequence(seq_id=3, token_ids=[1] * 8, num_prompt_tokens=8,
-                                         params=GREEDY)],
-        scheduled=_batch(_sched(3, 0, 8, [2, 5])), finished_seq_ids=[]))
-    resp = worker.step(worker_pb2.StepRequest(
-        finished_seq_ids=[3],
-        swap_in=[worker_pb2.BlockMapping(src=0, dst=11), worker_pb2.BlockMapping(src=1, dst=12)],
-        scheduled=_batch(_sched(1, 6, 1, blocks=[11, 12], append=[first], replace=True))))
+    _prefill(worker, 1, [2, 5])
+    worker.step(WorkerStep(swap_out=[(2, 0), (5, 1)]))
+    worker.step(WorkerStep(  # clobber the old device blocks
+        new_seqs=[NewSeq(3, [1] * 8, 8, GREEDY)], scheduled=_batch(_sched(3, 0, 8, [2, 5]))))
+    resp = worker.step(WorkerStep(
+        finished_seq_ids=[3], swap_in=[(0, 11), (1, 12)],
+        scheduled=_batch(_sched(1, 6, 1, blocks=[11, 12], replace=True))))
     assert _token(resp, 1) == expected[1]
 
 
-def test_worker_never_appends_its_own_samples(worker: Worker) -> None:
-    _prefill(worker, 1, [0, 1])
+def test_worker_appends_its_own_samples(worker: Worker) -> None:
+    first = _prefill(worker, 1, [0, 1])
+    assert worker.seqs[1].token_ids.tolist() == PROMPT + [first]
+
+
+def test_worker_leaves_the_tokens_of_a_sequence_the_scheduler_appends_to(worker: Worker) -> None:
+    expected = _reference(worker, 2)
+    first = _prefill(worker, 1, [0, 1], scheduler_appends=True)
     assert worker.seqs[1].num_tokens == len(PROMPT)
+    resp = worker.step(WorkerStep(scheduled=_batch(_sched(1, 6, 1, append=[first]))))
+    assert _token(resp, 1) == expected[1]
+    assert worker.seqs[1].token_ids.tolist() == PROMPT + [first]
 
 
 @pytest.mark.parametrize(
     "req, error",
     [
-        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 2, append=[5]))), InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5], blocks=[99]))),
-         InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5]), _sched(8, 0, 1))),
-         NotFound),
-        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[100000]))),
-         InvalidArgument),
-        (worker_pb2.StepRequest(scheduled=_batch(_sched(1, 6, 1, append=[5])),
-                                copies=[worker_pb2.BlockMapping(src=0, dst=32)]),
-         InvalidArgument),
-        (worker_pb2.StepRequest(new_seqs=[worker_pb2.NewSequence(seq_id=1, token_ids=[1])]),
-         InvalidArgument),
-        (worker_pb2.StepRequest(new_seqs=[worker_pb2.NewSequence(
-            seq_id=2, token_ids=[1], params=common_pb2.SamplingParams(stop_token_ids=[512]))]),
-         InvalidArgument),
+        (WorkerStep(scheduled=_batch(_sched(1, 6, 2))), InvalidArgument),
+        (WorkerStep(scheduled=_batch(_sched(1, 6, 1, blocks=[99]))), InvalidArgument),
+        (WorkerStep(scheduled=_batch(_sched(1, 6, 1), _sched(8, 0, 1))), NotFound),
+        (WorkerStep(scheduled=_batch(_sched(1, 6, 2, append=[100000]))), InvalidArgument),
+        (WorkerStep(scheduled=_batch(_sched(1, 6, 1)), copies=[(0, 32)]), InvalidArgument),
+        (WorkerStep(new_seqs=[NewSeq(1, [1], 0)]), InvalidArgument),
+        (WorkerStep(new_seqs=[NewSeq(2, [1], 0, common_pb2.SamplingParams(
+            stop_token_ids=[512]))]), InvalidArgument),
     ],
 )
 def test_bad_step_is_refused_and_changes_nothing(worker: Worker, req, error) -> None:
@@ -131,17 +129,15 @@ def test_seeded_sampling_survives_preemption_by_recompute(worker: Worker) -> Non
     full = StepDriver(worker.step, 32, BS).generate([PROMPT], 8, params)[0].outputs
     head = StepDriver(worker.step, 32, BS).generate([PROMPT], 3, params)[0].outputs
     # Continuation: prompt + generated tokens, prompt length unchanged, recomputed from scratch.
-    req = worker_pb2.StepRequest(
-        new_seqs=[worker_pb2.NewSequence(seq_id=50, token_ids=PROMPT + head,
-                                         num_prompt_tokens=len(PROMPT), params=params)],
+    req = WorkerStep(
+        new_seqs=[NewSeq(50, PROMPT + head, len(PROMPT), params)],
         scheduled=_batch(_sched(50, 0, len(PROMPT) + 3, blocks=[20, 21, 22])))
     assert head == full[:3]
     assert _token(worker.step(req), 50) == full[3]
 
 
 def test_batch_inputs_map_tokens_to_positions_and_slots(worker: Worker) -> None:
-    first = _prefill(worker, 1, [6, 2])
-    worker.seqs[1].append([first])
+    _prefill(worker, 1, [6, 2])  # the worker appends its sample: 7 tokens
     decode = worker.runner.prepare([ScheduledWork(worker.seqs[1], 6, 1, True)])
     assert decode.meta.is_decode_only
     assert decode.positions.tolist() == [6] and decode.meta.slot_mapping.tolist() == [2 * BS + 2]

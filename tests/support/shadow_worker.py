@@ -10,14 +10,15 @@ prefix-cache hit, or two sequences writing one slot in the same step fails loudl
 may read blocks that another sequence writes in the same step (same-step prefix sharing), which
 ``num_same_step_reads`` counts. The "model" samples ``hash(all tokens, seed) % vocab``:
 deterministic, so a scheduler run under memory pressure must give exactly the tokens of an
-unconstrained run.
+unconstrained run. Like the real worker, it appends each sampled token to its sequence unless
+the scheduler appends for it (beam search).
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from pagedserve.core.step_codec import SampledRow, add_sampled, scheduled_rows
+from pagedserve.core.step import SampledRow, WorkerResult, WorkerStep
 from protos.pagedserve.v1 import worker_pb2
 
 
@@ -57,7 +58,7 @@ class ShadowWorker:
     def reset(self) -> None:
         self.seqs.clear()
 
-    def step(self, req: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    def step(self, req: WorkerStep) -> WorkerResult:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected worker failure")
@@ -67,15 +68,16 @@ class ShadowWorker:
         for new in req.new_seqs:
             assert new.seq_id not in self.seqs, f"seq {new.seq_id} sent twice"
             tokens = (list(self.seqs[new.parent_seq_id]["tokens"])
-                      if new.HasField("parent_seq_id") else [])
+                      if new.parent_seq_id is not None else [])
             tokens.extend(new.token_ids)
+            assert new.params is not None, "the scheduler sends every sequence's params"
             seed = new.params.seed if new.params.HasField("seed") else None
-            self.seqs[new.seq_id] = {"tokens": tokens, "table": [], "seed": seed}
+            self.seqs[new.seq_id] = {"tokens": tokens, "table": [], "seed": seed,
+                                     "appends": not new.scheduler_appends}
         self._move(req.swap_out, self.gpu, self.cpu)
         self._move(req.swap_in, self.cpu, self.gpu)
         self._move(req.copies, self.gpu, self.gpu)
-        resp = worker_pb2.StepResponse(step_id=req.step_id)
-        rows = scheduled_rows(req.scheduled)
+        rows = req.scheduled.rows()
         for item in rows:
             seq = self.seqs[item.seq_id]
             seq["tokens"].extend(item.append_token_ids)
@@ -94,8 +96,11 @@ class ShadowWorker:
                 assert item.num_computed_tokens + item.num_new_tokens == len(seq["tokens"])
                 token = next_token(seq["tokens"], seq["seed"], self.vocab_size)
                 sampled.append(SampledRow(item.seq_id, token, -1.0))
-        add_sampled(resp.sampled, sampled)
-        return resp
+        for row in sampled:
+            seq = self.seqs[row.seq_id]
+            if seq["appends"]:
+                seq["tokens"].append(row.token_id)
+        return WorkerResult.from_rows(sampled, req.step_id)
 
     def _slot(self, table: list[int], pos: int) -> int:
         block = pos // self.block_size
@@ -129,12 +134,12 @@ class ShadowWorker:
     def _move(self, pairs, src: dict, dst: dict) -> None:
         snapshot = dict(src)
         bs = self.block_size
-        for pair in pairs:
+        for src_block, dst_block in pairs:
             for off in range(bs):
-                if pair.src * bs + off in snapshot:
-                    dst[pair.dst * bs + off] = snapshot[pair.src * bs + off]
+                if src_block * bs + off in snapshot:
+                    dst[dst_block * bs + off] = snapshot[src_block * bs + off]
                 else:
-                    dst.pop(pair.dst * bs + off, None)
+                    dst.pop(dst_block * bs + off, None)
 
 
 def reference_output(prompt: list[int], max_tokens: int, seed: int | None, vocab_size: int = 100,

@@ -1,8 +1,8 @@
 """A minimal stand-in for the scheduler, for driving a ``Worker`` step by step in tests.
 
 It allocates blocks from a shuffled free list (so block tables are non-contiguous), sends each
-sequence's tokens once, optionally splits prefills into chunks, and echoes every sampled token back
-as ``append_token_ids`` on the next step — the same protocol the real scheduler follows.
+sequence's tokens once, optionally splits prefills into chunks, and counts on the worker to append
+every sampled token itself — the same protocol the real scheduler follows.
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pagedserve.core.step_codec import SampledRow, ScheduledRow, add_scheduled, sampled_rows
-from protos.pagedserve.v1 import common_pb2, worker_pb2
+from pagedserve.core.step import (
+    NewSeq,
+    SampledRow,
+    ScheduledBatch,
+    ScheduledRow,
+    WorkerResult,
+    WorkerStep,
+)
+from protos.pagedserve.v1 import common_pb2
 
-StepFn = Callable[[worker_pb2.StepRequest], worker_pb2.StepResponse]
+StepFn = Callable[[WorkerStep], WorkerResult]
 
 
 @dataclass
@@ -24,7 +31,7 @@ class _Seq:
     num_prompt_tokens: int
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)  # sampled, not yet sent back
+    pending: list[int] = field(default_factory=list)  # sampled, not yet scheduled
     outputs: list[int] = field(default_factory=list)
     logprobs: list[SampledRow] = field(default_factory=list)
     registered: bool = False
@@ -37,7 +44,7 @@ class StepDriver:
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.step_id = 0
-        self.requests: list[worker_pb2.StepRequest] = []
+        self.requests: list[WorkerStep] = []
 
     def generate(
         self,
@@ -60,20 +67,19 @@ class StepDriver:
     def _run_step(
         self, seqs: list[_Seq], params: common_pb2.SamplingParams, first_chunk: int | None
     ) -> None:
-        req = worker_pb2.StepRequest(step_id=self.step_id)
+        req = WorkerStep(step_id=self.step_id)
         rows = []
         for s in seqs:
             if not s.registered:
-                req.new_seqs.add(seq_id=s.seq_id, token_ids=s.tokens,
-                                 num_prompt_tokens=s.num_prompt_tokens, params=params)
+                req.new_seqs.append(NewSeq(s.seq_id, list(s.tokens), s.num_prompt_tokens, params))
                 s.registered = True
             rows.append(self._schedule(s, first_chunk))
-        add_scheduled(req.scheduled, rows)
+        req.scheduled = ScheduledBatch.from_rows(rows)
         self.requests.append(req)
         resp = self.step_fn(req)
         self.step_id += 1
         by_id = {s.seq_id: s for s in seqs}
-        for tok in sampled_rows(resp.sampled):
+        for tok in resp.rows():
             seq = by_id[tok.seq_id]
             seq.pending.append(tok.token_id)
             seq.outputs.append(tok.token_id)
@@ -91,14 +97,13 @@ class StepDriver:
         s.blocks.extend(new_blocks)
         sched = ScheduledRow(
             seq_id=s.seq_id, num_computed_tokens=s.num_computed, num_new_tokens=num_new,
-            new_block_ids=new_blocks, sample=end == len(s.tokens), append_token_ids=appended,
+            new_block_ids=new_blocks, sample=end == len(s.tokens),
         )
         s.num_computed = end
         return sched
 
     def _finish(self, seqs: list[_Seq]) -> None:
-        req = worker_pb2.StepRequest(step_id=self.step_id,
-                                     finished_seq_ids=[s.seq_id for s in seqs])
+        req = WorkerStep(step_id=self.step_id, finished_seq_ids=[s.seq_id for s in seqs])
         self.requests.append(req)
         self.step_fn(req)
         self.step_id += 1

@@ -24,7 +24,7 @@ from scheduler.engine import Engine
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.policy import StepPlan, WorkerScheduler
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step_request
+from scheduler.step_builder import build_step, commit
 from scheduler.worker_handle import InProcessWorkerHandle
 from tests.support.shadow_worker import ShadowWorker, reference_output
 
@@ -53,10 +53,12 @@ def _add(sched: WorkerScheduler, request_id: str, tokens: list[int],
 
 
 def _run_step(sched: WorkerScheduler, plan: StepPlan, next_token: int = 7) -> None:
-    """What the engine does around the worker: build the delta (moves ``num_computed_tokens``),
-    the step runs, its blocks count as written, each sampled sequence gets a token."""
-    build_step_request(1, plan, [], lambda _: None)
-    sched.kv.commit_step()
+    """What the engine does around the worker: build the delta and commit the plan (moves
+    ``num_computed_tokens``), the step runs, its blocks count as written, each sampled sequence
+    gets a token."""
+    build_step(1, plan, sched.mirror)
+    commit(plan, sched.mirror)
+    sched.mirror.cached.extend(sched.kv.commit_step())
     for item in plan.scheduled:
         if item.sample:
             item.seq.token_ids.append(next_token)
@@ -91,12 +93,14 @@ def test_two_requests_admitted_together_share_the_prefix_and_compute_only_the_su
     assert kv.gpu.num_free_blocks == 32 - 4
     # The worker and the kvstore hear of the new hashes only once the step that writes them has
     # run (the worker with the next step).
-    assert kv.published == [] and kv.events.stored == []
-    request = build_step_request(1, plan, [], lambda _: None)
+    assert sched.mirror.cached == [] and kv.events.stored == []
+    request = build_step(1, plan, sched.mirror)
+    commit(plan, sched.mirror)
     assert list(request.cached) == []
-    kv.commit_step()
+    sched.mirror.cached.extend(kv.commit_step())
     written = sorted(blk.block_id for blk in sa.blocks[:2])
-    assert sorted(bid for bid, _ in kv.published) == written
+    assert sorted(bid for bid, _ in sched.mirror.cached) == written
+    assert sorted(bid for bid, _ in build_step(2, sched.schedule(), sched.mirror).cached) == written
     assert sorted(bid for _, bid, _, _ in kv.drain_events().stored) == written
     _assert_ref_counts(sched)
 
@@ -148,7 +152,8 @@ def test_the_computing_request_removed_mid_step_leaves_the_shared_blocks_to_the_
     a = _add(sched, "a", PREFIX + [31, 32], 0)
     b = _add(sched, "b", PREFIX + [41, 42], 1)
     plan = sched.schedule()
-    build_step_request(1, plan, [], lambda _: None)  # the step is on its way to the worker
+    build_step(1, plan, sched.mirror)  # the step is on its way to the worker
+    commit(plan, sched.mirror)
     shared = a.seqs[0].blocks[:2]
     sched.remove(a)  # aborted while the step runs
     assert [blk.ref_cnt for blk in shared] == [1, 1]  # b keeps them: not on the free queue

@@ -84,8 +84,8 @@ def test_scheduler_restart_keeps_prefix_hits_with_correct_output():
         worker = InstanceShadowWorker(num_gpu_blocks=64, block_size=4)
         prefix = list(range(1, 41))  # 10 full blocks
 
-        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)])
-        engine.prefix_sync = PrefixSync(store, flush_interval_s=0.01)
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)],
+                        prefix_sync=PrefixSync(store, flush_interval_s=0.01))
         await engine.start()
         engine.prefix_sync.start()
         assert await _generate(engine, "a", prefix + [7, 8], 5) == reference_output(
@@ -94,8 +94,8 @@ def test_scheduler_restart_keeps_prefix_hits_with_correct_output():
         await engine.prefix_sync.close()
         assert await store.is_clean(worker_key("shadow", "i1"))
 
-        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)])
-        engine.prefix_sync = PrefixSync(store)
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)],
+                        prefix_sync=PrefixSync(store))
         await engine.start()
         assert engine.prefix_sync.num_restored_blocks >= 10
         assert not await store.is_clean(worker_key("shadow", "i1"))
@@ -118,8 +118,8 @@ def test_unclean_index_and_other_instances_are_not_restored():
         await store.put(worker_key("shadow", "i1"), old)  # an earlier process of the worker
         await store.mark_clean(worker_key("shadow", "i1"), True)
         await store.put(worker_key("shadow", "i2"), old)  # a scheduler that died: not clean
-        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)])
-        engine.prefix_sync = PrefixSync(store, flush_interval_s=0.01)
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)],
+                        prefix_sync=PrefixSync(store, flush_interval_s=0.01))
         await engine.start()
         assert engine.prefix_sync.num_restored_blocks == 0
         assert await store.load(worker_key("shadow", "i1")) == []  # pruned
@@ -134,8 +134,8 @@ def test_rebuilt_worker_metadata_replaces_the_index_and_a_new_instance_drops_the
     async def main():
         store = MemoryPrefixStore()
         worker = InstanceShadowWorker(num_gpu_blocks=64, block_size=4)
-        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)])
-        sync = engine.prefix_sync = PrefixSync(store)
+        sync = PrefixSync(store)
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)], prefix_sync=sync)
         await engine.start()
         await _generate(engine, "a", list(range(1, 21)), 2)
         assert await sync.flush()

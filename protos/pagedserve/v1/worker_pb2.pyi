@@ -52,18 +52,20 @@ class BlockHash(_message.Message):
     def __init__(self, block_id: _Optional[int] = ..., block_hash: _Optional[bytes] = ...) -> None: ...
 
 class NewSequence(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "parent_seq_id")
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "parent_seq_id", "scheduler_appends")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PARENT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_APPENDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
     params: _common_pb2.SamplingParams
     parent_seq_id: int
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., parent_seq_id: _Optional[int] = ...) -> None: ...
+    scheduler_appends: bool
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., parent_seq_id: _Optional[int] = ..., scheduler_appends: _Optional[bool] = ...) -> None: ...
 
 class ScheduledBatch(_message.Message):
     __slots__ = ("seq_ids", "num_computed_tokens", "num_new_tokens", "sample", "replace_block_table", "num_append_tokens", "append_token_ids", "num_new_blocks", "new_block_ids")
