@@ -179,7 +179,8 @@ class Engine:
             watermark=self.config.cache.watermark,
             hash_extra=info.model.encode(),
         )
-        sched = WorkerScheduler(kv, self.config.batching, self.config.cache, self._seq_ids)
+        sched = WorkerScheduler(kv, self.config.batching, self.config.cache, self._seq_ids,
+                                break_even_context=info.attention_break_even_context)
         return WorkerState(handle=handle, info=info, sched=sched)
 
     # ---- requests ----------------------------------------------------------------------------

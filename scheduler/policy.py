@@ -9,6 +9,14 @@ Each step, in order:
 3. ``_schedule_waiting``: if nothing is swapped out, waiting groups are admitted FCFS (longest
    cached prefix reused) while the budget, ``max_num_seqs`` and the watermark allow.
 
+The budget counts tokens, except prefill chunks deep into a long prompt: attention grows with the
+context, so a 2,048-token chunk at context 6,000 costs several times one at context 0, and the
+running decodes sharing its step would stall that much longer. A chunk of ``n`` tokens starting at
+context ``c`` costs ``chunk_cost(c, n, k)``: ``n`` while its mean context ``c + n/2`` is within
+``k`` (the model's attention break-even context, reported by the worker), growing linearly beyond,
+so late chunks of a long prompt shrink and every step costs about what a full chunk near ``k``
+does. Decode tokens count 1 each, as before.
+
 Each sequence's work is cached as soon as it is planned: every block it fills in this step becomes
 findable by prefix hash (``KVCacheManager.cache_full_blocks``), so a group admitted later in the
 same step shares blocks that this very step writes, and computes only its uncached suffix. That is
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +40,30 @@ from scheduler.config import BatchingConfig, CacheConfig
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
 from scheduler.worker_mirror import WorkerMirror
+
+
+def chunk_cost(context: int, num_tokens: int, break_even: int) -> int:
+    """Budget units of a prefill chunk: ``num_tokens`` weighted by
+    ``1 + max(0, context + num_tokens / 2 - break_even) / break_even`` (``break_even`` 0: by
+    tokens only)."""
+    if break_even <= 0 or num_tokens <= 1:
+        return num_tokens
+    excess = context + num_tokens / 2 - break_even
+    if excess <= 0:
+        return num_tokens
+    return math.ceil(num_tokens * (1 + excess / break_even))
+
+
+def max_chunk(context: int, wanted: int, budget: int, break_even: int) -> int:
+    """The largest ``n <= wanted`` with ``chunk_cost(context, n) <= budget``."""
+    n = min(wanted, budget)
+    if break_even <= 0 or n <= 1 or chunk_cost(context, n, break_even) <= budget:
+        return max(n, 0)
+    # Beyond break-even the cost is n^2 / (2k) + n * c / k; solve = budget for n.
+    n = min(n, int(math.sqrt(context * context + 2 * break_even * budget) - context))
+    while n > 0 and chunk_cost(context, n, break_even) > budget:  # rounding
+        n -= 1
+    return n
 
 
 @dataclass(slots=True)
@@ -71,8 +104,10 @@ class WorkerScheduler:
         cache: CacheConfig,
         seq_ids: itertools.count,
         mirror: WorkerMirror | None = None,
+        break_even_context: int = 0,
     ) -> None:
         self.kv = kv
+        self.break_even = break_even_context  # 0: prefill chunks cost their tokens
         self.mirror = mirror if mirror is not None else WorkerMirror()
         self.batching = batching
         self.cache = cache
@@ -208,7 +243,7 @@ class WorkerScheduler:
             target = self._prompt_target(group) if seq is group.seqs[0] else seq.num_tokens
             hit = self.kv.lookup_prefix(seq.token_ids, min(target, seq.num_tokens - 1))
             cached = hit.num_blocks * self.kv.block_size
-            chunk = min(target - cached, budget)
+            chunk = max_chunk(cached, target - cached, budget, self.break_even)
             needed += self.kv.blocks_for(cached + chunk) - hit.num_blocks
             needed += sum(1 for b in hit.blocks if b.ref_cnt == 0)  # touching takes them off free
             plans.append((seq, hit))
@@ -251,15 +286,18 @@ class WorkerScheduler:
         work = []
         if not group.forked and group.num_samples > 1:
             seq = group.seqs[0]
-            num_new = min(self._prompt_target(group) - seq.num_computed_tokens, budget)
+            num_new = max_chunk(seq.num_computed_tokens,
+                                self._prompt_target(group) - seq.num_computed_tokens, budget,
+                                self.break_even)
             return [(seq, num_new, False)] if num_new > 0 else []
         for seq in group.live_seqs:
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = max_chunk(seq.num_computed_tokens, seq.num_uncomputed_tokens, budget,
+                                self.break_even)
             if num_new <= 0:
                 break
             sample = seq.num_computed_tokens + num_new == seq.num_tokens
             work.append((seq, num_new, sample))
-            budget -= num_new
+            budget -= chunk_cost(seq.num_computed_tokens, num_new, self.break_even)
         return work
 
     def _fork_samples(self, group: SequenceGroup, plan: StepPlan) -> None:
@@ -284,16 +322,18 @@ class WorkerScheduler:
         child.fork_of = (parent.seq_id, parent.num_tokens)
         return child
 
-    @staticmethod
-    def _tokens_of(plan: StepPlan, group: SequenceGroup) -> int:
-        """Tokens just planned for ``group``. Its items are the plan's newest (``_try_schedule``
-        appends a group's work contiguously), so only the tail is scanned: O(group), not
-        O(plan) per group, which made a step quadratic in the number of running groups."""
+    def _tokens_of(self, plan: StepPlan, group: SequenceGroup) -> int:
+        """Budget just spent on ``group`` (tokens, chunks weighted by ``chunk_cost``). Its items
+        are the plan's newest (``_try_schedule`` appends a group's work contiguously), so only
+        the tail is scanned: O(group), not O(plan) per group, which made a step quadratic in the
+        number of running groups. Planning already advanced nothing: ``num_computed_tokens`` is
+        still where each chunk starts."""
         total = 0
         for item in reversed(plan.scheduled):
             if item.group is not group:
                 break
-            total += item.num_new_tokens
+            total += chunk_cost(item.seq.num_computed_tokens, item.num_new_tokens,
+                                self.break_even)
         return total
 
     # ---- preemption --------------------------------------------------------------------------

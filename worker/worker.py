@@ -95,6 +95,7 @@ class Worker:
                            for b, h in self.block_hashes.items()],
             max_num_batched_tokens=self.config.batch.max_num_batched_tokens,
             max_num_seqs=self.config.batch.max_num_seqs,
+            attention_break_even_context=mc.attention_break_even_context,
         )
 
     def step(self, step: WorkerStep) -> WorkerResult:

@@ -23,12 +23,13 @@ class StepLoop:
     """The engine's cycle for one worker, synchronously."""
 
     def __init__(self, num_gpu_blocks: int = 64, num_cpu_blocks: int = 0, budget: int = 64,
-                 mode: str = "recompute", caching: bool = True) -> None:
+                 mode: str = "recompute", caching: bool = True, break_even: int = 0) -> None:
         self.worker = ShadowWorker(num_gpu_blocks, max(num_cpu_blocks, 1), BS)
         kv = KVCacheManager(num_gpu_blocks, num_cpu_blocks, BS, enable_caching=caching)
         self.sched = WorkerScheduler(
             kv, BatchingConfig(max_num_batched_tokens=budget),
-            CacheConfig(enable_prefix_caching=caching, preemption_mode=mode), itertools.count(1))
+            CacheConfig(enable_prefix_caching=caching, preemption_mode=mode), itertools.count(1),
+            break_even_context=break_even)
         self.plans: list[StepPlan] = []
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
@@ -135,3 +136,47 @@ def test_a_later_request_reuses_the_cached_prefix_and_computes_only_its_suffix()
     assert loop.worker.num_computed_tokens - computed == 3 + 1  # the suffix, then one decode
     assert _outputs(first) == [reference_output(prefix + [7, 8], 2, None)]
     assert _outputs(second) == [reference_output(prefix + [9, 10, 11], 2, None)]
+
+
+def test_chunks_deep_into_a_long_prompt_shrink_so_no_step_costs_more_than_the_budget():
+    """With the model's attention break-even context ``k`` known, a chunk whose mean context is
+    beyond ``k`` is weighted by how far beyond: the long prompt's late chunks shrink, every
+    step's cost (decodes 1 each, chunks by ``chunk_cost``) stays within the budget, the decode
+    sharing those steps keeps getting a token every step, and outputs stay exact."""
+    from scheduler.policy import chunk_cost, max_chunk
+
+    budget, k = 32, 24
+    loop = StepLoop(num_gpu_blocks=128, budget=budget, break_even=k)
+    decoding = loop.add([7, 8, 9], max_tokens=40)
+    loop.step()  # its prefill; it decodes from now on
+    prompt = [1 + i % 90 for i in range(200)]
+    long = loop.add(prompt, max_tokens=2)
+    chunks = []
+    while long.seqs[0].num_computed_tokens < 200:
+        plan = loop.step()
+        mine = [i for i in plan.scheduled if i.seq is long.seqs[0]]
+        assert [i.seq for i in plan.scheduled if i.seq is not long.seqs[0]] == [decoding.seqs[0]]
+        start = long.seqs[0].num_computed_tokens - mine[0].num_new_tokens
+        chunks.append((start, mine[0].num_new_tokens))
+        cost = 1 + chunk_cost(start, mine[0].num_new_tokens, k)
+        assert cost <= budget, (start, mine[0].num_new_tokens)
+    sizes = [n for _, n in chunks]
+    assert sizes[0] == budget - 1  # near the start: tokens only, as without the weighting
+    assert sizes == sorted(sizes, reverse=True) and sizes[-2] < sizes[0] // 2
+    # The largest chunk that fits, not just some chunk that fits (the last one is the rest).
+    for start, n in chunks[:-1]:
+        assert n == max_chunk(start, 200 - start, budget - 1, k)
+    loop.run()
+    assert _outputs(long) == [reference_output(prompt, 2, None)]
+    assert _outputs(decoding) == [reference_output([7, 8, 9], 40, None)]
+
+
+def test_chunk_cost_is_tokens_within_break_even_and_zero_turns_it_off():
+    from scheduler.policy import chunk_cost, max_chunk
+
+    assert chunk_cost(0, 2048, 3072) == 2048 and chunk_cost(5000, 2048, 0) == 2048
+    assert chunk_cost(6144, 2048, 3072) == 2048 * 2 + 2048 * 2048 // (2 * 3072) + 1
+    assert chunk_cost(10_000, 1, 3072) == 1  # a decode token counts 1
+    n = max_chunk(6144, 2048, 2048, 3072)
+    assert chunk_cost(6144, n, 3072) <= 2048 < chunk_cost(6144, n + 1, 3072)
+    assert max_chunk(6144, 2048, 2048, 0) == 2048 and max_chunk(0, 10, 0, 3072) == 0

@@ -74,6 +74,17 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def attention_break_even_context(self) -> int:
+        """The context length at which one token's attention (QK^T and PV: 4 FLOPs per query
+        head dimension per context token) costs as many FLOPs as its projections (2 per weight
+        of a layer's q, k, v, o, gate, up and down). The scheduler shrinks prefill chunks deep
+        into long prompts by this (``scheduler/policy.py:chunk_cost``). SmolLM2-135M: 3,072;
+        Llama-2-7B: about 24,600."""
+        h, i = self.hidden_size, self.intermediate_size
+        weights = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i
+        return max(1, weights // (2 * self.q_size))
+
     @classmethod
     def from_hf_dir(cls, path: str | Path, name: str | None = None) -> ModelConfig:
         raw = json.loads((Path(path) / "config.json").read_text())

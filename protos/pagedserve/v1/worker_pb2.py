@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pagedserve.v1 import common_pb2 as protos_dot_pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/pagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\x13\n\x11WorkerInfoRequest\"\xdb\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0enum_gpu_blocks\x18\x03 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12/\n\rcached_blocks\x18\x0c \x03(\x0b\x32\x18.pagedserve.v1.BlockHash\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\"1\n\tBlockHash\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"\xc3\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1a\n\rparent_seq_id\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11scheduler_appends\x18\x06 \x01(\x08\x42\x10\n\x0e_parent_seq_id\"\xe7\x01\n\x0eScheduledBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\r\x12\x16\n\x0enum_new_tokens\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x03(\x08\x12\x1b\n\x13replace_block_table\x18\x05 \x03(\x08\x12\x19\n\x11num_append_tokens\x18\x06 \x03(\r\x12\x18\n\x10\x61ppend_token_ids\x18\x07 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x08 \x03(\r\x12\x15\n\rnew_block_ids\x18\t \x03(\r\"(\n\x0c\x42lockMapping\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xd2\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x08new_seqs\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x30\n\tscheduled\x18\t \x01(\x0b\x32\x1d.pagedserve.v1.ScheduledBatch\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12+\n\x06\x63opies\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12-\n\x08swap_out\x18\x06 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12,\n\x07swap_in\x18\x07 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12(\n\x06\x63\x61\x63hed\x18\x08 \x03(\x0b\x32\x18.pagedserve.v1.BlockHashJ\x04\x08\x03\x10\x04\"\x82\x01\n\x0cSampledBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0f\n\x07num_top\x18\x04 \x03(\r\x12\x15\n\rtop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"\x84\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x07sampled\x18\x05 \x01(\x0b\x32\x1b.pagedserve.v1.SampledBatch\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esample_seconds\x18\x04 \x01(\x01J\x04\x08\x02\x10\x03\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xd5\x01\n\x06Worker\x12\x46\n\x07GetInfo\x12 .pagedserve.v1.WorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12?\n\x04Step\x12\x1a.pagedserve.v1.StepRequest\x1a\x1b.pagedserve.v1.StepResponse\x12\x42\n\x05Reset\x12\x1b.pagedserve.v1.ResetRequest\x1a\x1c.pagedserve.v1.ResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/pagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\x13\n\x11WorkerInfoRequest\"\x81\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0enum_gpu_blocks\x18\x03 \x01(\r\x12\x16\n\x0enum_cpu_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12/\n\rcached_blocks\x18\x0c \x03(\x0b\x32\x18.pagedserve.v1.BlockHash\x12\x1e\n\x16max_num_batched_tokens\x18\r \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0e \x01(\r\x12$\n\x1c\x61ttention_break_even_context\x18\x0f \x01(\r\"1\n\tBlockHash\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\"\xc3\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1a\n\rparent_seq_id\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11scheduler_appends\x18\x06 \x01(\x08\x42\x10\n\x0e_parent_seq_id\"\xe7\x01\n\x0eScheduledBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\r\x12\x16\n\x0enum_new_tokens\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x03(\x08\x12\x1b\n\x13replace_block_table\x18\x05 \x03(\x08\x12\x19\n\x11num_append_tokens\x18\x06 \x03(\r\x12\x18\n\x10\x61ppend_token_ids\x18\x07 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x08 \x03(\r\x12\x15\n\rnew_block_ids\x18\t \x03(\r\"(\n\x0c\x42lockMapping\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xd2\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x08new_seqs\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x30\n\tscheduled\x18\t \x01(\x0b\x32\x1d.pagedserve.v1.ScheduledBatch\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12+\n\x06\x63opies\x18\x05 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12-\n\x08swap_out\x18\x06 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12,\n\x07swap_in\x18\x07 \x03(\x0b\x32\x1b.pagedserve.v1.BlockMapping\x12(\n\x06\x63\x61\x63hed\x18\x08 \x03(\x0b\x32\x18.pagedserve.v1.BlockHashJ\x04\x08\x03\x10\x04\"\x82\x01\n\x0cSampledBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0f\n\x07num_top\x18\x04 \x03(\r\x12\x15\n\rtop_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\"\x84\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x07sampled\x18\x05 \x01(\x0b\x32\x1b.pagedserve.v1.SampledBatch\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esample_seconds\x18\x04 \x01(\x01J\x04\x08\x02\x10\x03\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xd5\x01\n\x06Worker\x12\x46\n\x07GetInfo\x12 .pagedserve.v1.WorkerInfoRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12?\n\x04Step\x12\x1a.pagedserve.v1.StepRequest\x1a\x1b.pagedserve.v1.StepResponse\x12\x42\n\x05Reset\x12\x1b.pagedserve.v1.ResetRequest\x1a\x1c.pagedserve.v1.ResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFOREQUEST']._serialized_start=87
   _globals['_WORKERINFOREQUEST']._serialized_end=106
   _globals['_WORKERINFO']._serialized_start=109
-  _globals['_WORKERINFO']._serialized_end=456
-  _globals['_BLOCKHASH']._serialized_start=458
-  _globals['_BLOCKHASH']._serialized_end=507
-  _globals['_NEWSEQUENCE']._serialized_start=510
-  _globals['_NEWSEQUENCE']._serialized_end=705
-  _globals['_SCHEDULEDBATCH']._serialized_start=708
-  _globals['_SCHEDULEDBATCH']._serialized_end=939
-  _globals['_BLOCKMAPPING']._serialized_start=941
-  _globals['_BLOCKMAPPING']._serialized_end=981
-  _globals['_STEPREQUEST']._serialized_start=984
-  _globals['_STEPREQUEST']._serialized_end=1322
-  _globals['_SAMPLEDBATCH']._serialized_start=1325
-  _globals['_SAMPLEDBATCH']._serialized_end=1455
-  _globals['_STEPRESPONSE']._serialized_start=1458
-  _globals['_STEPRESPONSE']._serialized_end=1590
-  _globals['_RESETREQUEST']._serialized_start=1592
-  _globals['_RESETREQUEST']._serialized_end=1606
-  _globals['_RESETRESPONSE']._serialized_start=1608
-  _globals['_RESETRESPONSE']._serialized_end=1623
-  _globals['_WORKER']._serialized_start=1626
-  _globals['_WORKER']._serialized_end=1839
+  _globals['_WORKERINFO']._serialized_end=494
+  _globals['_BLOCKHASH']._serialized_start=496
+  _globals['_BLOCKHASH']._serialized_end=545
+  _globals['_NEWSEQUENCE']._serialized_start=548
+  _globals['_NEWSEQUENCE']._serialized_end=743
+  _globals['_SCHEDULEDBATCH']._serialized_start=746
+  _globals['_SCHEDULEDBATCH']._serialized_end=977
+  _globals['_BLOCKMAPPING']._serialized_start=979
+  _globals['_BLOCKMAPPING']._serialized_end=1019
+  _globals['_STEPREQUEST']._serialized_start=1022
+  _globals['_STEPREQUEST']._serialized_end=1360
+  _globals['_SAMPLEDBATCH']._serialized_start=1363
+  _globals['_SAMPLEDBATCH']._serialized_end=1493
+  _globals['_STEPRESPONSE']._serialized_start=1496
+  _globals['_STEPRESPONSE']._serialized_end=1628
+  _globals['_RESETREQUEST']._serialized_start=1630
+  _globals['_RESETREQUEST']._serialized_end=1644
+  _globals['_RESETRESPONSE']._serialized_start=1646
+  _globals['_RESETRESPONSE']._serialized_end=1661
+  _globals['_WORKER']._serialized_start=1664
+  _globals['_WORKER']._serialized_end=1877
 # @@protoc_insertion_point(module_scope)

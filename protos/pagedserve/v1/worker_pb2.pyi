@@ -12,7 +12,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "model", "num_gpu_blocks", "num_cpu_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "attention_backend", "instance_id", "cached_blocks", "max_num_batched_tokens", "max_num_seqs")
+    __slots__ = ("worker_id", "model", "num_gpu_blocks", "num_cpu_blocks", "block_size", "max_model_len", "vocab_size", "eos_token_ids", "device", "attention_backend", "instance_id", "cached_blocks", "max_num_batched_tokens", "max_num_seqs", "attention_break_even_context")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class WorkerInfo(_message.Message):
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BREAK_EVEN_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     num_gpu_blocks: int
@@ -41,7 +42,8 @@ class WorkerInfo(_message.Message):
     cached_blocks: _containers.RepeatedCompositeFieldContainer[BlockHash]
     max_num_batched_tokens: int
     max_num_seqs: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., num_gpu_blocks: _Optional[int] = ..., num_cpu_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., instance_id: _Optional[str] = ..., cached_blocks: _Optional[_Iterable[_Union[BlockHash, _Mapping]]] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    attention_break_even_context: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., num_gpu_blocks: _Optional[int] = ..., num_cpu_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., instance_id: _Optional[str] = ..., cached_blocks: _Optional[_Iterable[_Union[BlockHash, _Mapping]]] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., attention_break_even_context: _Optional[int] = ...) -> None: ...
 
 class BlockHash(_message.Message):
     __slots__ = ("block_id", "block_hash")
