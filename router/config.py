@@ -6,19 +6,24 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from pagedserve.grpc_util import TlsConfig, add_tls_arguments, tls_config_from_args
+
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Where the router listens. ``port`` 0 picks a free port (tests). ``http_port`` serves the
-    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port)."""
+    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port). ``tls`` secures
+    both ports (with its CA set, clients need a certificate) and is the router's certificate
+    towards the scheduler."""
 
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 5.0
     metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
     http_port: int | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -80,6 +85,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout-s", type=float,
                        default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)) or 0))
     group.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
+    add_tls_arguments(group, ENV_PREFIX)
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -87,7 +93,8 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         model=args.model,
         scheduler_address=args.scheduler_address,
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace_s,
-                            metrics_port=args.metrics_port, http_port=args.http_port),
+                            metrics_port=args.metrics_port, http_port=args.http_port,
+                            tls=tls_config_from_args(args)),
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.request_timeout_s,
         served_model_name=args.served_model_name,

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -334,11 +335,12 @@ class HttpServer:
     runner: web.AppRunner
     host: str
     port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def set_serving(self, serving: bool) -> None:
         self.api.serving = serving
@@ -349,15 +351,18 @@ class HttpServer:
 
 
 async def start_http_server(service: GenerationService, host: str, port: int,
-                            grace_s: float) -> HttpServer:
-    """Binds ``host:port`` (0 = any free port) on the running event loop; ``/health`` answers
-    503 until ``set_serving(True)``."""
+                            grace_s: float, ssl_context: ssl.SSLContext | None = None
+                            ) -> HttpServer:
+    """Binds ``host:port`` (0 = any free port) on the running event loop, HTTPS with
+    ``ssl_context`` (``pagedserve.grpc_util.server_ssl_context``); ``/health`` answers 503
+    until ``set_serving(True)``."""
     api = HttpApi(service)
     runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=grace_s,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1]
-    logger.info("router OpenAI-compatible HTTP API on %s:%d", host, bound)
-    return HttpServer(api, runner, host, bound)
+    logger.info("router OpenAI-compatible HTTP API on %s:%d%s", host, bound,
+                " (HTTPS)" if ssl_context is not None else "")
+    return HttpServer(api, runner, host, bound, ssl_context is not None)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import grpc
 
 from pagedserve.errors import Unavailable
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.grpc_util import TlsConfig, aio_channel
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -49,11 +49,15 @@ class InProcessWorkerHandle:
 
 
 class GrpcWorkerHandle:
-    def __init__(self, address: str, step_timeout: float = 120.0) -> None:
+    """Calls a worker at ``address``; ``tls`` is the scheduler's certificate (the worker admits
+    only it to the Worker service) and the CA that verifies the worker."""
+
+    def __init__(self, address: str, step_timeout: float = 120.0,
+                 tls: TlsConfig | None = None) -> None:
         self.name = address
         self.address = address
         self.step_timeout = step_timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_channel(address, tls)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
     async def info(self) -> worker_pb2.WorkerInfo:
