@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import ssl
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.errors import PagedServeError
+from pagedserve.errors import PagedServeError, RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,19 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def retry_after(exc: BaseException) -> str | None:
+    """The ``retry-after`` value (whole seconds, at least 1) for a rate-limit refusal."""
+    if not isinstance(exc, RateLimited):
+        return None
+    return str(max(1, math.ceil(exc.retry_after_s)))
+
+
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends the call with the status ``exc`` maps to. Never returns (grpc raises)."""
+    """Ends the call with the status ``exc`` maps to (a rate-limit refusal carries
+    ``retry-after`` in the trailing metadata). Never returns (grpc raises)."""
+    hint = retry_after(exc)
+    if hint is not None:
+        context.set_trailing_metadata((("retry-after", hint),))
     await context.abort(status_code_for(exc), str(exc))
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from pagedserve.grpc_util import TlsConfig, add_tls_arguments, tls_config_from_args
+from router.rate_limit import RateLimitConfig
 
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
 
@@ -37,7 +38,9 @@ class ServerConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     """``model`` is the tokenizer source (HF directory or .gguf; None = the packaged SmolLM2).
-    ``request_timeout_s`` caps a request with no client deadline (0 = no cap)."""
+    ``request_timeout_s`` caps a request with no client deadline (0 = no cap). API keys come
+    from ``api_key_file`` and ``api_keys`` (entries, from ``PAGEDSERVE_API_KEYS``; see
+    ``router/auth.py``; none = no authentication); ``rate_limits`` apply per key."""
 
     model: str | None = None
     scheduler_address: str = "127.0.0.1:50052"
@@ -46,6 +49,9 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 60.0
     served_model_name: str | None = None  # default: the scheduler's model name
+    api_key_file: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -86,6 +92,20 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                        default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)) or 0))
     group.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
     add_tls_arguments(group, ENV_PREFIX)
+    group.add_argument("--api-key-file", default=_env("API_KEY_FILE", None),
+                       help="API keys, one 'ID:KEY' (or 'KEY') a line; callers must send "
+                            "'authorization: Bearer KEY' (keys are also read from "
+                            "PAGEDSERVE_API_KEYS, comma-separated)")
+    for flag, name, kind, text in (
+            ("rps", "RATE_LIMIT_RPS", float, "requests per second per API key (0 = off)"),
+            ("burst", "RATE_LIMIT_BURST", float, "request burst per key (default: 1 s worth)"),
+            ("tps", "RATE_LIMIT_TPS", float,
+             "prompt + generated tokens per second per API key (0 = off)"),
+            ("token-burst", "RATE_LIMIT_TOKEN_BURST", float,
+             "token burst per key (default: 1 s worth)")):
+        raw = _env(name, None)
+        default = kind(raw) if raw else (None if "burst" in flag else 0.0)
+        group.add_argument(f"--rate-limit-{flag}", type=kind, default=default, help=text)
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -98,4 +118,9 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.request_timeout_s,
         served_model_name=args.served_model_name,
+        api_key_file=args.api_key_file,
+        api_keys=tuple(e for e in os.environ.get("PAGEDSERVE_API_KEYS", "").split(",")
+                       if e.strip()),
+        rate_limits=RateLimitConfig(args.rate_limit_rps, args.rate_limit_burst,
+                                    args.rate_limit_tps, args.rate_limit_token_burst),
     )

@@ -33,7 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from pagedserve.errors import InvalidArgument, PagedServeError
+from pagedserve.errors import InvalidArgument, PagedServeError, Unauthenticated
+from pagedserve.grpc_util import retry_after
 from protos.pagedserve.v1 import generation_pb2
 from router.generation import CallInfo, GenerationService
 from router.openai_protocol import (
@@ -59,16 +60,27 @@ def _dumps(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _json(body: Any, status: int = 200, request_id: str = "") -> web.Response:
-    headers = {"X-Request-Id": request_id} if request_id else None
+def _json(body: Any, status: int = 200, request_id: str = "",
+          headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if request_id:
+        headers["X-Request-Id"] = request_id
     return web.Response(body=_dumps(body), status=status, content_type="application/json",
                         headers=headers)
 
 
 def _error(exc: BaseException, rename: Callable[[str], str] | None = None,
            request_id: str = "") -> web.Response:
+    """OpenAI's error shape; a rate-limit refusal says ``Retry-After``, a missing or wrong API
+    key ``WWW-Authenticate``."""
     status, body = error_response(exc, rename)
-    return _json(body, status, request_id)
+    headers = {}
+    hint = retry_after(exc)
+    if hint is not None:
+        headers["Retry-After"] = hint
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _json(body, status, request_id, headers)
 
 
 @web.middleware
@@ -84,6 +96,22 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return _json(body, exc.status)
 
 
+def _authenticating(service: GenerationService) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every route but ``/health`` needs a valid API key (``Authorization: Bearer``) when keys
+    are configured: 401 in OpenAI's error shape otherwise (``router/auth.py``)."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/health":
+            try:
+                service.authenticate(request.headers)
+            except PagedServeError as exc:
+                return _error(exc)
+        return await handler(request)
+
+    return authenticate
+
+
 class HttpApi:
     """The handlers; holds the shared ``GenerationService`` and whether the router serves."""
 
@@ -93,7 +121,8 @@ class HttpApi:
         self.serving = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[_openai_errors, _authenticating(self._service)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
