@@ -61,6 +61,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true",
                         help="mutual TLS everywhere, with a throwaway CA and certificates "
                              "(their paths are printed at start)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="the router's API keys (one 'ID:KEY' a line): clients must send "
+                             "one (pagedserve generate --api-key KEY)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -250,6 +253,8 @@ class Supervisor:
         argv = [*self._model_args(), "--host", a.host, "--port", str(a.port),
                 "--http-port", str(http_port), "--scheduler-address", sched_address,
                 *self._tls_flags("router")]
+        if a.api_key_file:
+            argv += ["--api-key-file", a.api_key_file]
         if a.metrics:
             metrics["router"] = free_port()
             argv += ["--metrics-port", str(metrics["router"])]
@@ -290,7 +295,8 @@ class Supervisor:
 
     def client_hint(self) -> str:
         """The flags ``pagedserve generate`` needs for this cluster."""
-        return "".join(f" {flag}" for flag in self._tls_flags("client"))
+        hint = "".join(f" {flag}" for flag in self._tls_flags("client"))
+        return hint + (" --api-key KEY" if self.args.api_key_file else "")
 
 
 def _curl_tls(sup: Supervisor) -> str:
