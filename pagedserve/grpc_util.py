@@ -259,25 +259,18 @@ class ClientIdentityInterceptor(grpc.aio.ServerInterceptor):
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+        inner_stream = handler.unary_stream or handler.stream_stream
+        if inner_stream is None:
+            raise ValueError(f"{method}: client-streaming methods are not guarded")
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._check(context, method)
-                async for response in inner_stream(request, context):
-                    yield response
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(context, method)  # request: a message, or the request iterator
+            async for response in inner_stream(request, context):
+                yield response
 
-            return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-        if handler.stream_stream is not None:
-            inner_bidi = handler.stream_stream
-
-            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._check(context, method)
-                async for response in inner_bidi(requests, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(bidi, **serializers)
-        raise ValueError(f"{method}: client-streaming methods are not guarded")
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler)
+        return make(stream, **serializers)
 
 
 def add_client_identity_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup,

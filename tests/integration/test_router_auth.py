@@ -183,3 +183,30 @@ def test_a_key_in_token_debt_waits_while_another_is_served(
     assert first == ("OK", None)  # admitted with a full bucket; its tokens put alice in debt
     assert second[0] == "RESOURCE_EXHAUSTED" and second[1] is not None
     assert bob == ("OK", None)
+
+
+def test_load_test_harness_sends_its_api_key_over_both_backends(
+        tokenizer: Tokenizer, tmp_path: Any) -> None:
+    from pagedserve.loadtest.backends import Credentials, SamplingConfig, make_backend
+    from pagedserve.loadtest.datasets import RequestSpec
+
+    spec = RequestSpec(index=0, max_tokens=3, prompt_text="Hi")
+
+    async def main() -> dict[str, str]:
+        async with serving(tokenizer, tmp_path) as router:
+            assert router.http is not None
+            out = {}
+            for backend in ("grpc", "openai"):
+                for name, key in (("key", ALICE), ("no key", None)):
+                    client = make_backend(backend, f"127.0.0.1:{router.port}", router.http.url,
+                                          SamplingConfig(model="smollm2"),
+                                          credentials=Credentials(api_key=key))
+                    try:
+                        out[f"{backend} {name}"] = (await client.generate(spec, 10, 0.0)).status
+                    finally:
+                        await client.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out == {"grpc key": "OK", "grpc no key": "UNAUTHENTICATED",
+                   "openai key": "OK", "openai no key": "HTTP_401"}
