@@ -13,13 +13,13 @@ turn the request into a ``GenerateRequest`` and run it here, by the same code::
 (``authorization: Bearer``, from ``CallInfo.metadata``: gRPC metadata or HTTP headers,
 ``router/auth.py``), the key's rate limits (``router/rate_limit.py``), then validation and
 tokenizing (``GenerationService.prepare``); prompt tokens are charged to the key there and
-generated tokens as they stream. ``scope.stream``
-submits on the router's shared ``Scheduler.Connect`` call with the client's remaining deadline,
-feeds each update through an ``OutputProcessor`` and yields its messages; stop string, client
-cancel, deadline and error all leave through one ``finally`` that aborts the request upstream
-(the scheduler then frees its blocks). The scope records outcome, status code, tokens and
-latencies once, when it exits: ``OK``, the code of the ``PagedServeError`` that left it, or
-``CANCELLED``/``DEADLINE_EXCEEDED`` when the client went away.
+generated tokens as they stream. ``scope.stream`` submits on the router's shared
+``Scheduler.Connect`` call with the client's remaining deadline, feeds each update through an
+``OutputProcessor`` and yields its messages; stop string, client cancel, deadline and error all
+leave through one ``finally`` that aborts the request upstream (the scheduler then frees its
+blocks). The scope records outcome, status code, tokens and latencies once, when it exits:
+``OK``, the code of the ``PagedServeError`` that left it, or ``CANCELLED``/``DEADLINE_EXCEEDED``
+when the client went away.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 
 from pagedserve.errors import PagedServeError
 from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
-from router.auth import ApiKeys
+from router.auth import ANONYMOUS, ApiKeys
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
 from router.rate_limit import LimitExceeded, RateLimitConfig, RateLimiter
@@ -129,7 +129,7 @@ class GenerationService:
         self._request_timeout_s = request_timeout_s
         self._keys = api_keys if api_keys is not None else ApiKeys([])
         self._limiter = RateLimiter(rate_limits or RateLimitConfig())
-        self.metrics.add_keys(self._keys.key_ids or [self._keys.authenticate({})])
+        self.metrics.add_keys(self._keys.key_ids or [ANONYMOUS])
 
     def authenticate(self, metadata: Mapping[str, str]) -> str:
         """The caller's API key id (``router/auth.py``); raises ``Unauthenticated``."""
