@@ -108,6 +108,13 @@ class TlsConfig:
         """As a server: client certificates are required."""
         return self.ca_file is not None
 
+    def check_server(self) -> None:
+        """Raises ``ValueError`` unless this can secure a server's port (a service's config
+        calls it at start, before anything slow)."""
+        if self.ca_file is not None and self.cert_file is None:
+            raise ValueError("a TLS server needs --tls-cert-file and --tls-key-file "
+                             "(--tls-ca-file alone only verifies servers)")
+
 
 def add_tls_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, env_prefix: str,
                       server: bool = True) -> None:
@@ -144,9 +151,7 @@ def _read(path: str | None) -> bytes | None:
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """TLS server credentials; client certificates required when ``tls.ca_file`` is set."""
-    if tls.cert_file is None or tls.key_file is None:
-        raise ValueError("a TLS server needs --tls-cert-file and --tls-key-file "
-                         "(--tls-ca-file alone only verifies servers)")
+    tls.check_server()
     key, cert = _read(tls.key_file), _read(tls.cert_file)
     assert key is not None and cert is not None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=_read(tls.ca_file),

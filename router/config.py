@@ -33,6 +33,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
+        self.tls.check_server()
 
 
 @dataclass(frozen=True)

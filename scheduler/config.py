@@ -61,6 +61,9 @@ class ServerConfig:
     client_identities: tuple[str, ...] = (ROUTER_IDENTITY,)
     worker_tls_server_name: str | None = None
 
+    def __post_init__(self) -> None:
+        self.tls.check_server()
+
     @property
     def worker_tls(self) -> TlsConfig:
         """How this scheduler calls its workers."""

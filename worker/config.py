@@ -102,6 +102,7 @@ class ServerConfig:
                 raise ValueError(f"{name} {value}: use 0..65535")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        self.tls.check_server()
 
 
 @dataclass(frozen=True)
