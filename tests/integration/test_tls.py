@@ -111,6 +111,7 @@ def test_cluster_over_mtls_serves_grpc_and_https_and_refuses_strangers(pki) -> N
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 out["scheduler as router"] = await _code(
                     stub.GetStats(scheduler_pb2.StatsRequest(), timeout=10))
+            out["load test"] = await _load_test_statuses(cluster, pki["client"])
             out["https"] = await _https_models(cluster.http_url, pki["client"])
             out["https no cert"] = await _https_models(cluster.http_url, _ca_only(pki))
         finally:
@@ -122,8 +123,26 @@ def test_cluster_over_mtls_serves_grpc_and_https_and_refuses_strangers(pki) -> N
     assert out["no cert"] == out["plaintext"] == grpc.StatusCode.UNAVAILABLE
     assert out["scheduler as client"] == grpc.StatusCode.PERMISSION_DENIED
     assert out["scheduler as router"] == grpc.StatusCode.OK
+    assert out["load test"] == {"grpc": "OK", "openai": "OK"}
     assert out["https"] == 200
     assert out["https no cert"] == "handshake failed"
+
+
+async def _load_test_statuses(cluster, tls: TlsConfig) -> dict[str, str]:
+    """One request from the load-test harness over each backend, with the client certificate."""
+    from pagedserve.loadtest.backends import Credentials, SamplingConfig, make_backend
+    from pagedserve.loadtest.datasets import RequestSpec
+
+    spec = RequestSpec(index=0, max_tokens=2, prompt_token_ids=(5, 9, 14))
+    out = {}
+    for name in ("grpc", "openai"):
+        backend = make_backend(name, cluster.router_address, cluster.http_url or "",
+                               SamplingConfig(), credentials=Credentials(tls=tls))
+        try:
+            out[name] = (await backend.generate(spec, 60, 0.0)).status
+        finally:
+            await backend.close()
+    return out
 
 
 async def _https_models(http_url: str | None, tls: TlsConfig) -> int | str:
