@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 
@@ -30,6 +31,16 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_client_security_arguments(p)
+
+
+def add_client_security_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--api-key`` and the TLS flags of a client of the router (generate, loadtest)."""
+    from pagedserve.core.grpc_util import add_tls_arguments
+
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY") or None,
+                   help="sent as 'authorization: Bearer KEY' [env PAGEDSERVE_API_KEY]")
+    add_tls_arguments(p, "PAGEDSERVE_CLIENT_", server=False)
 
 
 _SAMPLING = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
@@ -41,6 +52,7 @@ async def _generate(args: argparse.Namespace) -> int:
     import grpc
 
     from pagedserve.client import AsyncClient
+    from pagedserve.core.grpc_util import tls_config_from_args
 
     sampling = {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
     if args.ignore_eos:
@@ -53,7 +65,8 @@ async def _generate(args: argparse.Namespace) -> int:
         kwargs["messages"] = [*messages, {"role": "user", "content": args.prompt}]
     many = (args.n or 1) > 1 or (args.beam_width or 1) > 1
     try:
-        async with AsyncClient(args.address) as client:
+        async with AsyncClient(args.address, tls=tls_config_from_args(args),
+                               api_key=args.api_key) as client:
             async for response in client.generate(**kwargs):
                 prefix = f"[{response.index}] " if many and response.text else ""
                 sys.stdout.write(prefix + response.text)

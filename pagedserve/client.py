@@ -6,6 +6,9 @@
             print(delta.text, end="")
 
 Breaking out of ``generate`` cancels the call, which aborts the request in the server.
+``tls`` (``pagedserve.core.grpc_util.TlsConfig``: the CA that verifies the router, and a client
+certificate when the router requires one) and ``api_key`` (sent as ``authorization: Bearer``)
+reach a secured router.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-import grpc
-
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.grpc_util import TlsConfig, aio_channel
 from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -24,10 +25,12 @@ from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc
 class AsyncClient:
     """Owns one channel to a router. Use as ``async with``; ``close`` releases the channel."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, tls: TlsConfig | None = None,
+                 api_key: str | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_channel(address, tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+        self._metadata = auth_metadata(api_key)
 
     async def __aenter__(self) -> Self:
         return self
@@ -55,7 +58,7 @@ class AsyncClient:
         """Streams the response messages. Exactly one of ``prompt``, ``messages``, ``token_ids``;
         ``sampling`` holds ``SamplingParams`` fields (``max_tokens=16, stop=["\\n"]``)."""
         request = _generate_request(prompt, messages, token_ids, request_id, model, sampling)
-        call = self._stub.Generate(request, timeout=timeout)
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield response
@@ -80,7 +83,8 @@ class AsyncClient:
         return "".join(parts)
 
     async def model_info(self, timeout: float | None = None) -> generation_pb2.ModelInfo:
-        return await self._stub.GetModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout)
+        return await self._stub.GetModelInfo(generation_pb2.ModelInfoRequest(), timeout=timeout,
+                                             metadata=self._metadata)
 
     async def tokenize(
         self, text: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
@@ -90,7 +94,12 @@ class AsyncClient:
             raise ValueError("pass exactly one of text, messages")
         request = (generation_pb2.TokenizeRequest(text=text) if text is not None
                    else generation_pb2.TokenizeRequest(chat=_chat(messages or [])))
-        return await self._stub.Tokenize(request, timeout=timeout)
+        return await self._stub.Tokenize(request, timeout=timeout, metadata=self._metadata)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries ``api_key`` (None without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
 def _chat(messages: Sequence[dict[str, str]]) -> generation_pb2.ChatMessages:

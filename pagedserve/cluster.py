@@ -14,9 +14,11 @@ supervised and restarted, with progress on stderr. Both build the servers with t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pagedserve.core.grpc_util import TlsConfig
 from pagedserve.core.models import resolve_model_path
 from router.config import RouterConfig
 from router.config import ServerConfig as RouterServerConfig
@@ -50,9 +52,8 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str | None:
-        """``http://127.0.0.1:PORT`` of the router's OpenAI-compatible API (``http=True``)."""
-        port = self.router.http_port
-        return None if port is None else f"http://127.0.0.1:{port}"
+        """``http(s)://127.0.0.1:PORT`` of the router's OpenAI-compatible API (``http=True``)."""
+        return None if self.router.http is None else self.router.http.url
 
     @property
     def engine(self):
@@ -81,33 +82,39 @@ async def start_local_cluster(
     router_config: RouterConfig | None = None,
     metrics: bool = False,
     http: bool = False,
+    tls: Mapping[str, TlsConfig] | None = None,
 ) -> LocalCluster:
     """Starts workers, then the scheduler (connected to them over gRPC), then the router.
     Pre-built ``workers`` (e.g. shared across tests) skip model loading. ``metrics`` serves
     every service's /metrics on a free port (``LocalCluster.metrics_urls``); ``http`` serves the
-    router's OpenAI-compatible API on a free port (``LocalCluster.http_url``)."""
+    router's OpenAI-compatible API on a free port (``LocalCluster.http_url``). ``tls`` maps
+    "router", "scheduler" and "worker" to their certificates
+    (``pagedserve.certs.write_local_pki``): every connection is then (m)TLS."""
     metrics_port = 0 if metrics else None
-    if metrics:
-        worker_configs = [replace(c, server=replace(c.server, metrics_port=0))
-                          for c in worker_configs]
+    tls = tls or {}
+    worker_configs = [replace(c, server=replace(
+        c.server, metrics_port=0 if metrics else c.server.metrics_port,
+        tls=tls.get("worker", c.server.tls))) for c in worker_configs]
     started = await asyncio.gather(*(
         start_worker_server(cfg, workers[i] if workers else None)
         for i, cfg in enumerate(worker_configs)))
     sconf = scheduler_config or SchedulerConfig()
     sconf = SchedulerConfig(
         batching=sconf.batching, cache=sconf.cache,
-        server=SchedulerServerConfig(host="127.0.0.1", port=0, metrics_port=metrics_port),
+        server=SchedulerServerConfig(host="127.0.0.1", port=0, metrics_port=metrics_port,
+                                     tls=tls.get("scheduler", TlsConfig())),
         worker_addresses=tuple(f"127.0.0.1:{w.port}" for w in started),
         kvstore_url=sconf.kvstore_url, log_interval_seconds=sconf.log_interval_seconds,
     )
-    scheduler = await build_scheduler(sconf, [GrpcWorkerHandle(a) for a in sconf.worker_addresses])
+    scheduler = await build_scheduler(sconf, [GrpcWorkerHandle(a, tls=sconf.server.worker_tls)
+                                              for a in sconf.worker_addresses])
     model_path = resolve_model_path(worker_configs[0].load.model)
     rconf = router_config or RouterConfig()
-    rconf = RouterConfig(
-        model=str(model_path), scheduler_address=f"127.0.0.1:{scheduler.port}",
+    rconf = replace(
+        rconf, model=str(model_path), scheduler_address=f"127.0.0.1:{scheduler.port}",
         server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0,
-                                  metrics_port=metrics_port, http_port=0 if http else None),
-        max_tokens_limit=rconf.max_tokens_limit, request_timeout_s=rconf.request_timeout_s,
+                                  metrics_port=metrics_port, http_port=0 if http else None,
+                                  tls=tls.get("router", TlsConfig())),
     )
     tokenizer = await asyncio.to_thread(load_tokenizer, model_path)
     router = await start_router(rconf, tokenizer)

@@ -17,23 +17,33 @@ While it starts, it says on stderr which process it started, what it is waiting 
 ``PROGRESS_EVERY_S`` seconds, with the time since that process started: a first start on CPU
 spends about a minute building the C++ kernels, and until the router serves, clients get
 "Connection refused"), and when each one is ready.
+
+With ``--tls`` it first makes a throwaway CA and one certificate per service
+(``pagedserve.certs.write_local_pki``) in a temporary directory, removed when it stops: every
+connection is then mutual TLS, the workers admit only the scheduler's certificate and the
+scheduler only the router's, and it prints the client flags that reach the router.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.core.grpc_util import TlsConfig, sync_channel
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +69,23 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-restart", action="store_true",
                         help="stop the whole cluster when any process dies, instead of "
                              "restarting that process")
+    parser.add_argument("--tls", action="store_true",
+                        help="mutual TLS everywhere, with a throwaway CA and certificates "
+                             "(their paths are printed at start)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="the router's API keys (one 'ID:KEY' a line): clients must send "
+                             "one (pagedserve generate --api-key KEY)")
     parser.add_argument("--log-level", default="INFO")
+
+
+def tls_flags(tls: TlsConfig) -> list[str]:
+    """The ``--tls-*`` flags that give a service (or a client) ``tls``."""
+    flags = []
+    for flag, path in (("--tls-cert-file", tls.cert_file), ("--tls-key-file", tls.key_file),
+                       ("--tls-ca-file", tls.ca_file)):
+        if path is not None:
+            flags += [flag, path]
+    return flags
 
 
 def free_port() -> int:
@@ -148,8 +174,9 @@ def health_check(channel: grpc.Channel, timeout: float = 1.0) -> Callable[[], bo
     return is_serving
 
 
-def wait_serving(child: Child, proc: _Process, timeout: float) -> float:
-    with grpc.insecure_channel(child.address) as channel:
+def wait_serving(child: Child, proc: _Process, timeout: float,
+                 tls: TlsConfig | None = None) -> float:
+    with sync_channel(child.address, tls) as channel:
         return wait_until_serving(child, proc, timeout, health_check(channel))
 
 
@@ -175,6 +202,20 @@ class Supervisor:
         self.args = args
         self.services: list[Service] = []
         self.popen = popen  # how a child starts (tests give fakes)
+        self.tls_dir: Path | None = None
+        self.tls: dict[str, TlsConfig] = {}
+        if args.tls:
+            from pagedserve.certs import write_local_pki  # cryptography only when asked for
+
+            self.tls_dir = Path(tempfile.mkdtemp(prefix="pagedserve-tls-"))
+            self.tls = write_local_pki(self.tls_dir)
+            say(f"TLS: throwaway CA and certificates in {self.tls_dir} (removed at exit)")
+
+    def _tls_flags(self, role: str) -> list[str]:
+        return tls_flags(self.tls[role]) if role in self.tls else []
+
+    def _wait(self, child: Child, proc: _Process) -> None:
+        wait_serving(child, proc, self.args.startup_timeout, self.tls.get("client"))
 
     @property
     def procs(self) -> list[subprocess.Popen[bytes]]:
@@ -196,15 +237,16 @@ class Supervisor:
         metrics: dict[str, int] = {}
         workers = self._start_workers(metrics)
         for child, proc in workers:  # they load in parallel; wait for each in turn
-            wait_serving(child, proc, a.startup_timeout)
+            self._wait(child, proc)
         scheduler, proc = self._start_scheduler([child.address for child, _ in workers], metrics)
-        wait_serving(scheduler, proc, a.startup_timeout)
+        self._wait(scheduler, proc)
         http_port = a.http_port or free_port()
         router, proc = self._start_router(scheduler.address, http_port, metrics)
-        wait_serving(router, proc, a.startup_timeout)  # SERVING: the HTTP port is bound too
+        self._wait(router, proc)  # SERVING: the HTTP port is bound too
         for name, port in metrics.items():
             print(f"metrics: {name} http://127.0.0.1:{port}/metrics", flush=True)
-        return router.address, f"http://{router.address.rsplit(':', 1)[0]}:{http_port}"
+        scheme = "https" if self.tls else "http"
+        return router.address, f"{scheme}://{router.address.rsplit(':', 1)[0]}:{http_port}"
 
     def _start_workers(self, metrics: dict[str, int]
                        ) -> list[tuple[Child, subprocess.Popen[bytes]]]:
@@ -215,7 +257,8 @@ class Supervisor:
             argv = [*self._model_args(), "--port", str(port), "--worker-id", f"worker-{i}",
                     "--kv-cache-memory-gib", str(a.kv_cache_memory_gib),
                     "--block-size", str(a.block_size),
-                    "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+                    "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+                    *self._tls_flags("worker")]
             if a.metrics:
                 metrics[f"worker-{i}"] = free_port()
                 argv += ["--metrics-port", str(metrics[f"worker-{i}"])]
@@ -229,7 +272,8 @@ class Supervisor:
         sched_port = a.scheduler_port or free_port()
         argv = ["--port", str(sched_port), "--kvstore", a.kvstore,
                 "--preemption-mode", a.preemption_mode,
-                "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+                "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+                *self._tls_flags("scheduler")]
         for addr in worker_addrs:
             argv += ["--worker", addr]
         if a.metrics:
@@ -242,7 +286,10 @@ class Supervisor:
                       ) -> tuple[Child, subprocess.Popen[bytes]]:
         a = self.args
         argv = [*self._model_args(), "--host", a.host, "--port", str(a.port),
-                "--http-port", str(http_port), "--scheduler-address", sched_address]
+                "--http-port", str(http_port), "--scheduler-address", sched_address,
+                *self._tls_flags("router")]
+        if a.api_key_file:
+            argv += ["--api-key-file", a.api_key_file]
         if a.metrics:
             metrics["router"] = free_port()
             argv += ["--metrics-port", str(metrics["router"])]
@@ -297,7 +344,7 @@ class Supervisor:
         return True
 
     def is_serving(self, address: str) -> bool:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, self.tls.get("client")) as channel:
             return health_check(channel, timeout=0.5)()
 
     def shutdown(self, grace: float = 15.0) -> None:
@@ -309,6 +356,20 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self.tls_dir is not None:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+
+    def client_hint(self) -> str:
+        """The flags ``pagedserve generate`` needs for this cluster."""
+        hint = "".join(f" {flag}" for flag in self._tls_flags("client"))
+        return hint + (" --api-key KEY" if self.args.api_key_file else "")
+
+
+def _curl_tls(sup: Supervisor) -> str:
+    client = sup.tls.get("client")
+    if client is None:
+        return ""
+    return f" --cacert {client.ca_file} --cert {client.cert_file} --key {client.key_file}"
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -318,12 +379,13 @@ def run_up(args: argparse.Namespace) -> int:
     sup = Supervisor(args)
     try:
         address, http_url = sup.start()
-        print(f"OpenAI-compatible HTTP API at {http_url}/v1 (try: curl {http_url}/v1/completions "
-              f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France "
-              f"is\", \"max_tokens\": 16}}')", flush=True)
-        print(f"pagedserve is up: router at {address} "
-              f"(try: pagedserve generate --address {address} \"What is the capital of France?\")",
+        print(f"OpenAI-compatible HTTP API at {http_url}/v1 (try: curl{_curl_tls(sup)} "
+              f"{http_url}/v1/completions -H 'Content-Type: application/json' -d "
+              f"'{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16}}')",
               flush=True)
+        print(f"pagedserve is up: router at {address} "
+              f"(try: pagedserve generate --address {address}{sup.client_hint()} "
+              f"\"What is the capital of France?\")", flush=True)
         return sup.wait()
     except (RuntimeError, TimeoutError) as exc:
         logger.error("startup failed: %s", exc)

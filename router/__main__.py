@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(router_config_from_args(args)))
+    try:
+        config = router_config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

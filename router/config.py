@@ -6,19 +6,25 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from pagedserve.core.grpc_util import TlsConfig, add_tls_arguments, tls_config_from_args
+from router.rate_limit import RateLimitConfig
+
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Where the router listens. ``port`` 0 picks a free port (tests). ``http_port`` serves the
-    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port)."""
+    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port). ``tls`` secures
+    both ports (with its CA set, clients need a certificate) and is the router's certificate
+    towards the scheduler."""
 
     host: str = "0.0.0.0"
     port: int = 50051
     grace_s: float = 5.0
     metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
     http_port: int | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -27,12 +33,15 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
+        self.tls.check_server()
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """``model`` is the tokenizer source (HF directory or .gguf; None = the packaged SmolLM2).
-    ``request_timeout_s`` caps a request with no client deadline (0 = no cap)."""
+    ``request_timeout_s`` caps a request with no client deadline (0 = no cap). API keys come
+    from ``api_key_file`` and ``api_keys`` (entries, from ``PAGEDSERVE_API_KEYS``; see
+    ``router/auth.py``; none = no authentication); ``rate_limits`` apply per key."""
 
     model: str | None = None
     scheduler_address: str = "127.0.0.1:50052"
@@ -41,6 +50,9 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 60.0
     served_model_name: str | None = None  # default: the scheduler's model name
+    api_key_file: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -80,6 +92,21 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout-s", type=float,
                        default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)) or 0))
     group.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
+    add_tls_arguments(group, ENV_PREFIX)
+    group.add_argument("--api-key-file", default=_env("API_KEY_FILE", None),
+                       help="API keys, one 'ID:KEY' (or 'KEY') a line; callers must send "
+                            "'authorization: Bearer KEY' (keys are also read from "
+                            "PAGEDSERVE_API_KEYS, comma-separated)")
+    for flag, name, kind, text in (
+            ("rps", "RATE_LIMIT_RPS", float, "requests per second per API key (0 = off)"),
+            ("burst", "RATE_LIMIT_BURST", float, "request burst per key (default: 1 s worth)"),
+            ("tps", "RATE_LIMIT_TPS", float,
+             "prompt + generated tokens per second per API key (0 = off)"),
+            ("token-burst", "RATE_LIMIT_TOKEN_BURST", float,
+             "token burst per key (default: 1 s worth)")):
+        raw = _env(name, None)
+        default = kind(raw) if raw else (None if "burst" in flag else 0.0)
+        group.add_argument(f"--rate-limit-{flag}", type=kind, default=default, help=text)
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -87,8 +114,14 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         model=args.model,
         scheduler_address=args.scheduler_address,
         server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace_s,
-                            metrics_port=args.metrics_port, http_port=args.http_port),
+                            metrics_port=args.metrics_port, http_port=args.http_port,
+                            tls=tls_config_from_args(args)),
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.request_timeout_s,
         served_model_name=args.served_model_name,
+        api_key_file=args.api_key_file,
+        api_keys=tuple(e for e in os.environ.get("PAGEDSERVE_API_KEYS", "").split(",")
+                       if e.strip()),
+        rate_limits=RateLimitConfig(args.rate_limit_rps, args.rate_limit_burst,
+                                    args.rate_limit_tps, args.rate_limit_token_burst),
     )

@@ -9,15 +9,17 @@ turn the request into a ``GenerateRequest`` and run it here, by the same code::
         async for message in scope.stream(prepared):
             ...                                     # GenerateResponse messages
 
-``GenerationService.prepare`` is the only way into the scheduler: validation and tokenizing
-today; authentication and rate limits belong there too (``CallInfo.metadata`` holds the gRPC
-metadata or the HTTP headers), so whatever is added applies to both protocols. ``scope.stream``
-submits on the router's shared ``Scheduler.Connect`` call with the client's remaining deadline,
-feeds each update through an ``OutputProcessor`` and yields its messages; stop string, client
-cancel, deadline and error all leave through one ``finally`` that aborts the request upstream
-(the scheduler then frees its blocks). The scope records outcome, status code, tokens and
-latencies once, when it exits: ``OK``, the code of the ``PagedServeError`` that left it, or
-``CANCELLED``/``DEADLINE_EXCEEDED`` when the client went away.
+``RequestScope.prepare`` is the only way into the scheduler, for both protocols: the API key
+(``authorization: Bearer``, from ``CallInfo.metadata``: gRPC metadata or HTTP headers,
+``router/auth.py``), the key's rate limits (``router/rate_limit.py``), then validation and
+tokenizing (``GenerationService.prepare``); prompt tokens are charged to the key there and
+generated tokens as they stream. ``scope.stream`` submits on the router's shared
+``Scheduler.Connect`` call with the client's remaining deadline, feeds each update through an
+``OutputProcessor`` and yields its messages; stop string, client cancel, deadline and error all
+leave through one ``finally`` that aborts the request upstream (the scheduler then frees its
+blocks). The scope records outcome, status code, tokens and latencies once, when it exits:
+``OK``, the code of the ``PagedServeError`` that left it, or ``CANCELLED``/``DEADLINE_EXCEEDED``
+when the client went away.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from prometheus_client import CollectorRegistry
 
 from pagedserve.core.errors import PagedServeError
 from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
+from router.auth import ANONYMOUS, ApiKeys
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
+from router.rate_limit import LimitExceeded, RateLimitConfig, RateLimiter
 from router.request import PreparedRequest, ServedModel, prepare_request, prompt_token_ids
 from router.scheduler_client import SchedulerClient, SubmitStream, UpstreamError
 from router.tokenizer import Tokenizer
@@ -102,7 +106,8 @@ class _RequestRecord:
 
 
 class GenerationService:
-    """Holds only what every request shares (tokenizer, scheduler channel, model facts)."""
+    """Holds only what every request shares (tokenizer, scheduler channel, model facts, API keys
+    and their rate limits)."""
 
     def __init__(
         self,
@@ -113,6 +118,8 @@ class GenerationService:
         max_tokens_limit: int,
         request_timeout_s: float,
         metrics: RouterMetrics | None = None,
+        api_keys: ApiKeys | None = None,
+        rate_limits: RateLimitConfig | None = None,
     ) -> None:
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
         self.tokenizer = tokenizer
@@ -120,6 +127,30 @@ class GenerationService:
         self.max_tokens_limit = max_tokens_limit
         self._scheduler = scheduler
         self._request_timeout_s = request_timeout_s
+        self._keys = api_keys if api_keys is not None else ApiKeys([])
+        self._limiter = RateLimiter(rate_limits or RateLimitConfig())
+        self.metrics.add_keys(self._keys.key_ids or [ANONYMOUS])
+
+    def authenticate(self, metadata: Mapping[str, str]) -> str:
+        """The caller's API key id (``router/auth.py``); raises ``Unauthenticated``."""
+        return self._keys.authenticate(metadata)
+
+    def admit(self, call: CallInfo) -> str:
+        """Authenticates the call and takes one request from its key's rate limit; the key id.
+        Raises ``Unauthenticated`` or ``RateLimited``."""
+        key_id = self.authenticate(call.metadata)
+        self.metrics.key_request(key_id)
+        try:
+            self._limiter.admit_request(key_id)
+        except LimitExceeded as exc:
+            self.metrics.key_rate_limited(key_id, exc.limit)
+            raise
+        return key_id
+
+    def charge_tokens(self, key_id: str, num_tokens: int) -> None:
+        """Charges tokens a request of ``key_id`` used to its token rate limit."""
+        self._limiter.charge_tokens(key_id, num_tokens)
+        self.metrics.key_tokens(key_id, num_tokens)
 
     @contextlib.asynccontextmanager
     async def request(self, call: CallInfo) -> AsyncIterator[RequestScope]:
@@ -154,7 +185,9 @@ class GenerationService:
 
     async def tokenize(self, request: generation_pb2.TokenizeRequest,
                        call: CallInfo) -> list[int]:
-        """A prompt's token ids, exactly as ``prepare`` would tokenize it."""
+        """A prompt's token ids, exactly as ``prepare`` would tokenize it (for a caller with a
+        valid API key)."""
+        self.authenticate(call.metadata)
         return await asyncio.to_thread(
             prompt_token_ids, request, self.tokenizer, self.model.vocab_size)
 
@@ -174,12 +207,16 @@ class RequestScope:
         self._service = service
         self._call = call
         self.request_id = ""
+        self.key_id = ""
         self.record = _RequestRecord(service.metrics, call.protocol)
 
     async def prepare(self, request: generation_pb2.GenerateRequest) -> PreparedRequest:
+        """Admits the request: its API key and rate limits, then validation and tokenizing."""
         self.request_id = request.request_id
+        self.key_id = self._service.admit(self._call)
         prepared = await self._service.prepare(request, self._call)
         self.request_id = prepared.request_id
+        self._service.charge_tokens(self.key_id, prepared.num_prompt_tokens)
         return prepared
 
     async def stream(self, prepared: PreparedRequest
@@ -191,9 +228,9 @@ class RequestScope:
         processor = OutputProcessor(
             prepared.request_id, service.tokenizer, prepared.params, prepared.num_prompt_tokens
         )
-        logger.info("request %s: %d prompt tokens, max_tokens %d, n %d (%s)",
+        logger.info("request %s: %d prompt tokens, max_tokens %d, n %d (%s, key %s)",
                     prepared.request_id, prepared.num_prompt_tokens, prepared.params.max_tokens,
-                    prepared.params.n, self._call.protocol)
+                    prepared.params.n, self._call.protocol, self.key_id)
         record.num_prompt_tokens = prepared.num_prompt_tokens
         record.reached_scheduler = True
         generated: list[int] = []  # output 0 so far: what a continuation must not redo
@@ -213,6 +250,7 @@ class RequestScope:
                 async for message in _stream_outputs(processor, _recording(stream, generated)):
                     if message.token_ids:
                         record.tokens_streamed(len(message.token_ids))
+                        service.charge_tokens(self.key_id, len(message.token_ids))
                     yield message
                 return
             except UpstreamError as exc:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -32,7 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from pagedserve.core.errors import InvalidArgument, PagedServeError
+from pagedserve.core.errors import InvalidArgument, PagedServeError, Unauthenticated
+from pagedserve.core.grpc_util import retry_after
 from protos.pagedserve.v1 import generation_pb2
 from router.generation import CallInfo, GenerationService
 from router.openai_protocol import (
@@ -58,16 +60,27 @@ def _dumps(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _json(body: Any, status: int = 200, request_id: str = "") -> web.Response:
-    headers = {"X-Request-Id": request_id} if request_id else None
+def _json(body: Any, status: int = 200, request_id: str = "",
+          headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if request_id:
+        headers["X-Request-Id"] = request_id
     return web.Response(body=_dumps(body), status=status, content_type="application/json",
                         headers=headers)
 
 
 def _error(exc: BaseException, rename: Callable[[str], str] | None = None,
            request_id: str = "") -> web.Response:
+    """OpenAI's error shape; a rate-limit refusal says ``Retry-After``, a missing or wrong API
+    key ``WWW-Authenticate``."""
     status, body = error_response(exc, rename)
-    return _json(body, status, request_id)
+    headers = {}
+    hint = retry_after(exc)
+    if hint is not None:
+        headers["Retry-After"] = hint
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _json(body, status, request_id, headers)
 
 
 @web.middleware
@@ -83,6 +96,22 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return _json(body, exc.status)
 
 
+def _authenticating(service: GenerationService) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every route but ``/health`` needs a valid API key (``Authorization: Bearer``) when keys
+    are configured: 401 in OpenAI's error shape otherwise (``router/auth.py``)."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/health":
+            try:
+                service.authenticate(request.headers)
+            except PagedServeError as exc:
+                return _error(exc)
+        return await handler(request)
+
+    return authenticate
+
+
 class HttpApi:
     """The handlers; holds the shared ``GenerationService`` and whether the router serves."""
 
@@ -92,7 +121,8 @@ class HttpApi:
         self.serving = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[_openai_errors, _authenticating(self._service)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -334,11 +364,12 @@ class HttpServer:
     runner: web.AppRunner
     host: str
     port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def set_serving(self, serving: bool) -> None:
         self.api.serving = serving
@@ -349,15 +380,18 @@ class HttpServer:
 
 
 async def start_http_server(service: GenerationService, host: str, port: int,
-                            grace_s: float) -> HttpServer:
-    """Binds ``host:port`` (0 = any free port) on the running event loop; ``/health`` answers
-    503 until ``set_serving(True)``."""
+                            grace_s: float, ssl_context: ssl.SSLContext | None = None
+                            ) -> HttpServer:
+    """Binds ``host:port`` (0 = any free port) on the running event loop, HTTPS with
+    ``ssl_context`` (``pagedserve.core.grpc_util.server_ssl_context``); ``/health`` answers 503
+    until ``set_serving(True)``."""
     api = HttpApi(service)
     runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=grace_s,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1]
-    logger.info("router OpenAI-compatible HTTP API on %s:%d", host, bound)
-    return HttpServer(api, runner, host, bound)
+    logger.info("router OpenAI-compatible HTTP API on %s:%d%s", host, bound,
+                " (HTTPS)" if ssl_context is not None else "")
+    return HttpServer(api, runner, host, bound, ssl_context is not None)

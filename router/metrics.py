@@ -19,6 +19,13 @@ Call order for one request (``router/generation.py``)::
         metrics.request_finished(outcome, code, prompt_tokens, generated_tokens, e2e_s, ttft_s,
                                  protocol=protocol)
 
+Per API key (``key_id`` is the id from the key file, never the key; ``anonymous`` while
+authentication is off), recorded by ``router/generation.py``::
+
+    metrics.key_request(key_id)                       # an authenticated request
+    metrics.key_tokens(key_id, n)                     # prompt tokens at admission, generated ones
+    metrics.key_rate_limited(key_id, limit)           # refused: limit "requests" or "tokens"
+
 Queue time (submitted -> first scheduled) is only known to the scheduler, which exports it as
 ``pagedserve_scheduler_request_queue_time_seconds`` (alias ``vllm:request_queue_time_seconds``).
 Each router server builds its own ``RouterMetrics`` in its own registry (``router/server.py``),
@@ -37,6 +44,8 @@ PREFIX = "pagedserve_router"
 
 #: Allowed ``protocol`` label values: the public APIs that carry requests.
 PROTOCOLS = ("grpc", "http")
+#: Allowed ``limit`` label values of the rate-limit counter.
+RATE_LIMITS = ("requests", "tokens")
 #: Allowed ``outcome`` label values; a fixed set keeps label cardinality bounded.
 OUTCOMES = ("ok", "cancelled", "deadline_exceeded", "rejected", "error")
 _OUTCOME_BY_CODE = {
@@ -81,6 +90,7 @@ class RouterMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, model_name: str = "") -> None:
+        self.registry = registry
         self.requests = Counter(
             f"{PREFIX}_requests", "Finished requests by protocol, outcome and gRPC status code.",
             ["protocol", "outcome", "code"], registry=registry)
@@ -95,6 +105,7 @@ class RouterMetrics:
             "Tokens streamed back to clients (counted when their request ends).", ["protocol"],
             registry=registry)
         self._build_histograms(registry)
+        self._build_key_counters(registry)
         for protocol in PROTOCOLS:  # every protocol's series exists (at 0) from the start
             for metric in (self.streams_in_flight, self.prompt_tokens, self.generated_tokens,
                            self.ttft, self.inter_token, self.tpot, self.e2e):
@@ -118,6 +129,38 @@ class RouterMetrics:
             f"{PREFIX}_e2e_request_latency_seconds",
             "Request arrival to stream end, for requests that reached the scheduler.",
             ["protocol"], buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+
+    def _build_key_counters(self, registry: CollectorRegistry) -> None:
+        self.key_requests = Counter(
+            f"{PREFIX}_key_requests", "Requests authenticated with each API key (by key id).",
+            ["key_id"], registry=registry)
+        self.key_token_count = Counter(
+            f"{PREFIX}_key_tokens",
+            "Tokens charged to each API key's rate limit: prompt and generated.",
+            ["key_id"], registry=registry)
+        self.key_rate_limited_count = Counter(
+            f"{PREFIX}_key_rate_limited",
+            "Requests refused RESOURCE_EXHAUSTED by each API key's rate limit.",
+            ["key_id", "limit"], registry=registry)
+
+    def add_keys(self, key_ids: list[str]) -> None:
+        """Creates every key's series (at 0), so a key that was never used still shows."""
+        for key_id in key_ids:
+            self.key_requests.labels(key_id=key_id)
+            self.key_token_count.labels(key_id=key_id)
+            for limit in RATE_LIMITS:
+                self.key_rate_limited_count.labels(key_id=key_id, limit=limit)
+
+    def key_request(self, key_id: str) -> None:
+        self.key_requests.labels(key_id=key_id).inc()
+
+    def key_tokens(self, key_id: str, num_tokens: int) -> None:
+        self.key_token_count.labels(key_id=key_id).inc(num_tokens)
+
+    def key_rate_limited(self, key_id: str, limit: str) -> None:
+        if limit not in RATE_LIMITS:
+            raise ValueError(f"limit {limit!r} is not one of {RATE_LIMITS}")
+        self.key_rate_limited_count.labels(key_id=key_id, limit=limit).inc()
 
     def track_stream(self, protocol: str) -> AbstractContextManager[None]:
         """Context manager counting one open request (decrements on any exit path)."""

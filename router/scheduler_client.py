@@ -19,7 +19,7 @@ import grpc
 
 from pagedserve.core.deadline import expire_after
 from pagedserve.core.errors import InvalidArgument, PagedServeError
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS
+from pagedserve.core.grpc_util import TlsConfig, aio_channel
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -159,11 +159,12 @@ class _Link:
 
 
 class SchedulerClient:
-    """Owns the channel to the scheduler and the current ``Connect`` call."""
+    """Owns the channel to the scheduler and the current ``Connect`` call. ``tls``: the
+    router's certificate and the CA that verifies the scheduler (None = plaintext)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._link: _Link | None = None
 

@@ -12,10 +12,17 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.grpc_util import (
+    CHANNEL_OPTIONS,
+    add_health_and_reflection,
+    add_port,
+    server_ssl_context,
+    set_serving,
+)
 from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from pagedserve.core.models import resolve_model_path
 from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
+from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.generation import GenerationService
 from router.http_server import HttpServer, start_http_server
@@ -80,29 +87,34 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     """Loads the tokenizer (unless given), asks the scheduler what it serves, starts serving."""
     if tokenizer is None:
         tokenizer = await asyncio.to_thread(load_tokenizer, resolve_model_path(cfg.model))
-    scheduler = SchedulerClient(cfg.scheduler_address)
+    api_keys = ApiKeys.load(cfg.api_key_file, cfg.api_keys)  # a bad key file fails first
+    tls = cfg.server.tls
+    scheduler = SchedulerClient(cfg.scheduler_address, tls)
     info = await scheduler.model_info(cfg.startup_timeout_s)
     model = served_model(info, cfg.served_model_name)
     registry = new_registry()
     metrics = RouterMetrics(registry, model.name)
     service = GenerationService(tokenizer, scheduler, model,
                                 max_tokens_limit=cfg.max_tokens_limit,
-                                request_timeout_s=cfg.request_timeout_s, metrics=metrics)
+                                request_timeout_s=cfg.request_timeout_s, metrics=metrics,
+                                api_keys=api_keys, rate_limits=cfg.rate_limits)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    port = add_port(server, f"{cfg.server.host}:{cfg.server.port}", tls)
     http = None
     if cfg.server.http_port is not None:  # bound before gRPC says SERVING: both are up then
         http = await start_http_server(service, cfg.server.host, cfg.server.http_port,
-                                       cfg.server.grace_s)
+                                       cfg.server.grace_s, server_ssl_context(tls))
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     if http is not None:
         http.set_serving(True)
-    logger.info("router serving %s on port %d%s (scheduler %s, context %d)",
+    logger.info("router serving %s on port %d%s (scheduler %s, context %d, %s, %s)",
                 model.name, port, f", HTTP {http.url}" if http is not None else "",
-                cfg.scheduler_address, model.context_len)
+                cfg.scheduler_address, model.context_len,
+                "mTLS" if tls.mutual else "TLS" if tls.enabled else "plaintext",
+                f"API keys {', '.join(api_keys.key_ids)}" if api_keys.enabled else "no API keys")
     metrics_server = None
     if cfg.server.metrics_port is not None:
         metrics_server = serve_metrics(cfg.server.metrics_port, registry, cfg.server.host)

@@ -57,6 +57,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.ModelInfo:
         service = self._service
+        try:
+            service.authenticate(grpc_call_info(context).metadata)
+        except PagedServeError as exc:
+            await abort_for(context, exc)
         return generation_pb2.ModelInfo(
             model=service.model.name, max_model_len=service.model.context_len,
             vocab_size=service.model.vocab_size, max_tokens_limit=service.max_tokens_limit,

@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = scheduler_config_from_args(args)
+    try:
+        config = scheduler_config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not config.worker_addresses and not config.worker_discovery:
         parser.error(
             "give --worker HOST:PORT (repeatable) or --worker-discovery k8s-headless=NAME:PORT"

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from pagedserve.core.grpc_util import (
+    TlsConfig,
+    add_client_identity_argument,
+    add_tls_arguments,
+    client_identities_from_args,
+    tls_config_from_args,
+)
+
+ROUTER_IDENTITY = "pagedserve-router"
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,26 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """``tls`` is the scheduler's certificate, on its port and towards the workers (which admit
+    only it). With its CA set, only a client certificate naming one of ``client_identities``
+    (the router's) may call the Scheduler service. ``worker_tls_server_name``: the name the
+    workers' certificate carries when their addresses (pod IPs from discovery) are not in it."""
+
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int | None = None
     grace_seconds: float = 5.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    client_identities: tuple[str, ...] = (ROUTER_IDENTITY,)
+    worker_tls_server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tls.check_server()
+
+    @property
+    def worker_tls(self) -> TlsConfig:
+        """How this scheduler calls its workers."""
+        return replace(self.tls, server_name=self.worker_tls_server_name)
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,13 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser, with_server: bool =
         g.add_argument("--metrics-port", type=int,
                        default=_optional_int(env("PAGEDSERVE_SCHEDULER_METRICS_PORT")),
                        help="serve Prometheus /metrics on this port (unset = off, 0 = any)")
+        add_tls_arguments(g, "PAGEDSERVE_SCHEDULER_")
+        add_client_identity_argument(g, "PAGEDSERVE_SCHEDULER_", ROUTER_IDENTITY,
+                                     "the Scheduler service")
+        g.add_argument("--worker-tls-server-name",
+                       default=env("PAGEDSERVE_SCHEDULER_WORKER_TLS_SERVER_NAME") or None,
+                       help="name the workers' certificate carries, when their addresses are "
+                            "not in it (workers found by discovery)")
 
 
 def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -96,13 +129,20 @@ def scheduler_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         batching=BatchingConfig(args.max_num_batched_tokens, args.max_num_seqs,
                                 args.max_waiting_requests),
         cache=CacheConfig(not args.no_prefix_caching, args.preemption_mode, args.watermark),
-        server=ServerConfig(getattr(args, "host", "127.0.0.1"), getattr(args, "port", 0),
-                            getattr(args, "metrics_port", None)),
+        server=_server_config(args),
         worker_addresses=tuple(getattr(args, "workers", ()) or ()),
         worker_discovery=getattr(args, "worker_discovery", None),
         kvstore_url=args.kvstore,
         log_interval_seconds=getattr(args, "log_interval_seconds", 10.0),
     )
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    if not hasattr(args, "host"):  # an embedded engine (with_server=False): no server
+        return ServerConfig()
+    return ServerConfig(args.host, args.port, args.metrics_port, tls=tls_config_from_args(args),
+                        client_identities=client_identities_from_args(args),
+                        worker_tls_server_name=args.worker_tls_server_name)
 
 
 def _optional_int(value: str | None) -> int | None:

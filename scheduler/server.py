@@ -10,7 +10,13 @@ from collections.abc import Sequence
 import grpc
 
 from kvstore import open_store
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.grpc_util import (
+    CHANNEL_OPTIONS,
+    add_health_and_reflection,
+    add_port,
+    identity_interceptors,
+    set_serving,
+)
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import discovery
 from scheduler.config import SchedulerConfig
@@ -61,7 +67,8 @@ async def build_server(
         if config.worker_discovery:
             host, dport = discovery.parse_discovery(config.worker_discovery)
             addresses += await discovery.wait_for_workers(host, dport, timeout=600)
-        handles = [GrpcWorkerHandle(address) for address in addresses]
+        handles = [GrpcWorkerHandle(address, tls=config.server.worker_tls)
+                   for address in addresses]
     observer = SchedulerObserver(config.log_interval_seconds)
     prefix_sync = PrefixSync(open_store(config.kvstore_url), metrics=observer.metrics)
     engine = Engine(config, handles, observers=[observer], prefix_sync=prefix_sync)
@@ -69,19 +76,23 @@ async def build_server(
     if config.worker_discovery and handles:
         host, dport = discovery.parse_discovery(config.worker_discovery)
         known = {ws.handle.name for ws in engine.workers}
+        worker_tls = config.server.worker_tls
         engine.background_tasks.append(asyncio.create_task(discovery.watch(
-            host, dport, known, lambda a: engine.add_worker(GrpcWorkerHandle(a)))))
+            host, dport, known,
+            lambda a: engine.add_worker(GrpcWorkerHandle(a, tls=worker_tls)))))
     prefix_sync.start()
     observer.start(engine, config.server.metrics_port, config.server.host)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    tls = config.server.tls
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=identity_interceptors(
+        tls, SERVICE_NAME, config.server.client_identities))
     servicer = SchedulerServicer(engine)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    port = add_port(server, f"{config.server.host}:{config.server.port}", tls)
     await server.start()
     await set_serving(health, [SERVICE_NAME], ok=True)
-    logger.info("scheduler serving on %s:%d with %d worker(s)", config.server.host, port,
-                len(handles))
+    logger.info("scheduler serving on %s:%d with %d worker(s), %s", config.server.host, port,
+                len(handles), "mTLS" if tls.mutual else "TLS" if tls.enabled else "plaintext")
     return SchedulerServer(server, port, engine, health, observer, servicer)
 
 

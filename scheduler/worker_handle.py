@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import grpc
 
 from pagedserve.core.errors import InvalidArgument, Unavailable
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS, WORKER_INSTANCE_METADATA
+from pagedserve.core.grpc_util import WORKER_INSTANCE_METADATA, TlsConfig, aio_channel
 from pagedserve.core.step import WorkerResult, WorkerStep
 from pagedserve.core.step_codec import decode_result, encode_step
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
@@ -76,12 +76,15 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250),
 
 
 class GrpcWorkerHandle:
-    def __init__(self, address: str, step_timeout: float = 120.0) -> None:
+    """Calls a worker at ``address``; ``tls`` is the scheduler's certificate (the worker admits
+    only it to the Worker service) and the CA that verifies the worker."""
+
+    def __init__(self, address: str, step_timeout: float = 120.0,
+                 tls: TlsConfig | None = None) -> None:
         self.name = address
         self.address = address
         self.step_timeout = step_timeout
-        self._channel = grpc.aio.insecure_channel(address,
-                                                  options=[*CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
+        self._channel = aio_channel(address, tls, RECONNECT_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._instance: tuple[tuple[str, str], ...] = ()  # step metadata, once info() is known
 

@@ -11,6 +11,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.core.grpc_util import (
+    TlsConfig,
+    add_client_identity_argument,
+    add_tls_arguments,
+    client_identities_from_args,
+    tls_config_from_args,
+)
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "triton")
@@ -70,13 +78,22 @@ class BatchConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be > 0")
 
 
+SCHEDULER_IDENTITY = "pagedserve-scheduler"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
+    """``tls``: this worker's certificate; with its CA set, only a client certificate naming
+    one of ``client_identities`` (the scheduler's) may call the Worker service: no other
+    caller can step it, read or overwrite its blocks."""
+
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
     metrics_port: int | None = None
     worker_id: str = "worker-0"
     grace_seconds: float = 5.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    client_identities: tuple[str, ...] = (SCHEDULER_IDENTITY,)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -85,6 +102,7 @@ class ServerConfig:
                 raise ValueError(f"{name} {value}: use 0..65535")
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        self.tls.check_server()
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
             default=kind(env) if env not in (None, "") else default,
             help=f"{help_text} [env {ENV_PREFIX}{name.upper()}]",
         )
+    add_tls_arguments(group, ENV_PREFIX)
+    add_client_identity_argument(group, ENV_PREFIX, SCHEDULER_IDENTITY, "the Worker service")
 
 
 def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -151,6 +171,8 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
             a["num_gpu_blocks"], a["swap_space_gib"],
         ),
         batch=BatchConfig(a["max_num_batched_tokens"], a["max_num_seqs"]),
-        server=ServerConfig(a["host"], a["port"], a["metrics_port"], a["worker_id"]),
+        server=ServerConfig(a["host"], a["port"], a["metrics_port"], a["worker_id"],
+                            tls=tls_config_from_args(args),
+                            client_identities=client_identities_from_args(args)),
         seed=a["seed"],
     )

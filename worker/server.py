@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.core.grpc_util import (
+    CHANNEL_OPTIONS,
+    add_health_and_reflection,
+    add_port,
+    identity_interceptors,
+    set_serving,
+)
 from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.config import WorkerConfig
@@ -52,16 +58,18 @@ async def start_worker_server(cfg: WorkerConfig, worker: Worker | None = None) -
     """Loads the model (unless ``worker`` is given, e.g. shared in tests) and starts serving."""
     if worker is None:
         worker = await asyncio.to_thread(Worker, cfg)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    tls = cfg.server.tls
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=identity_interceptors(
+        tls, SERVICE_NAME, cfg.server.client_identities))
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    port = add_port(server, f"{cfg.server.host}:{cfg.server.port}", tls)
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     info = worker.info()
-    logger.info("worker %s serving %s on %s:%d (%s, %s backend, %d KV blocks)", info.worker_id,
-                info.model, cfg.server.host, port, info.device, info.attention_backend,
-                info.num_gpu_blocks)
+    logger.info("worker %s serving %s on %s:%d (%s, %s backend, %d KV blocks, %s)",
+                info.worker_id, info.model, cfg.server.host, port, info.device,
+                info.attention_backend, info.num_gpu_blocks, _security(cfg))
     metrics_server = _start_metrics(cfg, worker) if cfg.server.metrics_port is not None else None
     return WorkerServer(server, port, worker, health_servicer, cfg.server.grace_seconds,
                         metrics_server)
@@ -85,6 +93,16 @@ async def serve(cfg: WorkerConfig) -> None:
     await stopping.wait()
     logger.info("worker stopping (grace %.1fs)", cfg.server.grace_seconds)
     await started.stop()
+
+
+def _security(cfg: WorkerConfig) -> str:
+    tls = cfg.server.tls
+    if not tls.enabled:
+        return "plaintext"
+    if not tls.mutual:
+        return "TLS"
+    who = ", ".join(cfg.server.client_identities) or "any client certificate"
+    return f"mTLS, Worker service for {who}"
 
 
 def _start_metrics(cfg: WorkerConfig, worker: Worker) -> MetricsServer:

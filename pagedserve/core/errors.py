@@ -28,6 +28,21 @@ class ResourceExhausted(PagedServeError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class RateLimited(ResourceExhausted):
+    """A caller went over its rate limit. ``retry_after_s``: when a retry can succeed; the edge
+    sends it as ``retry-after`` (gRPC trailing metadata, HTTP header)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(PagedServeError):
+    """No valid credentials (API key) came with the call."""
+
+    code = "UNAUTHENTICATED"
+
+
 class Unavailable(PagedServeError):
     """No healthy worker (or scheduler) can take the request right now."""
 

@@ -1,12 +1,26 @@
-"""The one place where domain errors become gRPC status codes, plus server boilerplate."""
+"""The one place where domain errors become gRPC status codes, plus server boilerplate and the
+one home of transport security: TLS/mTLS credentials for every server and channel (and the
+router's HTTP port), and the client-identity check that keeps internal APIs to their one caller.
+"""
 
 from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.core.errors import PagedServeError
+from pagedserve.core.errors import PagedServeError, RateLimited
+
+logger = logging.getLogger(__name__)
 
 # Metadata on every scheduler -> worker ``Step``: the worker process instance
 # (``WorkerInfo.instance_id``) the step was planned for; a restarted worker refuses other
@@ -27,8 +41,19 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def retry_after(exc: BaseException) -> str | None:
+    """The ``retry-after`` value (whole seconds, at least 1) for a rate-limit refusal."""
+    if not isinstance(exc, RateLimited):
+        return None
+    return str(max(1, math.ceil(exc.retry_after_s)))
+
+
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends the call with the status ``exc`` maps to. Never returns (grpc raises)."""
+    """Ends the call with the status ``exc`` maps to (a rate-limit refusal carries
+    ``retry-after`` in the trailing metadata). Never returns (grpc raises)."""
+    hint = retry_after(exc)
+    if hint is not None:
+        context.set_trailing_metadata((("retry-after", hint),))
     await context.abort(status_code_for(exc), str(exc))
 
 
@@ -54,3 +79,238 @@ async def set_serving(
     )
     for name in ["", *names]:
         await health_servicer.set(name, status)
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """One service's certificate files (PEM), used on both sides of its connections.
+
+    As a server: ``cert_file``/``key_file`` turn TLS on; ``ca_file`` as well makes it mutual (a
+    client without a certificate signed by that CA fails the handshake). As a client (router ->
+    scheduler, scheduler -> worker, CLI, load test): ``ca_file`` verifies the server and
+    ``cert_file``/``key_file`` present this side's certificate. ``server_name`` (clients only)
+    is the name the server's certificate must carry when the address does not (pod IPs found by
+    discovery). Nothing set = plaintext, as before."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together: give both or none")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None or self.ca_file is not None
+
+    @property
+    def mutual(self) -> bool:
+        """As a server: client certificates are required."""
+        return self.ca_file is not None
+
+    def check_server(self) -> None:
+        """Raises ``ValueError`` unless this can secure a server's port (a service's config
+        calls it at start, before anything slow)."""
+        if self.ca_file is not None and self.cert_file is None:
+            raise ValueError("a TLS server needs --tls-cert-file and --tls-key-file "
+                             "(--tls-ca-file alone only verifies servers)")
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, env_prefix: str,
+                      server: bool = True) -> None:
+    """``--tls-cert-file``, ``--tls-key-file``, ``--tls-ca-file`` (each also read from
+    ``<env_prefix>TLS_CERT_FILE`` ...); ``server`` False adds ``--tls-server-name`` instead of
+    the server wording."""
+    env = os.environ.get
+    role = "this service's" if server else "the client's"
+    parser.add_argument("--tls-cert-file", default=env(env_prefix + "TLS_CERT_FILE") or None,
+                        help=f"{role} certificate chain (PEM); with --tls-key-file turns TLS on")
+    parser.add_argument("--tls-key-file", default=env(env_prefix + "TLS_KEY_FILE") or None,
+                        help=f"{role} private key (PEM)")
+    parser.add_argument("--tls-ca-file", default=env(env_prefix + "TLS_CA_FILE") or None,
+                        help="CA bundle (PEM) that peers' certificates must chain to"
+                             + ("; on a server this requires client certificates (mTLS)"
+                                if server else ""))
+    if not server:
+        parser.add_argument("--tls-server-name", default=env(env_prefix + "TLS_SERVER_NAME")
+                            or None, help="name the server's certificate must carry "
+                                          "(default: the address's host)")
+
+
+def tls_config_from_args(args: argparse.Namespace) -> TlsConfig:
+    return TlsConfig(args.tls_cert_file, args.tls_key_file, args.tls_ca_file,
+                     getattr(args, "tls_server_name", None))
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS server credentials; client certificates required when ``tls.ca_file`` is set."""
+    tls.check_server()
+    key, cert = _read(tls.key_file), _read(tls.cert_file)
+    assert key is not None and cert is not None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=_read(tls.ca_file),
+                                       require_client_auth=tls.mutual)
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig) -> int:
+    """Binds ``address`` (TLS when ``tls`` has a certificate); the bound port."""
+    if tls.cert_file is None and tls.ca_file is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, server_credentials(tls))
+
+
+def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """Verifies the server against ``tls.ca_file`` (the system roots when unset) and presents
+    ``tls.cert_file`` when set."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls.ca_file),
+                                        private_key=_read(tls.key_file),
+                                        certificate_chain=_read(tls.cert_file))
+
+
+def _channel_options(tls: TlsConfig) -> list[tuple[str, Any]]:
+    if tls.server_name:
+        return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)]
+    return list(CHANNEL_OPTIONS)
+
+
+def aio_channel(address: str, tls: TlsConfig | None = None,
+                extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """The one way services and clients open a channel: plaintext unless ``tls`` is enabled.
+    ``extra_options`` go after the shared ones (e.g. a shorter reconnect backoff)."""
+    if tls is None or not tls.enabled:
+        return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *extra_options])
+    return grpc.aio.secure_channel(address, channel_credentials(tls),
+                                   options=[*_channel_options(tls), *extra_options])
+
+
+def sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """``aio_channel`` for blocking code (``pagedserve up``'s health checks)."""
+    if tls is None or not tls.enabled:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, channel_credentials(tls), options=_channel_options(tls))
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The same files for an HTTP server (the router's OpenAI API); None when TLS is off."""
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
+    """The same files for an HTTP client (the load test's OpenAI backend); None when off."""
+    if tls is None or not tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+# --- caller identity (mTLS) ----------------------------------------------------------------------
+
+
+def peer_names(context: grpc.aio.ServicerContext) -> set[str]:
+    """The names in the caller's verified client certificate: common name and subject
+    alternative names (empty without mTLS)."""
+    auth = context.auth_context() or {}
+    values = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
+
+
+class ClientIdentityInterceptor(grpc.aio.ServerInterceptor):
+    """Lets only callers whose client certificate names one of ``identities`` (CN or SAN) into
+    ``service`` (a full service name); other callers get PERMISSION_DENIED. Health and
+    reflection stay open to every caller that passed the handshake (probes).
+
+    The check runs in the handler (the interceptor's call details carry no certificate), so it
+    wraps the service's handlers (unary-request methods and bidirectional streams)."""
+
+    def __init__(self, service: str, identities: Sequence[str]) -> None:
+        self._prefix = f"/{service}/"
+        self._identities = frozenset(identities)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        return self._guarded(handler, details.method)
+
+    async def _check(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        names = peer_names(context)
+        if names & self._identities:
+            return
+        logger.warning("%s refused: caller %s (certificate names %s) is not one of %s", method,
+                       context.peer(), sorted(names) or "none", sorted(self._identities))
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{method} is only for {', '.join(sorted(self._identities))}")
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        serializers = {"request_deserializer": handler.request_deserializer,
+                       "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._check(context, method)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+        inner_stream = handler.unary_stream or handler.stream_stream
+        if inner_stream is None:
+            raise ValueError(f"{method}: client-streaming methods are not guarded")
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(context, method)  # request: a message, or the request iterator
+            async for response in inner_stream(request, context):
+                yield response
+
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler)
+        return make(stream, **serializers)
+
+
+def add_client_identity_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                                 env_prefix: str,
+                                 default: str, service: str) -> None:
+    """``--tls-client-identity NAME`` (repeatable; env ``<env_prefix>TLS_CLIENT_IDENTITY``,
+    comma-separated): with mTLS, only a client certificate naming one of them may call
+    ``service``."""
+    raw = os.environ.get(env_prefix + "TLS_CLIENT_IDENTITY")
+    parser.add_argument(
+        "--tls-client-identity", action="append", dest="tls_client_identities", default=None,
+        help=f"with --tls-ca-file, only a client certificate with this CN or SAN may call "
+             f"{service} (repeatable; '' = any valid certificate; default {default!r})")
+    parser.set_defaults(_tls_client_identity_default=(
+        tuple(n for n in raw.split(",")) if raw is not None else (default,)))
+
+
+def client_identities_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    names = args.tls_client_identities
+    chosen = tuple(names) if names is not None else args._tls_client_identity_default
+    return tuple(n.strip() for n in chosen if n.strip())
+
+
+def identity_interceptors(tls: TlsConfig, service: str,
+                          identities: Sequence[str]) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors a server installs: the identity check when TLS is mutual and
+    ``identities`` names someone, else none (no client certificates to check)."""
+    if not tls.mutual or not identities:
+        return []
+    return [ClientIdentityInterceptor(service, identities)]

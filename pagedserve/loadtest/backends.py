@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import ssl
 import threading
 import time
 import urllib.error
@@ -21,7 +22,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.core.grpc_util import CHANNEL_OPTIONS
+from pagedserve.client import auth_metadata
+from pagedserve.core.grpc_util import TlsConfig, aio_channel, client_ssl_context
 from pagedserve.loadtest.datasets import RequestSpec
 from pagedserve.loadtest.metrics import OK, RequestResult
 from protos.pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -40,6 +42,15 @@ class SamplingConfig:
 
     temperature: float = 0.0
     model: str = ""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How the harness reaches a secured server: ``api_key`` (``authorization: Bearer``) and
+    ``tls`` (CA and client certificate)."""
+
+    api_key: str | None = None
+    tls: TlsConfig | None = None
 
 
 class Backend(Protocol):
@@ -89,9 +100,12 @@ class _Recorder:
 class GrpcBackend:
     """Calls ``Generation.Generate`` on one shared channel; reads output 0 only (n is always 1)."""
 
-    def __init__(self, target: str, sampling: SamplingConfig, run_id: str = "loadtest") -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str, sampling: SamplingConfig, run_id: str = "loadtest",
+                 credentials: Credentials | None = None) -> None:
+        credentials = credentials or Credentials()
+        self._channel = aio_channel(target, credentials.tls)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+        self._metadata = auth_metadata(credentials.api_key)
         self._sampling = sampling
         self._run_id = run_id
 
@@ -110,7 +124,8 @@ class GrpcBackend:
 
     async def generate(self, spec: RequestSpec, timeout_s: float, origin: float) -> RequestResult:
         rec = _Recorder(spec, origin)
-        call = self._stub.Generate(self.build_request(spec), timeout=timeout_s)
+        call = self._stub.Generate(self.build_request(spec), timeout=timeout_s,
+                                   metadata=self._metadata)
         try:
             async for msg in call:
                 if msg.index != 0:
@@ -165,20 +180,28 @@ class OpenAIBackend:
     """Streams ``POST {base_url}/v1/completions``; httpx when installed, else urllib in a thread
     (one daemon thread per in-flight request, timestamps taken in the thread as lines arrive)."""
 
-    def __init__(self, base_url: str, sampling: SamplingConfig, use_httpx: bool | None = None):
+    def __init__(self, base_url: str, sampling: SamplingConfig, use_httpx: bool | None = None,
+                 credentials: Credentials | None = None):
+        credentials = credentials or Credentials()
         self._url = base_url.rstrip("/") + "/v1/completions"
         self._base_url = base_url.rstrip("/")
         self._sampling = sampling
         self._use_httpx = (httpx is not None) if use_httpx is None else use_httpx
         if self._use_httpx and httpx is None:
             raise RuntimeError("httpx is not installed")
-        self._client = httpx.AsyncClient() if self._use_httpx else None
+        self._ssl = client_ssl_context(credentials.tls)
+        self._headers = {"Content-Type": "application/json"}
+        if credentials.api_key:
+            self._headers["Authorization"] = f"Bearer {credentials.api_key}"
+        self._client = (httpx.AsyncClient(verify=self._ssl or True, headers=self._headers)
+                        if self._use_httpx else None)
         self._model = sampling.model
 
     async def resolve_model(self) -> str:
         """The served model's id from ``/v1/models`` unless ``--model`` named one."""
         if not self._model:
-            body = await asyncio.to_thread(_get_json, self._base_url + "/v1/models", 10.0)
+            body = await asyncio.to_thread(_get_json, self._base_url + "/v1/models", 10.0,
+                                           self._headers, self._ssl)
             self._model = body["data"][0]["id"]
         return self._model
 
@@ -224,7 +247,8 @@ class OpenAIBackend:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         stop = threading.Event()
-        args = (self._url, self.build_body(spec), timeout_s, stop, _threadsafe_put(loop, queue))
+        args = (self._url, self.build_body(spec), timeout_s, stop, _threadsafe_put(loop, queue),
+                self._headers, self._ssl)
         threading.Thread(target=_urllib_stream_lines, args=args, daemon=True).start()
         try:
             while True:
@@ -252,14 +276,13 @@ def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> An
 
 
 def _urllib_stream_lines(
-    url: str, body: dict, timeout_s: float, stop: threading.Event, put
+    url: str, body: dict, timeout_s: float, stop: threading.Event, put,
+    headers: dict[str, str], context: ssl.SSLContext | None,
 ) -> None:
     """Runs in a thread: posts ``body``, puts each line with its arrival time, then the status."""
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
             for raw in resp:
                 if stop.is_set():
                     return
@@ -281,19 +304,22 @@ def _urllib_stream_lines(
         put(("end", "ERROR", repr(exc)))
 
 
-def _get_json(url: str, timeout_s: float) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+def _get_json(url: str, timeout_s: float, headers: dict[str, str],
+              context: ssl.SSLContext | None) -> Any:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
         return json.loads(resp.read())
 
 
 def make_backend(
-    name: str, target: str, base_url: str, sampling: SamplingConfig, run_id: str = "loadtest"
+    name: str, target: str, base_url: str, sampling: SamplingConfig, run_id: str = "loadtest",
+    credentials: Credentials | None = None,
 ) -> Backend:
     """``run_id`` prefixes gRPC request ids (``{run_id}-{index}``) so server logs can be matched."""
     if name == "grpc":
-        return GrpcBackend(target, sampling, run_id)
+        return GrpcBackend(target, sampling, run_id, credentials)
     if name == "openai":
         if not base_url:
             raise ValueError("--backend openai needs --base-url http://HOST:PORT")
-        return OpenAIBackend(base_url, sampling)
+        return OpenAIBackend(base_url, sampling, credentials=credentials)
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES}")

@@ -16,9 +16,16 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from pagedserve.cli import add_client_security_arguments
+from pagedserve.core.grpc_util import tls_config_from_args
 from pagedserve.loadtest import report
 from pagedserve.loadtest.arrivals import validate_arrivals
-from pagedserve.loadtest.backends import BACKEND_NAMES, SamplingConfig, make_backend
+from pagedserve.loadtest.backends import (
+    BACKEND_NAMES,
+    Credentials,
+    SamplingConfig,
+    make_backend,
+)
 from pagedserve.loadtest.datasets import (
     DATASET_NAMES,
     DatasetConfig,
@@ -70,6 +77,7 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="model name to send (openai: default is the first of /v1/models)",
     )
+    add_client_security_arguments(server)
 
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="random")
@@ -235,7 +243,9 @@ async def run_loadtest(args: argparse.Namespace) -> dict[str, Any]:
     warmup_specs, specs = specs[: args.warmup], specs[args.warmup :]
     sampling = SamplingConfig(temperature=args.temperature, model=args.model)
     run_id = f"loadtest-{uuid.uuid4().hex[:8]}"
-    backend = make_backend(args.backend, args.target, args.base_url, sampling, run_id)
+    credentials = Credentials(args.api_key, tls_config_from_args(args))
+    backend = make_backend(args.backend, args.target, args.base_url, sampling, run_id,
+                           credentials)
     points = []
     try:
         for i, cfg in enumerate(run_cfgs):

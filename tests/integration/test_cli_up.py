@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -153,3 +154,64 @@ def test_up_restarts_a_killed_worker_and_the_scheduler_readmits_it(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("pagedserve up did not stop on Ctrl-C")
     assert code == 0, log.read_text()
+
+
+def test_up_tls_with_api_keys_end_to_end(tmp_path):
+    """``up --tls --api-key-file``: a throwaway CA; the printed client flags plus a key stream
+    over mTLS; no key is UNAUTHENTICATED, no certificate fails the handshake; HTTPS with the
+    client certificate works; the certificates are removed at exit."""
+    model = tiny_llama_dir()
+    port, http_port = _free_port(), _free_port()
+    key = "up-test-key-0123456789"
+    (tmp_path / "keys").write_text(f"tester:{key}\n")
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.cli", "up", "--model", str(model), "--tls",
+             "--api-key-file", str(tmp_path / "keys"), "--port", str(port),
+             "--http-port", str(http_port), "--kv-cache-memory-gib", "0.01",
+             "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "pagedserve is up" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "cluster did not start"
+            time.sleep(0.3)
+        text = log_path.read_text()
+        tls_dir = text.split("throwaway CA and certificates in ")[1].split(" ")[0]
+        client = [f"--tls-{kind}-file" for kind in ("cert", "key", "ca")]
+        paths = [f"{tls_dir}/client.crt", f"{tls_dir}/client.key", f"{tls_dir}/ca.crt"]
+        flags = [x for pair in zip(client, paths, strict=True) for x in pair]
+        assert " ".join(flags) + " --api-key KEY" in text  # the hint it printed
+
+        def generate(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "pagedserve.cli", "generate", "--address",
+                 f"127.0.0.1:{port}", "--raw", "--max-tokens", "4", "--ignore-eos", *extra,
+                 "hello"], capture_output=True, text=True, timeout=60)
+
+        served = generate(*flags, "--api-key", key)
+        assert served.returncode == 0 and served.stdout.strip(), served.stderr
+        no_key = generate(*flags)
+        assert no_key.returncode == 1 and "UNAUTHENTICATED" in no_key.stderr
+        no_cert = generate("--tls-ca-file", paths[2], "--api-key", key)
+        assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
+        context = ssl.create_default_context(cafile=paths[2])
+        context.load_cert_chain(paths[0], paths[1])
+        url = f"https://127.0.0.1:{http_port}"
+        assert f"OpenAI-compatible HTTP API at {url}/v1" in text
+        request = urllib.request.Request(f"{url}/v1/models",
+                                         headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=60, context=context) as resp:
+            assert json.loads(resp.read())["data"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("pagedserve up did not stop on Ctrl-C")
+    assert code == 0, log_path.read_text()
+    assert not os.path.exists(tls_dir), "certificates left behind"
+    assert key not in log_path.read_text()

@@ -221,6 +221,92 @@ def test_helm_test_pod_health_checks_the_router(default_docs) -> None:
     assert "-addr=ps-pagedserve-router:50051" in pod["spec"]["containers"][0]["args"]
 
 
+SECURE = {"tls": {"enabled": True, "secrets": {"worker": "worker-cert"}},
+          "router": {"apiKeys": {"existingSecret": "api-keys", "secretKey": "keys.txt"},
+                     "rateLimit": {"requestsPerSecond": 5, "tokensPerSecond": 2000,
+                                   "tokenBurst": 8000}}}
+
+
+@pytest.fixture(scope="module")
+def secure_docs() -> list[dict[str, Any]]:
+    return render(SECURE)
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            out[d["spec"]["template"]["spec"]["containers"][0]["name"]] = d["spec"]["template"][
+                "spec"]
+        elif d["kind"] == "Pod":
+            out["test"] = d["spec"]
+    return out
+
+
+def test_secure_values_validate_and_mount_cert_manager_secrets(secure_docs) -> None:
+    for doc in secure_docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    specs = _pod_specs(secure_docs)
+    secrets = {"router": "ps-pagedserve-router-tls", "scheduler": "ps-pagedserve-scheduler-tls",
+               "worker": "worker-cert", "test": "ps-pagedserve-router-tls"}
+    for name, secret in secrets.items():
+        volumes = {v["name"]: v for v in specs[name]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == secret, name
+        (container,) = specs[name]["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["tls"] == "/etc/pagedserve/tls", name
+        args = " ".join(container["args"])
+        for key in ("tls.crt", "tls.key", "ca.crt"):  # cert-manager's Secret keys
+            assert f"/etc/pagedserve/tls/{key}" in args, (name, key)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if name != "test":  # the kubelet's probes carry no client certificate
+                assert set(container[probe]) & {"grpc", "httpGet", "tcpSocket"} == {
+                    "tcpSocket"}, (name, probe)
+    keys = {v["name"]: v for v in specs["router"]["volumes"]}["api-keys"]["secret"]
+    assert keys["secretName"] == "api-keys" and keys["items"] == [
+        {"key": "keys.txt", "path": "api-keys"}]
+    assert "-tls-server-name=ps-pagedserve-router" in specs["test"]["containers"][0]["args"]
+
+
+def _parse(container: dict[str, Any]) -> Any:
+    """The container's command line through the service's real parser: its config."""
+    import argparse
+
+    from router.config import add_router_arguments, router_config_from_args
+    from scheduler.config import add_scheduler_arguments, scheduler_config_from_args
+    from worker.config import add_worker_arguments, worker_config_from_args
+
+    service, *argv = container["args"]
+    add, build = {"router": (add_router_arguments, router_config_from_args),
+                  "scheduler": (add_scheduler_arguments, scheduler_config_from_args),
+                  "worker": (add_worker_arguments, worker_config_from_args)}[service]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add(parser)
+    return build(parser.parse_args(argv))
+
+
+def test_rendered_commands_parse_with_the_real_cli(default_docs, secure_docs) -> None:
+    plain = {name: _parse(c) for name, c in containers(default_docs).items() if name != "redis"}
+    assert not plain["router"].server.tls.enabled and not plain["worker"].server.tls.enabled
+    assert plain["router"].api_key_file is None and not plain["router"].rate_limits.enabled
+    cfg = {name: _parse(c) for name, c in containers(secure_docs).items() if name != "redis"}
+    tls_dir = "/etc/pagedserve/tls"
+    for name in ("router", "scheduler", "worker"):
+        tls = cfg[name].server.tls
+        assert (tls.cert_file, tls.key_file, tls.ca_file) == (
+            f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{tls_dir}/ca.crt"), name
+        assert tls.mutual
+    assert cfg["worker"].server.client_identities == ("ps-pagedserve-scheduler",)
+    assert cfg["scheduler"].server.client_identities == ("ps-pagedserve-router",)
+    assert cfg["scheduler"].server.worker_tls.server_name == "ps-pagedserve-worker"
+    router = cfg["router"]
+    assert router.api_key_file == "/etc/pagedserve/api-keys/api-keys"
+    limits = router.rate_limits
+    assert (limits.requests_per_s, limits.request_burst, limits.tokens_per_s,
+            limits.token_burst) == (5, None, 2000, 8000)
+
+
 def test_dashboard_configmap_ships_the_dashboard(default_docs) -> None:
     cm = by_kind(default_docs, "ConfigMap")["ps-pagedserve-dashboard"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -261,6 +347,11 @@ def test_ttft_slo_is_configurable(variant_docs) -> None:
     {"kvstore": {"backend": "etcd"}},
     {"alerts": {"kvUsageThreshold": 95}},
     {"worker": {"gpuMemoryUtilization": 1.5}},
+    {"tls": {"enabled": "yes"}},
+    {"tls": {"secrets": {"redis": "x"}}},
+    {"router": {"rateLimit": {"requestsPerSecond": -1}}},
+    {"router": {"rateLimit": {"tokenBurst": 0}}},
+    {"router": {"apiKeys": {"existingSecret": "keys", "secretKey": ""}}},
 ])
 def test_schema_rejects_bad_values(bad) -> None:
     with pytest.raises(helm.HelmValuesError):

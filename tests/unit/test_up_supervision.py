@@ -26,7 +26,8 @@ class Harness:
     def __init__(self, no_restart: bool = False) -> None:
         self.started: list[FakeProc] = []
         self.serving: set[str] = set()
-        self.sup = Supervisor(argparse.Namespace(log_level="INFO", no_restart=no_restart),
+        self.sup = Supervisor(argparse.Namespace(log_level="INFO", no_restart=no_restart, tls=False,
+                                                 api_key_file=None),
                               popen=self._popen)  # type: ignore[arg-type]
         self.sup.is_serving = lambda address: address in self.serving  # type: ignore[method-assign]
         self.worker = self.sup.spawn("worker", ["--port", "5000"], "worker 0", "127.0.0.1:5000",

@@ -67,15 +67,20 @@ imagePullPolicy: {{ default $shared.pullPolicy .image.pullPolicy }}
 {{- end -}}
 
 {{/* The one probe helper: native gRPC probes against grpc.health.v1, except readiness with an
-     HTTP port: GET /health on port `http` (the router's OpenAI-compatible API).
-     (dict "port" N "probes" map ["httpPort" H]) */}}
+     HTTP port: GET /health on port `http` (the router's OpenAI-compatible API). With mTLS
+     ("tls" true) TCP connects: the kubelet's probes carry no client certificate.
+     (dict "port" N "probes" map ["httpPort" H] ["tls" bool]) */}}
 {{- define "pagedserve.grpcProbes" -}}
 {{- $port := .port -}}
 {{- $httpPort := .httpPort -}}
+{{- $tls := .tls -}}
 {{- range $kind := list "startup" "liveness" "readiness" }}
 {{- with (get $.probes $kind) }}
 {{ $kind }}Probe:
-  {{- if and (eq $kind "readiness") $httpPort }}
+  {{- if $tls }}
+  tcpSocket:
+    port: {{ $port }}
+  {{- else if and (eq $kind "readiness") $httpPort }}
   httpGet:
     path: /health
     port: http
@@ -243,4 +248,89 @@ groups:
         annotations:
           summary: "TTFT p99 is {{ "{{" }} $value | humanizeDuration {{ "}}" }}, SLO {{ $a.ttftP99SloSeconds }}s"
           description: "Time to first token p99 over 5m exceeds the SLO."
+{{- end -}}
+
+{{/* The Secret holding a component's certificate. (dict "root" $ "component" "router") */}}
+{{- define "pagedserve.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "pagedserve.componentName" .)) (get .root.Values.tls.secrets .component) -}}
+{{- end -}}
+
+{{/* A component's --tls-* flags (tls.enabled): its certificate, key and CA (mTLS); workers admit
+     only the scheduler's certificate, the scheduler only the router's and checks the workers'
+     name (it reaches them by pod IP). (dict "root" $ "component" "router") */}}
+{{- define "pagedserve.tlsArgs" -}}
+{{- $t := .root.Values.tls -}}
+{{- if $t.enabled }}
+- --tls-cert-file
+- {{ printf "%s/tls.crt" $t.mountPath | quote }}
+- --tls-key-file
+- {{ printf "%s/tls.key" $t.mountPath | quote }}
+- --tls-ca-file
+- {{ printf "%s/ca.crt" $t.mountPath | quote }}
+{{- if eq .component "worker" }}
+- --tls-client-identity
+- {{ default (include "pagedserve.componentName" (dict "root" .root "component" "scheduler")) $t.schedulerIdentity | quote }}
+{{- else if eq .component "scheduler" }}
+- --tls-client-identity
+- {{ default (include "pagedserve.componentName" (dict "root" .root "component" "router")) $t.routerIdentity | quote }}
+- --worker-tls-server-name
+- {{ include "pagedserve.componentName" (dict "root" .root "component" "worker") | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The certificate volume of a component's pod (tls.enabled). (dict "root" $ "component" c) */}}
+{{- define "pagedserve.tlsVolume" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "pagedserve.tlsSecret" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "pagedserve.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The router's API key file (router.apiKeys.existingSecret). */}}
+{{- define "pagedserve.apiKeysDir" -}}/etc/pagedserve/api-keys{{- end -}}
+
+{{- define "pagedserve.apiKeysVolume" -}}
+{{- with .Values.router.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: {{ $.Values.router.apiKeys.secretKey }}
+        path: api-keys
+{{- end }}
+{{- end -}}
+
+{{- define "pagedserve.apiKeysMount" -}}
+{{- if .Values.router.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: {{ include "pagedserve.apiKeysDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The router's --api-key-file and --rate-limit-* flags. */}}
+{{- define "pagedserve.routerAuthArgs" -}}
+{{- $c := .Values.router -}}
+{{- if $c.apiKeys.existingSecret }}
+- --api-key-file
+- {{ printf "%s/api-keys" (include "pagedserve.apiKeysDir" .) | quote }}
+{{- end }}
+{{- range $flag, $key := dict "rps" "requestsPerSecond" "burst" "requestBurst" "tps" "tokensPerSecond" "token-burst" "tokenBurst" }}
+{{- with (get $c.rateLimit $key) }}
+- --rate-limit-{{ $flag }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- end -}}

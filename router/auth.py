@@ -1,0 +1,119 @@
+"""API keys at the router: who is calling, by key id.
+
+Keys come from ``--api-key-file`` (one entry a line, ``#`` comments) and from the environment
+(``PAGEDSERVE_API_KEYS``, entries separated by commas). An entry is ``ID:KEY`` or a bare
+``KEY``; a bare key's id is ``key-`` and the first 8 hex digits of its SHA-256. The id, never
+the key, is what logs and metrics name. A key is at least 16 characters, without whitespace,
+"#", commas or colons.
+
+A call carries its key as ``authorization: Bearer KEY`` (gRPC metadata or HTTP header). The
+presented key's SHA-256 is compared with every stored digest by ``hmac.compare_digest``, all of
+them each time, so the time taken says nothing about which key came close. No keys configured =
+authentication off: every caller is ``ANONYMOUS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagedserve.core.errors import Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"  # the key id of every call while authentication is off
+MIN_KEY_LENGTH = 16
+_FORBIDDEN = (",", ":", "#")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One key: its id (safe to log) and the SHA-256 of the key (never the key itself)."""
+
+    key_id: str
+    digest: bytes = field(repr=False)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_entry(entry: str, where: str) -> ApiKey:
+    """``ID:KEY`` or ``KEY`` -> ``ApiKey``; ``ValueError`` naming ``where`` (not the key)."""
+    key_id, sep, key = entry.strip().partition(":")
+    if not sep:
+        key_id, key = "", key_id
+    if len(key) < MIN_KEY_LENGTH or any(c.isspace() or c in _FORBIDDEN for c in key):
+        raise ValueError(f"{where}: an API key must be at least {MIN_KEY_LENGTH} characters, "
+                         "without whitespace, '#', commas or colons")
+    if sep and (not key_id or any(c.isspace() for c in key_id)):
+        raise ValueError(f"{where}: the key id before ':' must be a non-empty word")
+    return ApiKey(key_id or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], _digest(key))
+
+
+def read_entries(api_key_file: str | None, entries: Sequence[str] = ()) -> list[ApiKey]:
+    """Every key from the file and from ``entries`` (``PAGEDSERVE_API_KEYS`` split at commas),
+    in that order."""
+    keys: list[ApiKey] = []
+    if api_key_file:
+        lines = Path(api_key_file).read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.append(parse_entry(line, f"{api_key_file} line {number}"))
+    for index, entry in enumerate(entries):
+        keys.append(parse_entry(entry, f"PAGEDSERVE_API_KEYS entry {index + 1}"))
+    return keys
+
+
+class ApiKeys:
+    """The router's keys. Invariant: ids are unique (two keys never share a metric series)."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self._keys = list(keys)
+        ids = [k.key_id for k in self._keys]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"API key ids must be unique: {', '.join(duplicates)} repeat")
+
+    @classmethod
+    def load(cls, api_key_file: str | None, entries: Sequence[str] = ()) -> ApiKeys:
+        return cls(read_entries(api_key_file, entries))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def key_ids(self) -> list[str]:
+        return [k.key_id for k in self._keys]
+
+    def authenticate(self, metadata: Mapping[str, str]) -> str:
+        """The calling key's id, from ``authorization: Bearer KEY``; ``ANONYMOUS`` while no
+        keys are configured. Raises ``Unauthenticated`` for a missing or unknown key."""
+        if not self._keys:
+            return ANONYMOUS
+        presented = _bearer(metadata.get("authorization"))
+        if presented is None:
+            raise Unauthenticated("authorization: send 'Bearer <API key>'")
+        digest = _digest(presented)
+        matched = ""
+        for key in self._keys:  # no early exit: constant time over the whole set
+            if hmac.compare_digest(digest, key.digest):
+                matched = key.key_id
+        if not matched:
+            raise Unauthenticated("authorization: the API key is not valid")
+        return matched
+
+
+def _bearer(value: str | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -1,0 +1,84 @@
+"""API key parsing and matching (``router/auth.py``) and the per-key token buckets
+(``router/rate_limit.py``) on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.core.errors import RateLimited, Unauthenticated
+from router.auth import ANONYMOUS, ApiKeys, parse_entry, read_entries
+from router.rate_limit import RateLimitConfig, RateLimiter
+
+KEY = "k" * 20
+
+
+def test_entries_name_their_key_or_get_a_hash_id_and_never_keep_the_key(tmp_path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\nalice:{KEY}  # trailing\n\n{KEY}b\n")
+    keys = read_entries(str(path), [f"carol:{KEY}c"])
+    assert [k.key_id for k in keys][::2] == ["alice", "carol"]
+    assert keys[1].key_id.startswith("key-") and len(keys[1].key_id) == 12
+    assert all(KEY not in repr(k) for k in keys)
+
+
+@pytest.mark.parametrize("entry", ["short", f"a b{KEY}", f":{KEY}", f"a:{KEY},x"])
+def test_bad_entries_are_refused_without_echoing_the_key(entry: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_entry(entry, "where")
+    assert "where" in str(info.value) and KEY not in str(info.value)
+
+
+def test_duplicate_ids_are_refused() -> None:
+    with pytest.raises(ValueError, match="alice"):
+        ApiKeys.load(None, [f"alice:{KEY}", f"alice:{KEY}x"])
+
+
+def test_bearer_key_maps_to_its_id_and_anything_else_is_unauthenticated() -> None:
+    keys = ApiKeys.load(None, [f"alice:{KEY}", f"bob:{KEY}b"])
+    assert keys.authenticate({"authorization": f"Bearer {KEY}b"}) == "bob"
+    assert keys.authenticate({"authorization": f"bearer  {KEY}"}) == "alice"
+    for metadata in ({}, {"authorization": KEY}, {"authorization": "Bearer "},
+                     {"authorization": f"Basic {KEY}"}, {"authorization": f"Bearer {KEY}x"}):
+        with pytest.raises(Unauthenticated):
+            keys.authenticate(metadata)
+    assert ApiKeys([]).authenticate({}) == ANONYMOUS  # no keys: authentication is off
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_request_bucket_allows_the_burst_then_refuses_with_the_wait_until_refill() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimitConfig(requests_per_s=2, request_burst=3), clock)
+    for _ in range(3):
+        limiter.admit_request("a")
+    with pytest.raises(RateLimited) as info:
+        limiter.admit_request("a")
+    assert info.value.retry_after_s == pytest.approx(0.5)
+    limiter.admit_request("b")  # another key has its own bucket
+    clock.now += 0.5
+    limiter.admit_request("a")
+
+
+def test_token_debt_blocks_the_key_until_repaid() -> None:
+    clock = Clock()
+    limiter = RateLimiter(RateLimitConfig(tokens_per_s=10, token_burst=10), clock)
+    limiter.admit_request("a")
+    limiter.charge_tokens("a", 30)  # 20 in debt
+    with pytest.raises(RateLimited) as info:
+        limiter.admit_request("a")
+    assert info.value.retry_after_s == pytest.approx(2.0)
+    clock.now += 2.0
+    limiter.admit_request("a")
+
+
+@pytest.mark.parametrize("kwargs", [{"requests_per_s": -1}, {"tokens_per_s": float("nan")},
+                                    {"request_burst": 0.5}])
+def test_rate_limit_config_refuses_nonsense(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="--rate-limit-"):
+        RateLimitConfig(**kwargs)
