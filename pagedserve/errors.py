@@ -22,6 +22,15 @@ class InvalidArgument(PagedServeError):
         self.reason = message
 
 
+class SequenceRefused(InvalidArgument):
+    """What one sequence of a step carries is out of range (a worker's step checks): the step
+    is refused and ``seq_id`` says whose request is at fault."""
+
+    def __init__(self, field: str, message: str, seq_id: int) -> None:
+        super().__init__(field, message)
+        self.seq_id = seq_id
+
+
 class ResourceExhausted(PagedServeError):
     """Overload: the queue is full, or a request can never fit in the KV pool."""
 
@@ -32,6 +41,23 @@ class Unavailable(PagedServeError):
     """No healthy worker (or scheduler) can take the request right now."""
 
     code = "UNAVAILABLE"
+
+
+class StepRefused(PagedServeError):
+    """A worker that is up refused a step as malformed (checked before it changed anything):
+    the worker is fine. ``seq_id``: the sequence at fault, when the worker said."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, seq_id: int | None = None) -> None:
+        super().__init__(message)
+        self.seq_id = seq_id
+
+
+class RequestFailed(PagedServeError):
+    """One request failed where the others beside it did not; it is not retried elsewhere."""
+
+    code = "INTERNAL"
 
 
 class NotFound(PagedServeError):

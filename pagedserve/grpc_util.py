@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.errors import PagedServeError
+from pagedserve.errors import PagedServeError, SequenceRefused
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -22,9 +22,16 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Trailing metadata of a refused ``Worker.Step``: the sequence at fault (``SequenceRefused``).
+SEQ_ID_METADATA_KEY = "pagedserve-seq-id"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Ends the call with the status ``exc`` maps to. Never returns (grpc raises)."""
-    await context.abort(status_code_for(exc), str(exc))
+    trailing: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, SequenceRefused):
+        trailing = ((SEQ_ID_METADATA_KEY, str(exc.seq_id)),)
+    await context.abort(status_code_for(exc), str(exc), trailing_metadata=trailing)
 
 
 def add_health_and_reflection(

@@ -15,7 +15,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
+from pagedserve.errors import (
+    InvalidArgument,
+    PagedServeError,
+    RequestFailed,
+    ResourceExhausted,
+    StepRefused,
+    Unavailable,
+)
 from pagedserve.step_codec import SampledRow, split_tops
 from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
@@ -31,6 +38,10 @@ from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
+
+# A request that was on this many workers when they failed is failed, not moved again: a request
+# that brings workers down must not go round them all.
+MAX_WORKER_FAILURES = 2
 
 @dataclass
 class WorkerState:
@@ -181,7 +192,8 @@ class Engine:
         ``stop_token_ids`` is the whole stop set."""
         num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,
                                    _num_samples(params), self.model_info.block_size)
-        self._validate(request_id, prompt_token_ids, generated_token_ids, num_blocks)
+        self._validate(request_id, prompt_token_ids, generated_token_ids, params.max_tokens,
+                       num_blocks)
         group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
         group.num_blocks_needed = num_blocks
         ws = self._place(group)
@@ -209,7 +221,7 @@ class Engine:
         return True
 
     def _validate(self, request_id: str, prompt: Seq[int], generated: Seq[int],
-                  num_blocks: int) -> None:
+                  max_tokens: int, num_blocks: int) -> None:
         """What only the scheduler knows (running ids, pool capacity, its queue), plus token-id
         ranges: a ``Submit`` from a tool, or the offline ``LLM``, did not pass a router. Sampling
         params were validated where they were resolved."""
@@ -222,6 +234,9 @@ class Engine:
             raise InvalidArgument("prompt_token_ids", "must not be empty")
         check_token_ids(prompt, info.vocab_size, "prompt_token_ids")
         check_token_ids(generated, info.vocab_size, "generated_token_ids")
+        if len(generated) >= max_tokens:  # else the sequence would outgrow what was resolved
+            raise InvalidArgument("generated_token_ids", f"{len(generated)} tokens already "
+                                  f"reach max_tokens={max_tokens}: nothing is left to generate")
         capacity = info.max_num_tokens_per_request // info.block_size
         if num_blocks > capacity:
             raise ResourceExhausted(
@@ -290,7 +305,11 @@ class Engine:
         published, ws.kv.published = ws.kv.published, []
         request = build_step_request(next(self._step_ids), plan, dropped, self._seq_by_id,
                                      published)
-        response = await ws.handle.step(request)
+        try:
+            response = await ws.handle.step(request)
+        except StepRefused as exc:
+            await self._recover_refused_step(ws, exc)
+            return
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
         self._process(ws, response)
@@ -353,7 +372,11 @@ class Engine:
         self.num_generated_tokens += num_generated
         for request_id, batch in beams.items():
             req = self.requests[request_id]
-            outs = self._beam_step(req, batch)
+            try:
+                outs = self._beam_step(req, batch)
+            except Exception as exc:  # this request's fault alone: the batch goes on
+                self._fail_request(req, exc)
+                continue
             if outs:
                 req.stream.put_outputs(outs)
             done.append(req)
@@ -435,21 +458,64 @@ class Engine:
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------
+    def _fail_request(self, req: _Request, exc: Exception) -> None:
+        """Ends one request whose processing raised; the rest of its step is unaffected."""
+        logger.error("request %s failed on worker %s: %s: %s", req.group.request_id,
+                     req.worker.handle.name, type(exc).__name__, exc)
+        self._finish_request(req, error=RequestFailed(
+            f"request {req.group.request_id!r} failed in the scheduler: "
+            f"{type(exc).__name__}: {exc}"))
+
+    async def _recover_refused_step(self, ws: WorkerState, exc: StepRefused) -> None:
+        """The worker is up and changed nothing, so it stays in service. The request whose
+        sequence it named fails with the worker's reason (requests are checked on submit, so
+        this one bypassed the checks); the worker drops its sequences and the others recompute
+        on it as continuations. A refusal that names no sequence is a fault of the scheduler's
+        view of the worker: the worker is failed as before."""
+        entry = self.seqs.get(exc.seq_id) if exc.seq_id is not None else None
+        if entry is None:
+            logger.error("worker %s refused a step: %s", ws.handle.name, exc)
+            await self._fail_worker(ws)
+            return
+        req = entry[1]
+        logger.error("request %s refused by worker %s: %s", req.group.request_id,
+                     ws.handle.name, exc)
+        self._finish_request(req, error=exc)
+        try:
+            await ws.handle.reset()
+        except PagedServeError as reset_exc:
+            logger.error("worker %s failed: %s", ws.handle.name, reset_exc)
+            await self._fail_worker(ws)
+            return
+        self._move_groups(ws, [w for w in self.workers if w.healthy], count_failure=False)
+
     async def _fail_worker(self, ws: WorkerState) -> None:
         """A worker that fails a step loses only KV memory: its requests move elsewhere as
         continuations (prompt + generated tokens, recomputed); clients see no gap."""
         ws.healthy = False
+        self._move_groups(ws, [w for w in self.workers if w.healthy], count_failure=True)
+        asyncio.get_running_loop().create_task(self._reconnect(ws))
+
+    def _move_groups(self, ws: WorkerState, targets: list[WorkerState],
+                     count_failure: bool) -> None:
+        """Voids ``ws``'s metadata and places its requests on ``targets`` as continuations; a
+        request already on ``MAX_WORKER_FAILURES`` failed workers ends instead."""
         groups = ws.sched.groups()
         ws.sched = self._new_worker_state(ws.handle, ws.info).sched  # its metadata is void
-        healthy = [w for w in self.workers if w.healthy]
         for group in groups:
             req = self.requests.get(group.request_id)
             if req is None:
                 continue
+            group.num_worker_failures += count_failure
+            if group.num_worker_failures >= MAX_WORKER_FAILURES:
+                self._finish_request(req, error=RequestFailed(
+                    f"request {group.request_id!r} was on {group.num_worker_failures} workers "
+                    f"when they failed; not retried"))
+                continue
             for seq in group.live_seqs:  # finished ones were released already
                 seq.reset_for_recompute()
             try:
-                target, _ = choose_worker(healthy, group.seqs[0].token_ids,
+                target, _ = choose_worker(targets, group.seqs[0].token_ids,
                                           group.num_blocks_needed)
             except Unavailable as exc:  # none left, or none whose pool holds it
                 self._finish_request(req, error=exc)
@@ -457,7 +523,6 @@ class Engine:
             req.worker = target
             target.sched.add(group)
             target.wakeup.set()
-        asyncio.get_running_loop().create_task(self._reconnect(ws))
 
     async def _reconnect(self, ws: WorkerState, interval: float = 2.0) -> None:
         while not ws.healthy:

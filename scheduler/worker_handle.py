@@ -2,6 +2,11 @@
 
 ``InProcessWorkerHandle`` calls a ``worker.worker.Worker`` in this process (offline batch use,
 tests, engine benchmarks); ``GrpcWorkerHandle`` calls a worker pod over gRPC (the cluster).
+
+Both tell the engine whose fault a failed call was: ``StepRefused`` when a worker that is up
+refused a step as malformed (its checks run before it changes anything, so the worker is fine),
+``Unavailable`` for everything else (process gone, timeout, device or other internal error),
+which takes the worker out of service.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.errors import Unavailable
-from pagedserve.grpc_util import CHANNEL_OPTIONS
+from pagedserve.errors import InvalidArgument, NotFound, SequenceRefused, StepRefused, Unavailable
+from pagedserve.grpc_util import CHANNEL_OPTIONS, SEQ_ID_METADATA_KEY
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -39,7 +44,11 @@ class InProcessWorkerHandle:
         return self.worker.info()
 
     async def step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        return await asyncio.to_thread(self.worker.step, request)
+        try:
+            return await asyncio.to_thread(self.worker.step, request)
+        except (InvalidArgument, NotFound) as exc:
+            seq_id = exc.seq_id if isinstance(exc, SequenceRefused) else None
+            raise StepRefused(f"worker {self.name} refused the step: {exc}", seq_id) from exc
 
     async def reset(self) -> None:
         self.worker.reset()
@@ -72,4 +81,19 @@ class GrpcWorkerHandle:
         try:
             return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"worker {self.address}: {exc.code().name}: {exc.details()}") from exc
+            message = f"worker {self.address}: {exc.code().name}: {exc.details()}"
+            if exc.code() in _REFUSALS:
+                raise StepRefused(message, _seq_id(exc)) from exc
+            raise Unavailable(message) from exc
+
+
+def _seq_id(exc: grpc.aio.AioRpcError) -> int | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == SEQ_ID_METADATA_KEY:
+            return int(value)
+    return None
+
+
+# What a worker answers when it refuses a request it judged malformed (worker/servicer.py maps
+# InvalidArgument and NotFound so); any other status is a fault of the worker or the transport.
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})

@@ -90,3 +90,32 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
     first = sampled_rows(responses[0].sampled)[0]
     assert len(first.top) == 3 and first.logprob <= 0.0
     assert responses[0].forward_seconds > 0.0
+
+
+def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
+    """A worker that refuses a step names the sequence at fault (the scheduler fails only its
+    request and keeps the worker); a worker that is gone is a fault of the worker."""
+    from pagedserve.errors import StepRefused, Unavailable
+    from scheduler.worker_handle import GrpcWorkerHandle
+
+    path = tiny_llama_dir()
+
+    async def main():
+        started = await start_worker_server(cpu_worker_config(path, block_size=4),
+                                            cpu_worker(path, block_size=4))
+        handle = GrpcWorkerHandle(f"127.0.0.1:{started.port}")
+        bad = worker_pb2.StepRequest(step_id=1, new_seqs=[worker_pb2.NewSequence(
+            seq_id=41, token_ids=[5, 6], num_prompt_tokens=2,
+            params=common_pb2.SamplingParams(stop_token_ids=[10**6]))])
+        try:
+            with pytest.raises(StepRefused) as refused:
+                await handle.step(bad)
+            await started.stop()
+            with pytest.raises(Unavailable):
+                await handle.step(worker_pb2.StepRequest(step_id=2))
+        finally:
+            await handle.close()
+        return refused.value
+
+    refused = _run(main())
+    assert refused.seq_id == 41 and "stop_token_ids" in str(refused)
