@@ -8,15 +8,19 @@ INVALID_ARGUMENT naming its field), the worker stays healthy and every block is 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 
 import grpc
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pagedserve.client import AsyncClient
 from pagedserve.errors import PagedServeError
 from pagedserve.sampling import make_sampling_params, resolve_sampling_params
+from protos.pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.worker_handle import InProcessWorkerHandle
@@ -198,3 +202,93 @@ def test_below_validation_odd_rows_stay_in_their_row_and_a_refused_step_fails_on
         assert tokens == hf_greedy(hf_model, prompt, 40)
     assert all(healthy)
     assert all(n_free == n for n_free, n in free)
+
+
+# Any value of every field (float extremes, NaN and infinities, int32 extremes, unicode, unset),
+# and requests that are well-formed but for float extremes, which are the dangerous ones.
+_F32_EXTREMES = [3.4e38, -3.4e38, 1e-38, -1e-38, -2000.0, 2000.0, math.inf, -math.inf, math.nan]
+_F32 = st.one_of(st.sampled_from(_F32_EXTREMES), st.floats(width=32))
+_I32 = st.one_of(st.integers(-3, 8), st.sampled_from([-2**31, 2**31 - 1, 64, 65, 511, 513]))
+_PARAM_FIELDS = {
+    "temperature": _F32, "top_p": _F32, "top_k": _I32, "min_p": _F32,
+    "repetition_penalty": _F32, "presence_penalty": _F32, "frequency_penalty": _F32,
+    "seed": st.integers(0, 2**64 - 1), "max_tokens": _I32, "min_tokens": _I32,
+    "stop": st.lists(st.text(max_size=260), max_size=18),
+    "stop_token_ids": st.lists(st.integers(-2**31, 2**31 - 1), max_size=4),
+    "ignore_eos": st.booleans(), "logprobs": _I32, "n": _I32, "best_of": _I32,
+    "beam_width": _I32, "length_penalty": _F32, "early_stopping": st.booleans(),
+    "include_stop_str_in_output": st.booleans(), "skip_special_tokens": st.booleans(),
+}
+_EXTREME = st.sampled_from(_F32_EXTREMES)
+_WELL_FORMED_BUT_EXTREME = st.one_of(
+    st.fixed_dictionaries({"beam_width": st.integers(2, 3), "length_penalty": _EXTREME,
+                           "max_tokens": st.integers(1, 6)},
+                          optional={"early_stopping": st.booleans(), "n": st.just(1)}),
+    st.fixed_dictionaries({"temperature": _EXTREME, "max_tokens": st.integers(1, 6)},
+                          optional={"best_of": st.integers(1, 3), "seed": st.integers(0, 9),
+                                    "length_penalty": _EXTREME, "logprobs": st.integers(0, 3),
+                                    "repetition_penalty": _EXTREME}))
+_PROMPTS = st.one_of(
+    st.none(), st.text(max_size=120).map(lambda t: {"text": t}),
+    st.lists(st.integers(-2**31, 2**31 - 1), max_size=40).map(
+        lambda ids: {"token_ids": generation_pb2.TokenIds(ids=ids)}))
+_GOOD_PROMPTS = st.one_of(
+    st.text(min_size=1, max_size=60).map(lambda t: {"text": t}),
+    st.lists(st.integers(3, 511), min_size=1, max_size=40).map(
+        lambda ids: {"token_ids": generation_pb2.TokenIds(ids=ids)}))
+_REQUEST_IDS = st.one_of(st.just(""), st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=140))
+
+
+def _generate_request(prompt, params, request_id, model) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(request_id=request_id, model=model,
+                                          params=common_pb2.SamplingParams(**params),
+                                          **(prompt or {}))
+
+
+_REQUESTS = st.one_of(
+    st.builds(_generate_request, _PROMPTS, st.fixed_dictionaries({}, optional=_PARAM_FIELDS),
+              _REQUEST_IDS, st.sampled_from(["", "not-this-model"])),
+    st.builds(_generate_request, _GOOD_PROMPTS, _WELL_FORMED_BUT_EXTREME, st.just(""),
+              st.just("")))
+# How a hostile request may end: served, or refused with a clear reason. Never a worker down.
+_CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+          grpc.StatusCode.RESOURCE_EXHAUSTED}
+BYSTANDER = [40, 41, 42, 43, 44, 45]
+
+
+async def _raw(stub, request: generation_pb2.GenerateRequest):
+    try:
+        async for _ in stub.Generate(request, timeout=120):
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.fixture(scope="module")
+def bystander_tokens(cluster, hf_model) -> list[int]:
+    return hf_greedy(hf_model, BYSTANDER, 16)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(request=_REQUESTS)
+def test_generated_requests_never_take_the_worker_down(cluster, bystander_tokens, request):
+    async def main():
+        async with AsyncClient(cluster.cluster.router_address) as client:
+            started = asyncio.Event()
+            bystander = asyncio.create_task(_run(client, BYSTANDER, started, max_tokens=16,
+                                                 temperature=0.0, ignore_eos=True))
+            await started.wait()
+            async with grpc.aio.insecure_channel(cluster.cluster.router_address) as channel:
+                ended = await _raw(generation_pb2_grpc.GenerationStub(channel), request)
+            return ended, await bystander
+
+    (code, details), (tokens, by_code, by_details) = asyncio.run(main())
+    assert code in _CLEAR, (request, code, details)
+    assert code == grpc.StatusCode.OK or details, (request, code)
+    assert by_code == grpc.StatusCode.OK, by_details
+    assert tokens == bystander_tokens
+    assert all(w.healthy for w in cluster.stats().workers)
+    assert cluster.all_blocks_free(), cluster.stats()
