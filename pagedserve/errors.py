@@ -43,6 +43,13 @@ class Unavailable(PagedServeError):
     code = "UNAVAILABLE"
 
 
+class Aborted(PagedServeError):
+    """A request stopped on the server's side (``Scheduler.Abort``), not by its own client:
+    ABORTED, so a client can tell it from success and from its own cancel (CANCELLED)."""
+
+    code = "ABORTED"
+
+
 class StepRefused(PagedServeError):
     """A worker that is up refused a step as malformed (checked before it changed anything):
     the worker is fine. ``seq_id``: the sequence at fault, when the worker said."""

@@ -7,14 +7,16 @@ import os
 from dataclasses import dataclass, field
 
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
+DEFAULT_MAX_PROMPT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where the router listens. ``port`` 0 picks a free port (tests). ``http_port`` serves the
-    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port)."""
+    """Where the router listens: loopback unless told (``--host 0.0.0.0``, as the Helm chart
+    and the container image pass). ``port`` 0 picks a free port (tests). ``http_port`` serves
+    the OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 50051
     grace_s: float = 5.0
     metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
@@ -32,7 +34,10 @@ class ServerConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     """``model`` is the tokenizer source (HF directory or .gguf; None = the packaged SmolLM2).
-    ``request_timeout_s`` caps a request with no client deadline (0 = no cap)."""
+    ``request_timeout_s`` caps a request with no client deadline (0 = no cap).
+    ``max_prompt_bytes`` caps a prompt's UTF-8 bytes before it is tokenized (a request message
+    larger than it plus ``REQUEST_OVERHEAD_BYTES`` is refused by gRPC, RESOURCE_EXHAUSTED,
+    before it is parsed); ``max_prompt_tokens`` caps its tokens (0 = the model's context)."""
 
     model: str | None = None
     scheduler_address: str = "127.0.0.1:50052"
@@ -41,10 +46,15 @@ class RouterConfig:
     request_timeout_s: float = 600.0
     startup_timeout_s: float = 60.0
     served_model_name: str | None = None  # default: the scheduler's model name
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    max_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1")
+        if self.max_prompt_bytes < 1 or self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_bytes must be >= 1 and max_prompt_tokens >= 0 "
+                             "(0 = the model's context)")
         if self.request_timeout_s < 0 or self.startup_timeout_s <= 0:
             raise ValueError("request_timeout_s must be >= 0 and startup_timeout_s > 0")
         if not self.scheduler_address:
@@ -80,6 +90,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout-s", type=float,
                        default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)) or 0))
     group.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None))
+    group.add_argument("--max-prompt-bytes", type=int,
+                       default=int(_env("MAX_PROMPT_BYTES", str(d.max_prompt_bytes)) or 0),
+                       help="largest prompt in UTF-8 bytes, checked before tokenizing")
+    group.add_argument("--max-prompt-tokens", type=int,
+                       default=int(_env("MAX_PROMPT_TOKENS", str(d.max_prompt_tokens)) or 0),
+                       help="largest prompt in tokens (0 = the model's context)")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -91,4 +107,6 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.request_timeout_s,
         served_model_name=args.served_model_name,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
     )

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.grpc_util import (
+    add_health_and_reflection,
+    add_servicer_parsing_requests,
+    server_options,
+    set_serving,
+)
 from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
 from pagedserve.models import resolve_model_path
-from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
+from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
 from router.config import RouterConfig
 from router.generation import GenerationService
 from router.http_server import HttpServer, start_http_server
@@ -87,9 +92,15 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     metrics = RouterMetrics(registry, model.name)
     service = GenerationService(tokenizer, scheduler, model,
                                 max_tokens_limit=cfg.max_tokens_limit,
-                                request_timeout_s=cfg.request_timeout_s, metrics=metrics)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+                                request_timeout_s=cfg.request_timeout_s, metrics=metrics,
+                                max_prompt_bytes=cfg.max_prompt_bytes,
+                                max_prompt_tokens=cfg.max_prompt_tokens)
+    # The public port refuses (RESOURCE_EXHAUSTED) a message too large for any acceptable
+    # prompt before parsing it.
+    server = grpc.aio.server(
+        options=server_options(max_receive_bytes=service.prompt_limits.max_request_bytes))
+    add_servicer_parsing_requests(server, GenerationServicer(service),
+                                  generation_pb2.DESCRIPTOR.services_by_name["Generation"])
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
     http = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.errors import (
+    Aborted,
     InvalidArgument,
     PagedServeError,
     RequestFailed,
@@ -23,6 +24,7 @@ from pagedserve.errors import (
     StepRefused,
     Unavailable,
 )
+from pagedserve.request_id import check_request_id
 from pagedserve.step_codec import SampledRow, split_tops
 from pagedserve.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
@@ -209,10 +211,12 @@ class Engine:
         return stream
 
     def abort(self, request_id: str) -> bool:
-        """Frees every block of the request; its stream ends. ``False`` if it was not running."""
+        """Frees every block of the request; its stream ends with ``Aborted`` (a consumer that
+        is still reading was stopped by someone else). ``False`` if it was not running."""
         req = self.requests.get(request_id)
         if req is None:
             return False
+        req.stream.close(Aborted(f"request {request_id!r} was aborted on the server"))
         for seq in req.group.seqs:
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED_ABORTED
@@ -228,6 +232,7 @@ class Engine:
         info = self.model_info
         if not request_id:
             raise InvalidArgument("request_id", "must not be empty")
+        check_request_id(request_id)
         if request_id in self.requests:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         if not prompt:

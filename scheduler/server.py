@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 
 from kvstore import open_store
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.grpc_util import SERVER_OPTIONS, add_health_and_reflection, set_serving
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import discovery
 from scheduler.config import SchedulerConfig
@@ -74,7 +74,7 @@ async def build_server(
             host, dport, known, lambda a: engine.add_worker(GrpcWorkerHandle(a)))))
     engine.prefix_sync.start()
     observer.start(config.server.metrics_port, config.server.host)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer = SchedulerServicer(engine)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])

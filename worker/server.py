@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from pagedserve.grpc_util import CHANNEL_OPTIONS, add_health_and_reflection, set_serving
+from pagedserve.grpc_util import SERVER_OPTIONS, add_health_and_reflection, set_serving
 from pagedserve.metrics_server import MetricsServer, new_registry, serve_metrics
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.config import WorkerConfig
@@ -52,7 +52,7 @@ async def start_worker_server(cfg: WorkerConfig, worker: Worker | None = None) -
     """Loads the model (unless ``worker`` is given, e.g. shared in tests) and starts serving."""
     if worker is None:
         worker = await asyncio.to_thread(Worker, cfg)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")

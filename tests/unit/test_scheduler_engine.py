@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from pagedserve.errors import Aborted
 from pagedserve.sampling import make_sampling_params, resolve_sampling_params
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
@@ -146,10 +147,11 @@ def test_abort_mid_stream_frees_every_block():
         prompt = list(range(1, 30))
         stream = engine.submit("x", prompt, _params(200, len(prompt)))
         seen = 0
-        async for resp in stream:
-            seen += len(resp.outputs[0].token_ids)
-            if seen >= 5:
-                assert engine.abort("x")
+        with pytest.raises(Aborted):  # the consumer is told: not a normal end
+            async for resp in stream:
+                seen += len(resp.outputs[0].token_ids)
+                if seen >= 5:
+                    assert engine.abort("x")
         await _eventually(lambda: _free_everything(engine) and worker.seqs == {},
                           "the aborted request to be freed on both sides")
         assert engine.stats().num_running == 0
