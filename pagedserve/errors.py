@@ -67,6 +67,12 @@ class RequestFailed(PagedServeError):
     code = "INTERNAL"
 
 
+class WorkerFault(Unavailable):
+    """A worker that was reached failed a step (an internal or device error) or did not answer
+    it in time: out of service like one that is gone, but a request in that step may be the
+    cause, so it counts against the step's requests (``scheduler/engine.py``)."""
+
+
 class NotFound(PagedServeError):
     code = "NOT_FOUND"
 

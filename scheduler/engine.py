@@ -23,6 +23,7 @@ from pagedserve.errors import (
     ResourceExhausted,
     StepRefused,
     Unavailable,
+    WorkerFault,
 )
 from pagedserve.request_id import check_request_id
 from pagedserve.step_codec import SampledRow, split_tops
@@ -41,8 +42,9 @@ from scheduler.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
 
-# A request that was on this many workers when they failed is failed, not moved again: a request
-# that brings workers down must not go round them all.
+# A request in the failed (or timed-out) steps of this many workers is failed, not moved again:
+# a request that brings workers down must not go round them all. Workers that are merely gone
+# (unreachable) do not count.
 MAX_WORKER_FAILURES = 2
 
 @dataclass
@@ -288,12 +290,13 @@ class Engine:
                 await self._step(ws)
             except PagedServeError as exc:
                 logger.error("worker %s failed: %s", ws.handle.name, exc)
-                await self._fail_worker(ws)
+                # Gone (unreachable) is no request's doing; a failed or timed-out step may be.
+                await self._fail_worker(ws, suspect_requests=isinstance(exc, WorkerFault))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not silently stall every request on this worker
                 logger.exception("step on worker %s failed", ws.handle.name)
-                await self._fail_worker(ws)
+                await self._fail_worker(ws, suspect_requests=True)
 
     async def _step(self, ws: WorkerState) -> None:
         started = time.perf_counter()
@@ -480,7 +483,7 @@ class Engine:
         entry = self.seqs.get(exc.seq_id) if exc.seq_id is not None else None
         if entry is None:
             logger.error("worker %s refused a step: %s", ws.handle.name, exc)
-            await self._fail_worker(ws)
+            await self._fail_worker(ws, suspect_requests=True)
             return
         req = entry[1]
         logger.error("request %s refused by worker %s: %s", req.group.request_id,
@@ -490,15 +493,18 @@ class Engine:
             await ws.handle.reset()
         except PagedServeError as reset_exc:
             logger.error("worker %s failed: %s", ws.handle.name, reset_exc)
-            await self._fail_worker(ws)
+            await self._fail_worker(ws, suspect_requests=False)
             return
         self._move_groups(ws, [w for w in self.workers if w.healthy], count_failure=False)
 
-    async def _fail_worker(self, ws: WorkerState) -> None:
+    async def _fail_worker(self, ws: WorkerState, suspect_requests: bool) -> None:
         """A worker that fails a step loses only KV memory: its requests move elsewhere as
-        continuations (prompt + generated tokens, recomputed); clients see no gap."""
+        continuations (prompt + generated tokens, recomputed); clients see no gap. With
+        ``suspect_requests`` (the step failed or hung, rather than the worker being gone) the
+        failure counts against each of them (``MAX_WORKER_FAILURES``)."""
         ws.healthy = False
-        self._move_groups(ws, [w for w in self.workers if w.healthy], count_failure=True)
+        self._move_groups(ws, [w for w in self.workers if w.healthy],
+                          count_failure=suspect_requests)
         asyncio.get_running_loop().create_task(self._reconnect(ws))
 
     def _move_groups(self, ws: WorkerState, targets: list[WorkerState],

@@ -4,9 +4,10 @@
 tests, engine benchmarks); ``GrpcWorkerHandle`` calls a worker pod over gRPC (the cluster).
 
 Both tell the engine whose fault a failed call was: ``StepRefused`` when a worker that is up
-refused a step as malformed (its checks run before it changes anything, so the worker is fine),
-``Unavailable`` for everything else (process gone, timeout, device or other internal error),
-which takes the worker out of service.
+refused a step as malformed (its checks run before it changes anything, so the worker is fine);
+``WorkerFault`` when it was reached but failed the step or did not answer in time (device or
+other internal error, timeout: a request may be the cause); ``Unavailable`` when it could not be
+reached (process gone). The last two take the worker out of service.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.errors import InvalidArgument, NotFound, SequenceRefused, StepRefused, Unavailable
+from pagedserve.errors import (
+    InvalidArgument,
+    NotFound,
+    SequenceRefused,
+    StepRefused,
+    Unavailable,
+    WorkerFault,
+)
 from pagedserve.grpc_util import CHANNEL_OPTIONS, SEQ_ID_METADATA_KEY
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -84,6 +92,8 @@ class GrpcWorkerHandle:
             message = f"worker {self.address}: {exc.code().name}: {exc.details()}"
             if exc.code() in _REFUSALS:
                 raise StepRefused(message, _seq_id(exc)) from exc
+            if exc.code() in _FAULTS:
+                raise WorkerFault(message) from exc
             raise Unavailable(message) from exc
 
 
@@ -97,3 +107,6 @@ def _seq_id(exc: grpc.aio.AioRpcError) -> int | None:
 # What a worker answers when it refuses a request it judged malformed (worker/servicer.py maps
 # InvalidArgument and NotFound so); any other status is a fault of the worker or the transport.
 _REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
+# A worker that was reached but failed the step (an exception in it), or no answer in time.
+_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                     grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -94,8 +94,9 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
 
 def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
     """A worker that refuses a step names the sequence at fault (the scheduler fails only its
-    request and keeps the worker); a worker that is gone is a fault of the worker."""
-    from pagedserve.errors import StepRefused, Unavailable
+    request and keeps the worker); one that does not answer in time is a ``WorkerFault`` (its
+    step's requests are suspects); one that is gone is ``Unavailable`` and nobody's doing."""
+    from pagedserve.errors import StepRefused, Unavailable, WorkerFault
     from scheduler.worker_handle import GrpcWorkerHandle
 
     path = tiny_llama_dir()
@@ -110,9 +111,14 @@ def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
         try:
             with pytest.raises(StepRefused) as refused:
                 await handle.step(bad)
+            hurried = GrpcWorkerHandle(handle.address, step_timeout=1e-6)
+            with pytest.raises(WorkerFault):
+                await hurried.step(worker_pb2.StepRequest(step_id=2))
+            await hurried.close()
             await started.stop()
-            with pytest.raises(Unavailable):
-                await handle.step(worker_pb2.StepRequest(step_id=2))
+            with pytest.raises(Unavailable) as gone:
+                await handle.step(worker_pb2.StepRequest(step_id=3))
+            assert not isinstance(gone.value, WorkerFault)
         finally:
             await handle.close()
         return refused.value
