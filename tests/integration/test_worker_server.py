@@ -94,8 +94,8 @@ def test_grpc_worker_serves_info_health_and_same_tokens_as_in_process() -> None:
 
 def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
     """A worker that refuses a step names the sequence at fault (the scheduler fails only its
-    request and keeps the worker); one that does not answer in time is a ``WorkerFault`` (its
-    step's requests are suspects); one that is gone is ``Unavailable`` and nobody's doing."""
+    request and keeps the worker); one that is gone is ``Unavailable``, not a ``WorkerFault``:
+    nobody's doing, so it counts against no request."""
     from pagedserve.errors import StepRefused, Unavailable, WorkerFault
     from scheduler.worker_handle import GrpcWorkerHandle
 
@@ -111,10 +111,6 @@ def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
         try:
             with pytest.raises(StepRefused) as refused:
                 await handle.step(bad)
-            hurried = GrpcWorkerHandle(handle.address, step_timeout=1e-6)
-            with pytest.raises(WorkerFault):
-                await hurried.step(worker_pb2.StepRequest(step_id=2))
-            await hurried.close()
             await started.stop()
             with pytest.raises(Unavailable) as gone:
                 await handle.step(worker_pb2.StepRequest(step_id=3))
