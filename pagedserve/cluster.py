@@ -115,6 +115,8 @@ async def start_local_cluster(
         server=RouterServerConfig(host="127.0.0.1", port=0, grace_s=1.0,
                                   metrics_port=metrics_port, http_port=0 if http else None,
                                   tls=tls.get("router", TlsConfig())),
+        max_tokens_limit=rconf.max_tokens_limit, request_timeout_s=rconf.request_timeout_s,
+        max_prompt_bytes=rconf.max_prompt_bytes, max_prompt_tokens=rconf.max_prompt_tokens,
     )
     tokenizer = await asyncio.to_thread(load_tokenizer, model_path)
     router = await start_router(rconf, tokenizer)

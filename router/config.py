@@ -10,16 +10,18 @@ from pagedserve.core.grpc_util import TlsConfig, add_tls_arguments, tls_config_f
 from router.rate_limit import RateLimitConfig
 
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
+DEFAULT_MAX_PROMPT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where the router listens. ``port`` 0 picks a free port (tests). ``http_port`` serves the
-    OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port). ``tls`` secures
+    """Where the router listens: loopback unless told (``--host 0.0.0.0``, as the Helm chart
+    and the container image pass). ``port`` 0 picks a free port (tests). ``http_port`` serves
+    the OpenAI-compatible HTTP API beside gRPC (None = off; 0 = any free port). ``tls`` secures
     both ports (with its CA set, clients need a certificate) and is the router's certificate
     towards the scheduler."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 50051
     grace_s: float = 5.0
     metrics_port: int | None = None  # None = no Prometheus endpoint; 0 = any free port
@@ -41,7 +43,10 @@ class RouterConfig:
     """``model`` is the tokenizer source (HF directory or .gguf; None = the packaged SmolLM2).
     ``request_timeout_s`` caps a request with no client deadline (0 = no cap). API keys come
     from ``api_key_file`` and ``api_keys`` (entries, from ``PAGEDSERVE_API_KEYS``; see
-    ``router/auth.py``; none = no authentication); ``rate_limits`` apply per key."""
+    ``router/auth.py``; none = no authentication); ``rate_limits`` apply per key.
+    ``max_prompt_bytes`` caps a prompt's UTF-8 bytes before it is tokenized (a request message
+    larger than it plus ``REQUEST_OVERHEAD_BYTES`` is refused by gRPC, RESOURCE_EXHAUSTED,
+    before it is parsed); ``max_prompt_tokens`` caps its tokens (0 = the model's context)."""
 
     model: str | None = None
     scheduler_address: str = "127.0.0.1:50052"
@@ -53,10 +58,15 @@ class RouterConfig:
     api_key_file: str | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    max_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1")
+        if self.max_prompt_bytes < 1 or self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_bytes must be >= 1 and max_prompt_tokens >= 0 "
+                             "(0 = the model's context)")
         if self.request_timeout_s < 0 or self.startup_timeout_s <= 0:
             raise ValueError("request_timeout_s must be >= 0 and startup_timeout_s > 0")
         if not self.scheduler_address:
@@ -107,6 +117,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         raw = _env(name, None)
         default = kind(raw) if raw else (None if "burst" in flag else 0.0)
         group.add_argument(f"--rate-limit-{flag}", type=kind, default=default, help=text)
+    group.add_argument("--max-prompt-bytes", type=int,
+                       default=int(_env("MAX_PROMPT_BYTES", str(d.max_prompt_bytes)) or 0),
+                       help="largest prompt in UTF-8 bytes, checked before tokenizing")
+    group.add_argument("--max-prompt-tokens", type=int,
+                       default=int(_env("MAX_PROMPT_TOKENS", str(d.max_prompt_tokens)) or 0),
+                       help="largest prompt in tokens (0 = the model's context)")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -124,4 +140,6 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
                        if e.strip()),
         rate_limits=RateLimitConfig(args.rate_limit_rps, args.rate_limit_burst,
                                     args.rate_limit_tps, args.rate_limit_token_burst),
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
     )

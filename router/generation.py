@@ -37,10 +37,17 @@ from prometheus_client import CollectorRegistry
 from pagedserve.core.errors import PagedServeError
 from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
 from router.auth import ANONYMOUS, ApiKeys
+from router.config import DEFAULT_MAX_PROMPT_BYTES
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
 from router.rate_limit import LimitExceeded, RateLimitConfig, RateLimiter
-from router.request import PreparedRequest, ServedModel, prepare_request, prompt_token_ids
+from router.request import (
+    PreparedRequest,
+    PromptLimits,
+    ServedModel,
+    prepare_request,
+    prompt_token_ids,
+)
 from router.scheduler_client import SchedulerClient, SubmitStream, UpstreamError
 from router.tokenizer import Tokenizer
 
@@ -120,11 +127,16 @@ class GenerationService:
         metrics: RouterMetrics | None = None,
         api_keys: ApiKeys | None = None,
         rate_limits: RateLimitConfig | None = None,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        max_prompt_tokens: int = 0,
     ) -> None:
+        """``max_prompt_tokens`` 0 = the model's context (``router/config.py``)."""
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
         self.tokenizer = tokenizer
         self.model = model
         self.max_tokens_limit = max_tokens_limit
+        self.prompt_limits = PromptLimits(max_prompt_bytes,
+                                          max_prompt_tokens or model.context_len)
         self._scheduler = scheduler
         self._request_timeout_s = request_timeout_s
         self._keys = api_keys if api_keys is not None else ApiKeys([])
@@ -178,7 +190,8 @@ class GenerationService:
         Tokenizing runs in a thread (long texts must not stall the streams); token ids are only
         checked, which is cheaper here than a thread hand-off. Raises ``PagedServeError``."""
         prepare = functools.partial(prepare_request, request, self.tokenizer, self.model,
-                                    max_tokens_limit=self.max_tokens_limit)
+                                    max_tokens_limit=self.max_tokens_limit,
+                                    limits=self.prompt_limits)
         if request.WhichOneof("prompt") == "token_ids":
             return prepare()
         return await asyncio.to_thread(prepare)
@@ -189,7 +202,7 @@ class GenerationService:
         valid API key)."""
         self.authenticate(call.metadata)
         return await asyncio.to_thread(
-            prompt_token_ids, request, self.tokenizer, self.model.vocab_size)
+            prompt_token_ids, request, self.tokenizer, self.model.vocab_size, self.prompt_limits)
 
     def timeout_s(self, call: CallInfo) -> float | None:
         """The client's remaining deadline, capped by the router's own request timeout."""
@@ -211,8 +224,8 @@ class RequestScope:
         self.record = _RequestRecord(service.metrics, call.protocol)
 
     async def prepare(self, request: generation_pb2.GenerateRequest) -> PreparedRequest:
-        """Admits the request: its API key and rate limits, then validation and tokenizing."""
-        self.request_id = request.request_id
+        """Admits the request: its API key and rate limits, then validation and tokenizing.
+        ``request_id`` (logged) is set once checked: a refused one never reaches a log line."""
         self.key_id = self._service.admit(self._call)
         prepared = await self._service.prepare(request, self._call)
         self.request_id = prepared.request_id

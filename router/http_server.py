@@ -50,7 +50,6 @@ from router.request import PreparedRequest, check_model, checked_token_ids
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024  # as gRPC's message limit (pagedserve.core.grpc_util)
 TIMEOUT_HEADER = "X-Request-Timeout"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Messages = AsyncGenerator[tuple[int, generation_pb2.GenerateResponse], None]
@@ -121,7 +120,8 @@ class HttpApi:
         self.serving = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES,
+        # As the gRPC port: no body larger than an acceptable prompt needs (413 beyond it).
+        app = web.Application(client_max_size=self._service.prompt_limits.max_request_bytes,
                               middlewares=[_openai_errors, _authenticating(self._service)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)

@@ -12,12 +12,31 @@ import uuid
 from dataclasses import dataclass
 
 from pagedserve.core.errors import InvalidArgument, ModelNotFound
+from pagedserve.core.request_id import check_request_id
 from pagedserve.core.sampling import resolve_sampling_params
 from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, generation_pb2
 from router.tokenizer import Tokenizer
 
-MAX_REQUEST_ID_CHARS = 128
+# What a request message may hold beside its prompt: params, stop strings, ids, chat structure.
+REQUEST_OVERHEAD_BYTES = 1024 * 1024
+MAX_TOKEN_ID_BYTES = 5  # an int32 token id as a protobuf varint, at most
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """How large a prompt the router takes, checked before the costly work: ``max_bytes`` of
+    UTF-8 before tokenizing, ``max_tokens`` after (or at once, for token ids)."""
+
+    max_bytes: int
+    max_tokens: int
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request message that may hold an acceptable prompt (the gRPC and HTTP
+        servers refuse larger ones before parsing them)."""
+        return (max(self.max_bytes, MAX_TOKEN_ID_BYTES * self.max_tokens)
+                + REQUEST_OVERHEAD_BYTES)
 
 
 @dataclass(frozen=True)
@@ -60,11 +79,12 @@ def prepare_request(
     model: ServedModel,
     *,
     max_tokens_limit: int,
+    limits: PromptLimits,
 ) -> PreparedRequest:
     """Validates ``request``; returns its request id (made if empty), prompt ids and params."""
     check_model(request.model, model)
     request_id = _request_id(request.request_id)
-    prompt_ids = prompt_token_ids(request, tokenizer, model.vocab_size)
+    prompt_ids = prompt_token_ids(request, tokenizer, model.vocab_size, limits)
     params = resolve_sampling_params(
         request.params, num_prompt_tokens=len(prompt_ids), max_model_len=model.context_len,
         max_tokens_limit=max_tokens_limit, vocab_size=model.vocab_size,
@@ -77,19 +97,40 @@ def prompt_token_ids(
     request: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest,
     tokenizer: Tokenizer,
     vocab_size: int,
+    limits: PromptLimits,
 ) -> list[int]:
     """The prompt's ids: ``text`` is tokenized as is, ``chat`` through the chat template,
-    ``token_ids`` are checked against the vocabulary."""
+    ``token_ids`` are checked against the vocabulary; each within ``limits``."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidArgument("prompt", "set one of prompt.text, prompt.chat, prompt.token_ids")
+    if kind == "token_ids":
+        _check_num_tokens(len(request.token_ids.ids), limits, "prompt.token_ids")
+        return checked_token_ids(list(request.token_ids.ids), vocab_size)
     if kind == "text":
         if not request.text:
             raise InvalidArgument("prompt.text", "must not be empty")
-        return tokenizer.encode(request.text, add_special_tokens=True)
-    if kind == "chat":
-        return tokenizer.encode_chat(_chat_messages(request.chat, tokenizer))
-    return checked_token_ids(list(request.token_ids.ids), vocab_size)
+        _check_bytes(len(request.text.encode()), limits, "prompt.text")
+        ids = tokenizer.encode(request.text, add_special_tokens=True)
+    else:
+        messages = _chat_messages(request.chat, tokenizer)
+        _check_bytes(sum(len(m["role"].encode()) + len(m["content"].encode())
+                         for m in messages), limits, "prompt.chat.messages")
+        ids = tokenizer.encode_chat(messages)
+    _check_num_tokens(len(ids), limits, "prompt")
+    return ids
+
+
+def _check_bytes(num_bytes: int, limits: PromptLimits, field: str) -> None:
+    if num_bytes > limits.max_bytes:
+        raise InvalidArgument(field, f"{num_bytes} bytes exceed this router's limit of "
+                              f"{limits.max_bytes} (--max-prompt-bytes)")
+
+
+def _check_num_tokens(num_tokens: int, limits: PromptLimits, field: str) -> None:
+    if num_tokens > limits.max_tokens:
+        raise InvalidArgument(field, f"{num_tokens} tokens exceed this router's limit of "
+                              f"{limits.max_tokens} (--max-prompt-tokens, or the context)")
 
 
 def check_model(requested: str, model: ServedModel) -> None:
@@ -99,8 +140,7 @@ def check_model(requested: str, model: ServedModel) -> None:
 
 
 def _request_id(requested: str) -> str:
-    if len(requested) > MAX_REQUEST_ID_CHARS:
-        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+    check_request_id(requested)
     return requested or uuid.uuid4().hex
 
 

@@ -13,15 +13,16 @@ import grpc
 from grpc_health.v1 import health
 
 from pagedserve.core.grpc_util import (
-    CHANNEL_OPTIONS,
     add_health_and_reflection,
     add_port,
+    add_servicer_parsing_requests,
+    server_options,
     server_ssl_context,
     set_serving,
 )
 from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
 from pagedserve.core.models import resolve_model_path
-from protos.pagedserve.v1 import generation_pb2, generation_pb2_grpc, scheduler_pb2
+from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
 from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.generation import GenerationService
@@ -97,9 +98,15 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     service = GenerationService(tokenizer, scheduler, model,
                                 max_tokens_limit=cfg.max_tokens_limit,
                                 request_timeout_s=cfg.request_timeout_s, metrics=metrics,
-                                api_keys=api_keys, rate_limits=cfg.rate_limits)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+                                api_keys=api_keys, rate_limits=cfg.rate_limits,
+                                max_prompt_bytes=cfg.max_prompt_bytes,
+                                max_prompt_tokens=cfg.max_prompt_tokens)
+    # The public port refuses (RESOURCE_EXHAUSTED) a message too large for any acceptable
+    # prompt before parsing it.
+    server = grpc.aio.server(
+        options=server_options(max_receive_bytes=service.prompt_limits.max_request_bytes))
+    add_servicer_parsing_requests(server, GenerationServicer(service),
+                                  generation_pb2.DESCRIPTOR.services_by_name["Generation"])
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = add_port(server, f"{cfg.server.host}:{cfg.server.port}", tls)
     http = None

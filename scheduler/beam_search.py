@@ -12,10 +12,15 @@ counts up; copy-on-write when the shared partial last block is written), and a b
 continuation is freed. Search stops when no running beam can beat the worst finished hypothesis
 (HF's ``early_stopping=False`` heuristic), when all are finished and ``early_stopping`` is set, or
 when every continuation ends.
+
+Scores are per beam and never raise: a non-finite log-prob or length normalisation (parameters
+that bypassed validation, ``pagedserve/core/sampling.py``) ranks that candidate last instead of
+failing the step for every request on the worker.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -83,8 +88,9 @@ class BeamState:
         for order, (seq, token) in enumerate(sampled):
             base = self.score_of(seq)
             for rank, (top_token_id, top_logprob) in enumerate(token.top):
-                pool.append((np.float32(base + np.float32(top_logprob)), order, rank, seq,
-                             top_token_id))
+                score = np.float32(base + np.float32(top_logprob))
+                pool.append((score if not np.isnan(score) else np.float32(-np.inf), order, rank,
+                             seq, top_token_id))
         pool.sort(key=lambda c: (-c[0], c[1], c[2]))
         return [Continuation(seq, tok, score) for score, _, _, seq, tok in pool[: 2 * self.width]]
 
@@ -108,7 +114,7 @@ class BeamState:
             if rank >= self.width or not end:
                 continue
             output = [*c.parent.output_token_ids, c.token_id]
-            score = float(c.score / np.float32(gen_len ** self.length_penalty))
+            score = length_normalized(c.score, gen_len, self.length_penalty)
             self.finished.append(Hypothesis(score, output, c.token_id in self.stop_token_ids,
                                             float(c.score)))
         self.finished.sort(key=lambda h: -h.score)
@@ -117,5 +123,23 @@ class BeamState:
     def _is_improvable(self, best_running: np.float32, gen_len: int) -> bool:
         if len(self.finished) < self.width:
             return True
-        best_possible = float(best_running) / (gen_len ** self.length_penalty)
+        # HF's ``is_done`` divides a Python float (double), the finished scores are fp32.
+        best_possible = length_normalized(best_running, gen_len, self.length_penalty,
+                                          fp32=False)
         return best_possible > self.finished[-1].score
+
+
+def length_normalized(cumulative: float | np.float32, gen_len: int, length_penalty: float,
+                      fp32: bool = True) -> float:
+    """``cumulative / gen_len ** length_penalty``, in fp32 or double as Hugging Face computes
+    each; ``-inf`` (ranks last) when that is not a finite number, never an exception."""
+    try:
+        denominator = float(gen_len) ** length_penalty
+    except OverflowError:
+        return -math.inf
+    with np.errstate(all="ignore"):
+        if fp32:
+            score = float(np.float32(cumulative) / np.float32(denominator))
+        else:
+            score = float(np.float64(cumulative) / np.float64(denominator))
+    return score if math.isfinite(score) else -math.inf

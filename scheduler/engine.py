@@ -16,7 +16,17 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagedserve.core.errors import InvalidArgument, PagedServeError, ResourceExhausted, Unavailable
+from pagedserve.core.errors import (
+    Aborted,
+    InvalidArgument,
+    PagedServeError,
+    RequestFailed,
+    ResourceExhausted,
+    StepRefused,
+    Unavailable,
+    WorkerFault,
+)
+from pagedserve.core.request_id import check_request_id
 from pagedserve.core.step import SampledRow, WorkerResult
 from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
@@ -33,6 +43,11 @@ from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
+
+# A request in the failed (or timed-out) steps of this many workers is failed, not moved again:
+# a request that brings workers down must not go round them all. Workers that are merely gone
+# (unreachable) do not count.
+MAX_WORKER_FAILURES = 2
 
 @dataclass
 class WorkerState:
@@ -197,7 +212,8 @@ class Engine:
         ``stop_token_ids`` is the whole stop set."""
         num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,
                                    _num_samples(params), self.model_info.block_size)
-        self._validate(request_id, prompt_token_ids, generated_token_ids, num_blocks)
+        self._validate(request_id, prompt_token_ids, generated_token_ids, params.max_tokens,
+                       num_blocks)
         group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
         group.num_blocks_needed = num_blocks
         ws = self._place(group)
@@ -213,10 +229,12 @@ class Engine:
         return stream
 
     def abort(self, request_id: str) -> bool:
-        """Frees every block of the request; its stream ends. ``False`` if it was not running."""
+        """Frees every block of the request; its stream ends with ``Aborted`` (a consumer that
+        is still reading was stopped by someone else). ``False`` if it was not running."""
         req = self.requests.get(request_id)
         if req is None:
             return False
+        req.stream.close(Aborted(f"request {request_id!r} was aborted on the server"))
         for seq in req.group.seqs:
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED_ABORTED
@@ -225,19 +243,23 @@ class Engine:
         return True
 
     def _validate(self, request_id: str, prompt: Seq[int], generated: Seq[int],
-                  num_blocks: int) -> None:
+                  max_tokens: int, num_blocks: int) -> None:
         """What only the scheduler knows (running ids, pool capacity, its queue), plus token-id
         ranges: a ``Submit`` from a tool, or the offline ``LLM``, did not pass a router. Sampling
         params were validated where they were resolved."""
         info = self.model_info
         if not request_id:
             raise InvalidArgument("request_id", "must not be empty")
+        check_request_id(request_id)
         if request_id in self.requests:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
         if not prompt:
             raise InvalidArgument("prompt_token_ids", "must not be empty")
         check_token_ids(prompt, info.vocab_size, "prompt_token_ids")
         check_token_ids(generated, info.vocab_size, "generated_token_ids")
+        if len(generated) >= max_tokens:  # else the sequence would outgrow what was resolved
+            raise InvalidArgument("generated_token_ids", f"{len(generated)} tokens already "
+                                  f"reach max_tokens={max_tokens}: nothing is left to generate")
         capacity = info.max_num_tokens_per_request // info.block_size
         if num_blocks > capacity:
             raise ResourceExhausted(
@@ -284,12 +306,13 @@ class Engine:
                 await self._step(ws)
             except PagedServeError as exc:
                 logger.error("worker %s failed: %s", ws.handle.name, exc)
-                await self._fail_worker(ws)
+                # Gone (unreachable) is no request's doing; a failed or timed-out step may be.
+                await self._fail_worker(ws, suspect_requests=isinstance(exc, WorkerFault))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug must not silently stall every request on this worker
                 logger.exception("step on worker %s failed", ws.handle.name)
-                await self._fail_worker(ws)
+                await self._fail_worker(ws, suspect_requests=True)
 
     async def _step(self, ws: WorkerState) -> None:
         started = time.perf_counter()
@@ -305,7 +328,11 @@ class Engine:
                 self.seqs[child.seq_id] = (child, req)
         step = build_step(next(self._step_ids), plan, mirror)
         commit(plan, mirror)
-        result = await ws.handle.step(step)
+        try:
+            result = await ws.handle.step(step)
+        except StepRefused as exc:  # the worker changed nothing; its sequences are reset
+            await self._recover_refused_step(ws, exc)
+            return
         ws.num_steps += 1
         num_generated = self.num_generated_tokens
         self._process(ws, result)
@@ -366,7 +393,11 @@ class Engine:
         self.num_generated_tokens += num_generated
         for request_id, batch in beams.items():
             req = self.requests[request_id]
-            outs = self._beam_step(req, batch)
+            try:
+                outs = self._beam_step(req, batch)
+            except Exception as exc:  # this request's fault alone: the batch goes on
+                self._fail_request(req, exc)
+                continue
             if outs:
                 req.stream.put_outputs(outs)
             done.append(req)
@@ -448,21 +479,67 @@ class Engine:
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------
-    async def _fail_worker(self, ws: WorkerState) -> None:
+    def _fail_request(self, req: _Request, exc: Exception) -> None:
+        """Ends one request whose processing raised; the rest of its step is unaffected."""
+        logger.error("request %s failed on worker %s: %s: %s", req.group.request_id,
+                     req.worker.handle.name, type(exc).__name__, exc)
+        self._finish_request(req, error=RequestFailed(
+            f"request {req.group.request_id!r} failed in the scheduler: "
+            f"{type(exc).__name__}: {exc}"))
+
+    async def _recover_refused_step(self, ws: WorkerState, exc: StepRefused) -> None:
+        """The worker is up and changed nothing, so it stays in service. The request whose
+        sequence it named fails with the worker's reason (requests are checked on submit, so
+        this one bypassed the checks); the worker drops its sequences and the others recompute
+        on it as continuations. A refusal that names no sequence is a fault of the scheduler's
+        view of the worker: the worker is failed as before."""
+        entry = self.seqs.get(exc.seq_id) if exc.seq_id is not None else None
+        if entry is None:
+            logger.error("worker %s refused a step: %s", ws.handle.name, exc)
+            await self._fail_worker(ws, suspect_requests=True)
+            return
+        req = entry[1]
+        logger.error("request %s refused by worker %s: %s", req.group.request_id,
+                     ws.handle.name, exc)
+        self._finish_request(req, error=exc)
+        try:
+            await ws.handle.reset()
+        except PagedServeError as reset_exc:
+            logger.error("worker %s failed: %s", ws.handle.name, reset_exc)
+            await self._fail_worker(ws, suspect_requests=False)
+            return
+        self._move_groups(ws, [w for w in self.workers if w.healthy], count_failure=False)
+
+    async def _fail_worker(self, ws: WorkerState, suspect_requests: bool) -> None:
         """A worker that fails a step loses only KV memory: its requests move elsewhere as
-        continuations (prompt + generated tokens, recomputed); clients see no gap."""
+        continuations (prompt + generated tokens, recomputed); clients see no gap. With
+        ``suspect_requests`` (the step failed or hung, rather than the worker being gone) the
+        failure counts against each of them (``MAX_WORKER_FAILURES``)."""
         ws.healthy = False
+        self._move_groups(ws, [w for w in self.workers if w.healthy],
+                          count_failure=suspect_requests)
+        asyncio.get_running_loop().create_task(self._reconnect(ws))
+
+    def _move_groups(self, ws: WorkerState, targets: list[WorkerState],
+                     count_failure: bool) -> None:
+        """Voids ``ws``'s metadata and places its requests on ``targets`` as continuations; a
+        request already on ``MAX_WORKER_FAILURES`` failed workers ends instead."""
         groups = ws.sched.groups()
         ws.sched = self._new_worker_state(ws.handle, ws.info).sched  # its metadata is void
-        healthy = [w for w in self.workers if w.healthy]
         for group in groups:
             req = self.requests.get(group.request_id)
             if req is None:
                 continue
+            group.num_worker_failures += count_failure
+            if group.num_worker_failures >= MAX_WORKER_FAILURES:
+                self._finish_request(req, error=RequestFailed(
+                    f"request {group.request_id!r} was on {group.num_worker_failures} workers "
+                    f"when they failed; not retried"))
+                continue
             for seq in group.live_seqs:  # finished ones were released already
                 seq.reset_for_recompute()
             try:
-                target, _ = choose_worker(healthy, group.seqs[0].token_ids,
+                target, _ = choose_worker(targets, group.seqs[0].token_ids,
                                           group.num_blocks_needed)
             except Unavailable as exc:  # none left, or none whose pool holds it
                 self._finish_request(req, error=exc)
@@ -470,7 +547,6 @@ class Engine:
             req.worker = target
             target.sched.add(group)
             target.wakeup.set()
-        asyncio.get_running_loop().create_task(self._reconnect(ws))
 
     async def _reconnect(self, ws: WorkerState, interval: float = 2.0) -> None:
         while not ws.healthy:

@@ -115,6 +115,8 @@ class SequenceGroup:
     # The most KV blocks it can hold (scheduler.placement.blocks_needed): it is placed only on a
     # worker whose pool is at least this large. Set by the engine.
     num_blocks_needed: int = 0
+    # Workers that failed while it ran on them (the engine stops moving it at a limit).
+    num_worker_failures: int = 0
     # Resolved once from ``params`` (the step loop reads these per token):
     # ``best_of > n``: outputs are chosen at the end, so nothing streams before.
     holds_outputs: bool = field(init=False)

@@ -11,7 +11,7 @@ import grpc
 
 from kvstore import open_store
 from pagedserve.core.grpc_util import (
-    CHANNEL_OPTIONS,
+    SERVER_OPTIONS,
     add_health_and_reflection,
     add_port,
     identity_interceptors,
@@ -83,7 +83,7 @@ async def build_server(
     prefix_sync.start()
     observer.start(engine, config.server.metrics_port, config.server.host)
     tls = config.server.tls
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=identity_interceptors(
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=identity_interceptors(
         tls, SERVICE_NAME, config.server.client_identities))
     servicer = SchedulerServicer(engine)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)

@@ -5,6 +5,12 @@ A step is a ``pagedserve.core.step.WorkerStep`` in and a ``WorkerResult`` out on
 this process (offline batch use, tests, engine benchmarks): no protobuf on the way.
 ``GrpcWorkerHandle`` calls a worker pod over gRPC (the cluster) and is the scheduler side's only
 user of the step codec (``pagedserve.core.step_codec``).
+
+Both tell the engine whose fault a failed call was: ``StepRefused`` when a worker that is up
+refused a step as malformed (its checks run before it changes anything, so the worker is fine);
+``WorkerFault`` when it was reached but failed the step or did not answer in time (device or
+other internal error, timeout: a request may be the cause); ``Unavailable`` when it could not be
+reached (process gone). The last two take the worker out of service.
 """
 
 from __future__ import annotations
@@ -14,8 +20,20 @@ from typing import Any, Protocol
 
 import grpc
 
-from pagedserve.core.errors import InvalidArgument, Unavailable
-from pagedserve.core.grpc_util import WORKER_INSTANCE_METADATA, TlsConfig, aio_channel
+from pagedserve.core.errors import (
+    InvalidArgument,
+    NotFound,
+    SequenceRefused,
+    StepRefused,
+    Unavailable,
+    WorkerFault,
+)
+from pagedserve.core.grpc_util import (
+    SEQ_ID_METADATA_KEY,
+    WORKER_INSTANCE_METADATA,
+    TlsConfig,
+    aio_channel,
+)
 from pagedserve.core.step import WorkerResult, WorkerStep
 from pagedserve.core.step_codec import decode_result, encode_step
 from protos.pagedserve.v1 import worker_pb2, worker_pb2_grpc
@@ -54,7 +72,11 @@ class InProcessWorkerHandle:
         return self.worker.info()
 
     async def step(self, step: WorkerStep) -> WorkerResult:
-        return await asyncio.to_thread(self.worker.step, step)
+        try:
+            return await asyncio.to_thread(self.worker.step, step)
+        except (InvalidArgument, NotFound) as exc:
+            seq_id = exc.seq_id if isinstance(exc, SequenceRefused) else None
+            raise StepRefused(f"worker {self.name} refused the step: {exc}", seq_id) from exc
 
     async def reset(self) -> None:
         self.worker.reset()
@@ -113,4 +135,24 @@ class GrpcWorkerHandle:
         try:
             return await method(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"worker {self.address}: {exc.code().name}: {exc.details()}") from exc
+            message = f"worker {self.address}: {exc.code().name}: {exc.details()}"
+            if exc.code() in _REFUSALS:
+                raise StepRefused(message, _seq_id(exc)) from exc
+            if exc.code() in _FAULTS:
+                raise WorkerFault(message) from exc
+            raise Unavailable(message) from exc
+
+
+def _seq_id(exc: grpc.aio.AioRpcError) -> int | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == SEQ_ID_METADATA_KEY:
+            return int(value)
+    return None
+
+
+# What a worker answers when it refuses a request it judged malformed (worker/servicer.py maps
+# InvalidArgument and NotFound so); any other status is a fault of the worker or the transport.
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
+# A worker that was reached but failed the step (an exception in it), or no answer in time.
+_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                     grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -15,6 +15,11 @@ Draws use the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, which samples 
 with a seed draw ``E`` from a generator seeded by ``mix(seed, output_position)``, so a seeded
 request gets the same token at the same position whatever it is batched with and however often it
 is preempted and recomputed; only these draws loop over rows.
+
+Non-finite values stay in their row: a row whose processed logits or probabilities are not
+finite numbers (an extreme temperature or penalty that bypassed validation) falls back to the
+argmax of its raw logits, and stop ids outside the vocabulary are ignored for that row; nothing
+one row asks for raises for the batch.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ class Sampler:
         if fast is not None:
             return fast
         processed = self._suppress_stop_tokens(logits, rows)
-        processed = apply_penalties(processed, rows)
+        processed = _rows_without_nan(apply_penalties(processed, rows), logits)
         token_ids = self._choose(processed, rows)
         return self._with_logprobs(logits, token_ids, rows)
 
@@ -160,10 +165,12 @@ class Sampler:
         nor the model's EOS (also under ``ignore_eos``: see the class)."""
         row_idx: list[int] = []
         tok_idx: list[int] = []
+        vocab = logits.shape[1]
         for i, row in enumerate(rows):
             if row.output_position >= row.params.min_tokens:
                 continue
-            stops = set(row.params.stop_token_ids).union(self.eos_token_ids)
+            stops = {t for t in set(row.params.stop_token_ids).union(self.eos_token_ids)
+                     if 0 <= t < vocab}
             row_idx.extend([i] * len(stops))
             tok_idx.extend(stops)
         if not row_idx:
@@ -192,7 +199,8 @@ class Sampler:
         )
         probs = torch.softmax(scaled, dim=-1)
         drawn = (probs / self._exponential_noise(probs, rows)).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=dev), argmax, drawn)
+        use_argmax = torch.tensor(greedy, device=dev) | ~torch.isfinite(probs).all(dim=-1)
+        return torch.where(use_argmax, argmax, drawn)
 
     def _exponential_noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         generator = self._unseeded_generator(probs.device)
@@ -233,6 +241,16 @@ class Sampler:
 
 
 # -------------------------------------------------------------------------- batched transforms
+
+
+def _rows_without_nan(processed: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``processed`` with every row that holds a NaN, or nothing above ``-inf``, replaced by its
+    raw logits (see the module)."""
+    if processed is raw:
+        return processed
+    bad = (torch.isnan(processed).any(dim=-1, keepdim=True)
+           | torch.isneginf(processed).all(dim=-1, keepdim=True))
+    return torch.where(bad, raw, processed) if bool(bad.any()) else processed
 
 
 def token_counts(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from pagedserve.core.errors import InvalidArgument, NotFound
+from pagedserve.core.errors import InvalidArgument, NotFound, SequenceRefused
 from pagedserve.core.step import NewSeq, ScheduledRow, WorkerStep
 from pagedserve.core.token_ids import check_token_ids
 from worker.cache_engine import CacheEngine
@@ -50,9 +50,7 @@ def _check_new_seqs(
     for n in new_seqs:
         if n.seq_id in lengths:
             raise InvalidArgument("new_seqs.seq_id", f"sequence {n.seq_id} already exists")
-        check_token_ids(n.token_ids, vocab_size, "new_seqs.token_ids")
-        if n.params is not None:  # min_tokens indexes logits by the stop ids
-            check_token_ids(n.params.stop_token_ids, vocab_size, "new_seqs.params.stop_token_ids")
+        _check_request_ids(n, vocab_size)
         base = 0
         if n.parent_seq_id is not None:
             if n.parent_seq_id not in lengths:
@@ -62,6 +60,17 @@ def _check_new_seqs(
         tables[n.seq_id] = 0
         if n.num_prompt_tokens > lengths[n.seq_id]:
             raise InvalidArgument("new_seqs.num_prompt_tokens", "exceeds the sequence's tokens")
+
+
+def _check_request_ids(n: NewSeq, vocab_size: int) -> None:
+    """The ids a request brought (its tokens; its stop ids, by which ``min_tokens`` indexes the
+    logits): ``SequenceRefused`` names the sequence, so only its request fails."""
+    try:
+        check_token_ids(n.token_ids, vocab_size, "new_seqs.token_ids")
+        if n.params is not None:
+            check_token_ids(n.params.stop_token_ids, vocab_size, "new_seqs.params.stop_token_ids")
+    except InvalidArgument as exc:
+        raise SequenceRefused(exc.field, exc.reason, n.seq_id) from exc
 
 
 def _check_scheduled(

@@ -22,6 +22,15 @@ class InvalidArgument(PagedServeError):
         self.reason = message
 
 
+class SequenceRefused(InvalidArgument):
+    """What one sequence of a step carries is out of range (a worker's step checks): the step
+    is refused and ``seq_id`` says whose request is at fault."""
+
+    def __init__(self, field: str, message: str, seq_id: int) -> None:
+        super().__init__(field, message)
+        self.seq_id = seq_id
+
+
 class ResourceExhausted(PagedServeError):
     """Overload: the queue is full, or a request can never fit in the KV pool."""
 
@@ -54,6 +63,36 @@ class FailedPrecondition(PagedServeError):
     scheduler planned the step)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Aborted(PagedServeError):
+    """A request stopped on the server's side (``Scheduler.Abort``), not by its own client:
+    ABORTED, so a client can tell it from success and from its own cancel (CANCELLED)."""
+
+    code = "ABORTED"
+
+
+class StepRefused(PagedServeError):
+    """A worker that is up refused a step as malformed (checked before it changed anything):
+    the worker is fine. ``seq_id``: the sequence at fault, when the worker said."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, seq_id: int | None = None) -> None:
+        super().__init__(message)
+        self.seq_id = seq_id
+
+
+class RequestFailed(PagedServeError):
+    """One request failed where the others beside it did not; it is not retried elsewhere."""
+
+    code = "INTERNAL"
+
+
+class WorkerFault(Unavailable):
+    """A worker that was reached failed a step (an internal or device error) or did not answer
+    it in time: out of service like one that is gone, but a request in that step may be the
+    cause, so it counts against the step's requests (``scheduler/engine.py``)."""
 
 
 class NotFound(PagedServeError):

@@ -10,15 +10,18 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.core.errors import PagedServeError, RateLimited
+from pagedserve.core.errors import PagedServeError, RateLimited, SequenceRefused
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +30,49 @@ logger = logging.getLogger(__name__)
 # instances' steps (scheduler/worker_handle.py, worker/servicer.py).
 WORKER_INSTANCE_METADATA = "pagedserve-worker-instance"
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
+# Internal calls carry whole prompts (a step registers new sequences with all their tokens), so
+# their limit is generous but deliberate; the router's public port takes its own, smaller limit
+# (``router/config.py``: ``--max-prompt-bytes``).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Keepalive, for clients and servers from one place: a client pings an open call every
+# KEEPALIVE_TIME_MS, even when idle (an idle router->scheduler Connect call must survive, and a
+# dead peer must be noticed), and every server accepts pings that often. Servers that
+# accepted fewer pings than clients send answered with GOAWAY ``too_many_pings``.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
+                    keepalive_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    """Options of every client channel."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle call
+    ]
+
+
+def server_options(max_receive_bytes: int = MAX_MESSAGE_BYTES,
+                   keepalive_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    """Options of every server: message limits, and a ping policy that accepts what
+    ``channel_options`` sends (half its interval, for timer slack). A message over
+    ``max_receive_bytes`` is refused by gRPC with RESOURCE_EXHAUSTED before it is parsed."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms // 2),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
+SERVER_OPTIONS = server_options()
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -48,13 +88,67 @@ def retry_after(exc: BaseException) -> str | None:
     return str(max(1, math.ceil(exc.retry_after_s)))
 
 
+# Trailing metadata of a refused ``Worker.Step``: the sequence at fault (``SequenceRefused``).
+SEQ_ID_METADATA_KEY = "pagedserve-seq-id"
+
+
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Ends the call with the status ``exc`` maps to (a rate-limit refusal carries
-    ``retry-after`` in the trailing metadata). Never returns (grpc raises)."""
+    """Ends the call with the status ``exc`` maps to. Trailing metadata: ``retry-after`` for a
+    rate-limit refusal, the refused sequence's id for ``SequenceRefused``. Never returns (grpc
+    raises)."""
+    trailing: tuple[tuple[str, str], ...] = ()
     hint = retry_after(exc)
     if hint is not None:
-        context.set_trailing_metadata((("retry-after", hint),))
-    await context.abort(status_code_for(exc), str(exc))
+        trailing += (("retry-after", hint),)
+    if isinstance(exc, SequenceRefused):
+        trailing += ((SEQ_ID_METADATA_KEY, str(exc.seq_id)),)
+    await context.abort(status_code_for(exc), str(exc), trailing_metadata=trailing)
+
+
+def add_servicer_parsing_requests(server: grpc.aio.Server, servicer: object,
+                                  service: ServiceDescriptor) -> None:
+    """Registers ``servicer``'s methods of ``service`` as the generated ``add_*_to_server``
+    does, but parses each request itself: a message protobuf cannot decode (invalid UTF-8 in a
+    string field, a truncated field) ends INVALID_ARGUMENT naming the message, where gRPC's own
+    parsing ends it UNKNOWN. Unary requests only (the public API has no client streaming)."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client streaming is not supported here")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        behavior = getattr(servicer, method.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(
+            _streaming(behavior, request_cls) if method.server_streaming
+            else _unary(behavior, request_cls),
+            response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+async def _parse(request_cls: Any, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    try:
+        return request_cls.FromString(raw)
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: not a valid {request_cls.DESCRIPTOR.name}: {exc}")
+
+
+def _unary(behavior: Callable[..., Awaitable[Any]], request_cls: Any
+           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(await _parse(request_cls, raw, context), context)
+    return handle
+
+
+def _streaming(behavior: Callable[..., AsyncIterator[Any]], request_cls: Any
+               ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in behavior(await _parse(request_cls, raw, context), context):
+            yield response
+    return handle
 
 
 def add_health_and_reflection(

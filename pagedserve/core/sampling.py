@@ -21,6 +21,7 @@ One home for each convention the services share:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +36,15 @@ MAX_N = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 PENALTY_RANGE = (-2.0, 2.0)
+# Ranges that keep every step's math finite in fp32 (logits of a few hundred at most): a logit
+# divided by the smallest temperature or repetition penalty, or multiplied by the largest, stays
+# far below fp32's 3.4e38, and ``generated_len ** length_penalty`` stays a finite, non-zero
+# double for any context length. Temperatures below MIN_TEMPERATURE (but above 0) are refused
+# rather than silently made greedy.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+LENGTH_PENALTY_RANGE = (-10.0, 10.0)
 
 TOP_K_DISABLED = -1  # the one spelling of "no top-k" after resolution (the proto also takes 0)
 
@@ -110,6 +120,17 @@ def _fail(name: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"params.{name}", message)
 
 
+def _within(value: float, low: float, high: float) -> bool:
+    """``low <= value <= high`` with the bounds rounded as the proto's fp32 fields round them
+    (so ``0.01`` sent by a client is inside ``[0.01, ...]``)."""
+    return _as_float32(low) <= value <= _as_float32(high)
+
+
+def _as_float32(value: float) -> float:
+    result: float = struct.unpack("f", struct.pack("f", value))[0]
+    return result
+
+
 def _check_finite(p: common_pb2.SamplingParams) -> None:
     for name in ("temperature", *_FLOAT_DEFAULTS):
         if p.HasField(name) and not math.isfinite(getattr(p, name)):
@@ -145,6 +166,9 @@ def _resolve_sampling(p: common_pb2.SamplingParams) -> None:
         p.temperature = 0.0 if p.beam_width > 1 else DEFAULTS["temperature"]
     if p.temperature < 0:
         raise _fail("temperature", f"must be >= 0 (0 = greedy), got {p.temperature}")
+    if p.temperature != 0 and not _within(p.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE):
+        raise _fail("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                    f"{MAX_TEMPERATURE:g}], got {p.temperature:g}")
     for name, value in _FLOAT_DEFAULTS.items():
         if not p.HasField(name):
             setattr(p, name, value)
@@ -158,8 +182,13 @@ def _resolve_sampling(p: common_pb2.SamplingParams) -> None:
 
 
 def _resolve_penalties(p: common_pb2.SamplingParams) -> None:
-    if p.repetition_penalty <= 0:
-        raise _fail("repetition_penalty", f"must be > 0 (1 = off), got {p.repetition_penalty}")
+    low, high = REPETITION_PENALTY_RANGE
+    if not _within(p.repetition_penalty, low, high):
+        raise _fail("repetition_penalty", f"must be in [{low:g}, {high:g}] (1 = off), got "
+                    f"{p.repetition_penalty:g}")
+    low, high = LENGTH_PENALTY_RANGE
+    if not _within(p.length_penalty, low, high):
+        raise _fail("length_penalty", f"must be in [{low:g}, {high:g}], got {p.length_penalty:g}")
     low, high = PENALTY_RANGE
     for name in ("presence_penalty", "frequency_penalty"):
         if not low <= getattr(p, name) <= high:

@@ -127,3 +127,33 @@ def test_a_step_planned_for_another_worker_instance_is_refused() -> None:
             await started.stop()
 
     _run(session())
+
+
+def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
+    """A worker that refuses a step names the sequence at fault (the scheduler fails only its
+    request and keeps the worker); one that is gone is ``Unavailable``, not a ``WorkerFault``:
+    nobody's doing, so it counts against no request."""
+    from pagedserve.core.errors import StepRefused, Unavailable, WorkerFault
+    from scheduler.worker_handle import GrpcWorkerHandle
+
+    path = tiny_llama_dir()
+
+    async def main():
+        started = await start_worker_server(cpu_worker_config(path, block_size=4),
+                                            cpu_worker(path, block_size=4))
+        handle = GrpcWorkerHandle(f"127.0.0.1:{started.port}")
+        bad = WorkerStep(step_id=1, new_seqs=[NewSeq(
+            41, [5, 6], 2, common_pb2.SamplingParams(stop_token_ids=[10**6]))])
+        try:
+            with pytest.raises(StepRefused) as refused:
+                await handle.step(bad)
+            await started.stop()
+            with pytest.raises(Unavailable) as gone:
+                await handle.step(WorkerStep(step_id=3))
+            assert not isinstance(gone.value, WorkerFault)
+        finally:
+            await handle.close()
+        return refused.value
+
+    refused = _run(main())
+    assert refused.seq_id == 41 and "stop_token_ids" in str(refused)

@@ -17,6 +17,7 @@ from collections import Counter
 
 import pytest
 
+from pagedserve.core.errors import Aborted
 from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import common_pb2
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
@@ -217,10 +218,13 @@ def _engine(worker: ShadowWorker, handle: InProcessWorkerHandle | None = None,
 async def _collect(stream) -> tuple[list[int], int]:
     tokens: list[int] = []
     cached = 0
-    async for resp in stream:
-        for o in resp.outputs:
-            tokens.extend(o.token_ids)
-            cached = max(cached, o.num_cached_tokens)
+    try:
+        async for resp in stream:
+            for o in resp.outputs:
+                tokens.extend(o.token_ids)
+                cached = max(cached, o.num_cached_tokens)
+    except Aborted:  # aborted on the server's side: the stream says so
+        pass
     return tokens, cached
 
 

@@ -158,3 +158,27 @@ def test_defaults_have_one_home_that_unresolved_readers_share() -> None:
     resolved = resolve()
     assert all(getattr(resolved, name) == value for name, value in DEFAULTS.items()
                if name != "logprobs")  # logprobs stays unset: "none"
+
+
+@pytest.mark.parametrize(("field", "kwargs"), [
+    ("temperature", {"temperature": 3.4e38}),
+    ("temperature", {"temperature": 1e-38}),
+    ("temperature", {"temperature": 100.5}),
+    ("repetition_penalty", {"repetition_penalty": 3.4e38}),
+    ("repetition_penalty", {"repetition_penalty": 1e-38}),
+    ("length_penalty", {"beam_width": 2, "length_penalty": -2000.0}),
+    ("length_penalty", {"beam_width": 2, "length_penalty": 3.4e38}),
+    ("length_penalty", {"best_of": 2, "temperature": 1.0, "length_penalty": -3.4e38}),
+])
+def test_values_that_would_make_the_math_non_finite_are_refused(
+        field: str, kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve(**kwargs)
+    assert info.value.field == f"params.{field}"
+
+
+def test_the_edges_of_the_numeric_ranges_are_accepted() -> None:
+    for kwargs in ({"temperature": 0.01}, {"temperature": 100.0}, {"repetition_penalty": 0.01},
+                   {"repetition_penalty": 100.0}, {"beam_width": 2, "length_penalty": -10.0},
+                   {"beam_width": 2, "length_penalty": 10.0}):
+        resolve(**kwargs)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from pagedserve.core.errors import Aborted
 from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine import Engine
@@ -146,10 +147,11 @@ def test_abort_mid_stream_frees_every_block():
         prompt = list(range(1, 30))
         stream = engine.submit("x", prompt, _params(200, len(prompt)))
         seen = 0
-        async for resp in stream:
-            seen += len(resp.outputs[0].token_ids)
-            if seen >= 5:
-                assert engine.abort("x")
+        with pytest.raises(Aborted):  # the consumer is told: not a normal end
+            async for resp in stream:
+                seen += len(resp.outputs[0].token_ids)
+                if seen >= 5:
+                    assert engine.abort("x")
         await _eventually(lambda: _free_everything(engine) and worker.seqs == {},
                           "the aborted request to be freed on both sides")
         assert engine.stats().num_running == 0
@@ -256,3 +258,63 @@ def test_a_worker_started_for_the_schedulers_steps_or_larger_joins():
         assert results["r"][0] == reference_output([1, 2, 3], 3, None)
         await engine.stop()
     asyncio.run(main())
+
+
+def test_a_request_whose_steps_fail_is_not_moved_past_two_workers():
+    """A request in the failed steps of two workers (each failure takes that worker out) ends
+    with INTERNAL instead of going round every worker, so a third worker keeps serving. The
+    count is per request, not per culprit: a bystander that shared both failed steps with it
+    ends the same way (the engine cannot tell which request of a step made it fail); every
+    other request finishes elsewhere with its exact output."""
+    from pagedserve.core.errors import RequestFailed
+    from scheduler.engine import MAX_WORKER_FAILURES
+
+    engine: Engine
+
+    class PoisonedHandle(InProcessWorkerHandle):
+        """Raises, as a worker's step would on a device error, when "poison" is in the step."""
+
+        num_faults = 0
+
+        async def step(self, request):
+            poison = engine.requests.get("poison")
+            seq_ids = {s.seq_id for s in poison.group.seqs} if poison is not None else set()
+            if seq_ids & set(request.scheduled.seq_ids):
+                self.num_faults += 1
+                raise RuntimeError("device error while stepping the poison")
+            return await super().step(request)
+
+    async def collect(stream):
+        tokens: list[int] = []
+        try:
+            async for resp in stream:
+                tokens.extend(t for o in resp.outputs for t in o.token_ids)
+        except RequestFailed as exc:
+            return tokens, exc
+        return tokens, None
+
+    async def main():
+        nonlocal engine
+        workers = [ShadowWorker(num_gpu_blocks=128, name=f"s{i}") for i in range(3)]
+        handles = [PoisonedHandle(w, f"s{i}") for i, w in enumerate(workers)]
+        engine = Engine(SchedulerConfig(), handles)
+        await engine.start()
+        streams = {"poison": engine.submit("poison", [5, 6, 7], _params(20, 3))}
+        reqs = _mixed_requests(6, seed=9)
+        streams.update({rid: engine.submit(rid, p, pa) for rid, (p, pa) in reqs.items()})
+        first = {rid: engine.requests[rid].worker.handle.name for rid in streams}
+        collected = await asyncio.gather(*(collect(s) for s in streams.values()))
+        await engine.stop()
+        return handles, reqs, first, dict(zip(streams, collected, strict=True))
+
+    handles, reqs, first, results = asyncio.run(main())
+    _, error = results.pop("poison")
+    assert error is not None and "not retried" in str(error)
+    assert sum(h.num_faults for h in handles) == MAX_WORKER_FAILURES
+    for rid, (prompt, params) in reqs.items():
+        tokens, error = results[rid]
+        if error is None:
+            assert tokens == reference_output(prompt, params.max_tokens, None), rid
+        else:  # it shared the poison's first worker, hence its failed step
+            assert first[rid] == first["poison"], rid
+    assert any(error is None for _, error in results.values())

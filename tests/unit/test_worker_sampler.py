@@ -201,3 +201,32 @@ def test_plain_greedy_batch_matches_the_staged_path(vocab: int, cpu_isa: str) ->
     assert sampler._plain_greedy(logits, [_row(temperature=0.0, logprobs=2)] * 9) is None
     assert sampler._plain_greedy(logits, [_row(temperature=0.0, min_tokens=1)] * 9) is None
     assert sampler._plain_greedy(logits, [_row(temperature=0.0, presence_penalty=1)] * 9) is None
+
+
+EXTREME_ROWS = [
+    {"temperature": 3.4e38}, {"temperature": 1e-38}, {"repetition_penalty": 3.4e38},
+    {"repetition_penalty": 1e-38}, {"temperature": 1e-38, "repetition_penalty": 3.4e38},
+    {"temperature": 1.0, "top_p": 1e-38, "min_p": 1.0, "top_k": 2**31 - 1},
+    {"temperature": 1.0, "min_tokens": 5, "stop_token_ids": [VOCAB + 3, -4, EOS]},
+]
+
+
+@pytest.mark.parametrize("params", EXTREME_ROWS)
+def test_extreme_params_stay_in_their_row_and_never_raise(params: dict[str, object]) -> None:
+    """Parameters that bypassed validation give that row a token in the vocabulary; the greedy
+    rows beside it are still the exact argmax."""
+    logits = _logits(3, seed=4)
+    rows = [_row(temperature=0.0), _row(prompt=[1, 2, 3], output=[4, 5], **params),
+            _row(temperature=0.0, repetition_penalty=1.2, prompt=[9])]
+    out = Sampler([EOS], seed=0).sample(logits, rows)
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert 0 <= out.token_ids[1] < VOCAB
+    assert out.token_ids[2] == int(apply_penalties(logits, rows)[2].argmax())
+    assert all(math.isfinite(lp) for lp in out.logprobs)
+
+
+def test_a_row_with_no_finite_probability_falls_back_to_its_raw_argmax() -> None:
+    logits = _logits(2, seed=5)
+    rows = [_row(temperature=1e-38), _row(temperature=1.0, seed=3)]
+    out = Sampler([EOS], seed=0).sample(logits, rows)
+    assert out.token_ids[0] == int(logits[0].argmax())
