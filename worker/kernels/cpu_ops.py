@@ -133,15 +133,35 @@ def _build() -> ModuleType | None:
     if not any(build_dir.glob(f"{name}*.so")):
         logger.warning("building the fused CPU kernels (once, about two minutes) in %s",
                        build_dir)
+    # The build compiles a copy of the sources kept in the build folder: ninja tracks source
+    # paths, so checkouts at different paths (with the same sources, hence the same folder)
+    # would otherwise rebuild each other's library back and forth.
+    sources = _copy_sources(build_dir)
     try:
-        return load_extension(name=name, sources=[str(_DIR / "cpu_ops.cpp")],
-                              extra_include_paths=[str(_DIR)], extra_cflags=_FLAGS,
+        return load_extension(name=name, sources=[str(sources / "cpu_ops.cpp")],
+                              extra_include_paths=[str(sources)], extra_cflags=_FLAGS,
                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
                               verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: use the torch path
         logger.warning("fused CPU kernels unavailable, using the torch path: %s", exc)
-        failed.write_text(str(exc))
+        if "interrupted" not in str(exc):  # a killed build is not a broken one: retry next time
+            failed.write_text(str(exc))
         return None
+
+
+def _copy_sources(build_dir: Path) -> Path:
+    """The kernel sources, copied into ``build_dir/src`` (rewritten only when they differ, so an
+    existing build stays up to date)."""
+    dest = build_dir / "src"
+    dest.mkdir(exist_ok=True)
+    for source in _SOURCES:
+        text = (_DIR / source).read_text()
+        target = dest / source
+        if not target.exists() or target.read_text() != text:
+            tmp = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(target)  # atomic: a concurrent build never reads half a file
+    return dest
 
 
 def _fingerprint() -> str:
