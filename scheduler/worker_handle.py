@@ -30,6 +30,7 @@ from pagedserve.core.errors import (
 )
 from pagedserve.core.grpc_util import (
     SEQ_ID_METADATA_KEY,
+    WORKER_CHANNEL_OPTIONS,
     WORKER_INSTANCE_METADATA,
     TlsConfig,
     aio_channel,
@@ -106,7 +107,7 @@ class GrpcWorkerHandle:
         self.name = address
         self.address = address
         self.step_timeout = step_timeout
-        self._channel = aio_channel(address, tls, RECONNECT_OPTIONS)
+        self._channel = aio_channel(address, tls, [*WORKER_CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._instance: tuple[tuple[str, str], ...] = ()  # step metadata, once info() is known
 

@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health
 
 from pagedserve.core.grpc_util import (
-    SERVER_OPTIONS,
+    WORKER_SERVER_OPTIONS,
     add_health_and_reflection,
     add_port,
     identity_interceptors,
@@ -59,7 +59,7 @@ async def start_worker_server(cfg: WorkerConfig, worker: Worker | None = None) -
     if worker is None:
         worker = await asyncio.to_thread(Worker, cfg)
     tls = cfg.server.tls
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=identity_interceptors(
+    server = grpc.aio.server(options=WORKER_SERVER_OPTIONS, interceptors=identity_interceptors(
         tls, SERVICE_NAME, cfg.server.client_identities))
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])

@@ -40,16 +40,23 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # accepted fewer pings than clients send answered with GOAWAY ``too_many_pings``.
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# The scheduler's channel to each worker pings every WORKER_KEEPALIVE_MS and gives up after
+# WORKER_KEEPALIVE_TIMEOUT_MS without an answer: a worker that hangs (a stopped process, a
+# partitioned node: no connection reset to tell) fails its in-flight step within 2 s, not at the
+# step timeout, and its requests move on. Workers accept pings that often.
+WORKER_KEEPALIVE_MS = 500
+WORKER_KEEPALIVE_TIMEOUT_MS = 1000
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
-                    keepalive_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+                    keepalive_ms: int = KEEPALIVE_TIME_MS,
+                    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list[tuple[str, int]]:
     """Options of every client channel."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle call
     ]
@@ -73,6 +80,13 @@ def server_options(max_receive_bytes: int = MAX_MESSAGE_BYTES,
 
 CHANNEL_OPTIONS = channel_options()
 SERVER_OPTIONS = server_options()
+WORKER_CHANNEL_OPTIONS = [
+    *channel_options(keepalive_ms=WORKER_KEEPALIVE_MS,
+                     keepalive_timeout_ms=WORKER_KEEPALIVE_TIMEOUT_MS),
+    # Recent gRPC cores time a ping's ack by this (default 60 s), not by the keepalive timeout.
+    ("grpc.http2.ping_timeout_ms", WORKER_KEEPALIVE_TIMEOUT_MS),
+]
+WORKER_SERVER_OPTIONS = server_options(keepalive_ms=WORKER_KEEPALIVE_MS)
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -281,11 +295,18 @@ def _channel_options(tls: TlsConfig) -> list[tuple[str, Any]]:
 def aio_channel(address: str, tls: TlsConfig | None = None,
                 extra_options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """The one way services and clients open a channel: plaintext unless ``tls`` is enabled.
-    ``extra_options`` go after the shared ones (e.g. a shorter reconnect backoff)."""
+    ``extra_options`` replace shared ones of the same name or add to them (e.g. the worker
+    channel's keepalive, a shorter reconnect backoff)."""
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *extra_options])
+        return grpc.aio.insecure_channel(address,
+                                         options=_override(CHANNEL_OPTIONS, extra_options))
     return grpc.aio.secure_channel(address, channel_credentials(tls),
-                                   options=[*_channel_options(tls), *extra_options])
+                                   options=_override(_channel_options(tls), extra_options))
+
+
+def _override(base: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]]
+              ) -> list[tuple[str, Any]]:
+    return list({**dict(base), **dict(extra)}.items())
 
 
 def sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:

@@ -157,3 +157,55 @@ def test_the_grpc_handle_tells_a_refused_step_from_a_worker_fault():
 
     refused = _run(main())
     assert refused.seq_id == 41 and "stop_token_ids" in str(refused)
+
+
+def test_a_hung_worker_fails_its_step_by_keepalive_not_at_the_step_timeout() -> None:
+    """A worker process that stops answering (SIGSTOP: no connection reset tells anyone) fails
+    the scheduler's in-flight step through the worker channel's keepalive, well before the step
+    timeout (600 s here), so its requests can move to another worker. The bound below only keeps
+    a broken keepalive from hanging the suite; how soon it is noticed is printed, not asserted."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pagedserve.core.errors import Unavailable
+    from scheduler.worker_handle import GrpcWorkerHandle
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(tiny_llama_dir()), "--port", str(port),
+         "--block-size", "4", "--kv-cache-memory-gib", "0.01", "--swap-space-gib", "0",
+         "--log-level", "WARNING"])
+
+    async def session() -> tuple[float, BaseException]:
+        handle = GrpcWorkerHandle(f"127.0.0.1:{port}", step_timeout=600.0)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    await handle.info()
+                    break
+                except Unavailable:
+                    assert proc.poll() is None and time.monotonic() < deadline, "no worker"
+                    await asyncio.sleep(0.3)
+            os.kill(proc.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as gone:
+                await handle.step(WorkerStep(step_id=1))
+            return time.monotonic() - started, gone.value
+        finally:
+            await handle.close()
+
+    try:
+        elapsed, exc = _run(asyncio.wait_for(session(), 240))
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    print(f"hung worker noticed after {elapsed:.2f} s: {exc}")
+    assert "UNAVAILABLE" in str(exc)
