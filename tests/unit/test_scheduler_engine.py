@@ -256,3 +256,22 @@ def test_a_worker_started_for_the_schedulers_steps_or_larger_joins():
         assert results["r"][0] == reference_output([1, 2, 3], 3, None)
         await engine.stop()
     asyncio.run(main())
+
+
+def test_requested_logprobs_stream_with_their_tokens_however_the_consumer_is_paced():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=64)
+        engine = _engine(worker)
+        await engine.start()
+        prompt = [5, 4, 3, 2, 1]
+        tokens: list[int] = []
+        logprob_ids: list[int] = []
+        async for resp in engine.submit("r", prompt, _params(9, len(prompt), logprobs=1)):
+            for out in resp.outputs:
+                tokens.extend(out.token_ids)
+                logprob_ids.extend(lp.token_id for lp in out.logprobs)
+            await asyncio.sleep(0.001)  # a consumer slower than the steps gets several at once
+        assert tokens == reference_output(prompt, 9, None)
+        assert logprob_ids == tokens
+        await engine.stop()
+    asyncio.run(main())
