@@ -318,16 +318,21 @@ class Engine:
         """A worker that fails a step loses only KV memory: its requests move elsewhere as
         continuations (prompt + generated tokens, recomputed); clients see no gap."""
         ws.healthy = False
+        self._move_groups(ws, [w for w in self.workers if w.healthy])
+        asyncio.get_running_loop().create_task(self._reconnect(ws))
+
+    def _move_groups(self, ws: WorkerState, targets: list[WorkerState]) -> None:
+        """Voids ``ws``'s metadata (a fresh core) and places its requests on ``targets`` as
+        continuations; one that none of them can hold ends ``UNAVAILABLE``."""
         moved = ws.core.evacuate()
-        ws.core = self._new_core(ws.handle.name, ws.info)  # its metadata is void
-        healthy = [w for w in self.workers if w.healthy]
+        ws.core = self._new_core(ws.handle.name, ws.info)
         for core_req in moved:
             group = core_req.group
             req = self.requests.get(group.request_id)
             if req is None:
                 continue
             try:
-                target, _ = choose_worker(healthy, group.seqs[0].token_ids,
+                target, _ = choose_worker(targets, group.seqs[0].token_ids,
                                           group.num_blocks_needed)
             except Unavailable as exc:  # none left, or none whose pool holds it
                 self._finish_request(req, error=exc)
@@ -335,7 +340,6 @@ class Engine:
             req.worker = target
             target.core.add(core_req)
             target.wakeup.set()
-        asyncio.get_running_loop().create_task(self._reconnect(ws))
 
     async def _reconnect(self, ws: WorkerState, interval: float = 2.0) -> None:
         while not ws.healthy:
