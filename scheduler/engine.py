@@ -1,17 +1,21 @@
-"""The scheduler's engine: requests in, token streams out, one step loop per worker.
+"""The scheduler's async runtime: requests in, token streams out, one step loop per worker.
 
-Everything here runs on one asyncio event loop, so scheduler state needs no locks; only the
-worker's computation leaves the loop (a thread for in-process workers, an RPC for remote ones).
-Per worker, the loop is: schedule -> build the delta (``step_builder.build_step``) -> ``commit``
-the plan -> ``handle.step`` -> process sampled tokens.
+The engine of each worker is a synchronous ``scheduler.engine_core.EngineCore``; this runtime
+wraps the cores with what needs an event loop or sees several workers: per-worker step loops
+calling the worker handle, placement across workers, request streams, and failover and rejoin.
+Per worker, the loop is::
+
+    step = core.schedule(); result = await handle.step(step); outputs = core.process(result)
+
+then ``outputs`` go to the requests' ``RequestStream``s and the observers. Everything runs on one
+asyncio event loop, so scheduler state needs no locks; only the worker's computation leaves the
+loop (a thread for in-process workers, an RPC for remote ones).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,43 +31,52 @@ from pagedserve.core.errors import (
     WorkerFault,
 )
 from pagedserve.core.request_id import check_request_id
-from pagedserve.core.step import SampledRow, WorkerResult
 from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
-from scheduler.beam_search import BeamState
 from scheduler.config import SchedulerConfig
-from scheduler.events import EngineObserver, StepStats
+from scheduler.engine_core import (
+    CoreRequest,
+    EngineCore,
+    EngineIds,
+    StepOutputs,
+    new_request,
+    num_samples,
+)
+from scheduler.events import EngineObserver
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.placement import blocks_needed, choose_worker
 from scheduler.policy import WorkerScheduler
 from scheduler.request_stream import RequestStream
-from scheduler.sequence import Sequence, SequenceGroup, SequenceStatus
-from scheduler.step_builder import build_step, commit
-from scheduler.stop import StopCriteria
 from scheduler.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
+
 
 # A request in the failed (or timed-out) steps of this many workers is failed, not moved again:
 # a request that brings workers down must not go round them all. Workers that are merely gone
 # (unreachable) do not count.
 MAX_WORKER_FAILURES = 2
 
+
 @dataclass
 class WorkerState:
-    """One worker as the scheduler sees it: its handle, its metadata pools and its queues."""
+    """One worker as the runtime sees it: its handle, its engine core and its step loop."""
 
     handle: WorkerHandle
     info: worker_pb2.WorkerInfo
-    sched: WorkerScheduler
+    core: EngineCore
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
     task: asyncio.Task | None = None
     num_steps: int = 0
 
     @property
+    def sched(self) -> WorkerScheduler:
+        return self.core.sched
+
+    @property
     def kv(self) -> KVCacheManager:
-        return self.sched.kv
+        return self.core.kv
 
 
 class PrefixIndexSync(Protocol):
@@ -80,7 +93,7 @@ class PrefixIndexSync(Protocol):
 
 @dataclass
 class _Request:
-    group: SequenceGroup
+    core_req: CoreRequest
     stream: RequestStream
     worker: WorkerState
 
@@ -98,10 +111,7 @@ class Engine:
         self._joining = list(handles)  # until ``start`` makes each a WorkerState in ``workers``
         self.workers: list[WorkerState] = []
         self.requests: dict[str, _Request] = {}
-        self.seqs: dict[int, tuple[Sequence, _Request]] = {}
-        self._seq_ids = itertools.count(1)
-        self._arrivals = itertools.count()
-        self._step_ids = itertools.count(1)
+        self._ids = EngineIds()
         self.model_info = scheduler_pb2.SchedulerModelInfo()
         self.num_finished_requests = 0
         self.num_generated_tokens = 0
@@ -118,7 +128,7 @@ class Engine:
             self._check_worker(handle.name, info, first.model, first.block_size)
         for handle, info in zip(handles, infos, strict=True):
             await handle.reset()  # drops sequences; the KV memory (cached prefixes) stays
-            ws = self._new_worker_state(handle, info)
+            ws = WorkerState(handle, info, self._new_core(handle.name, info))
             if self.prefix_sync is not None:
                 await self.prefix_sync.restore(ws)
             self.workers.append(ws)
@@ -139,7 +149,7 @@ class Engine:
         info = await handle.info()
         self._check_worker(handle.name, info, self.model_info.model, self.model_info.block_size)
         await handle.reset()
-        ws = self._new_worker_state(handle, info)
+        ws = WorkerState(handle, info, self._new_core(handle.name, info))
         if self.prefix_sync is not None:
             await self.prefix_sync.restore(ws)
         self.workers.append(ws)
@@ -185,18 +195,8 @@ class Engine:
         largest = max(ws.info.num_gpu_blocks for ws in self.workers)
         self.model_info.max_num_tokens_per_request = largest * self.model_info.block_size
 
-    def _new_worker_state(self, handle: WorkerHandle, info: worker_pb2.WorkerInfo) -> WorkerState:
-        kv = KVCacheManager(
-            num_gpu_blocks=info.num_gpu_blocks,
-            num_cpu_blocks=info.num_cpu_blocks,
-            block_size=info.block_size,
-            enable_caching=self.config.cache.enable_prefix_caching,
-            watermark=self.config.cache.watermark,
-            hash_extra=info.model.encode(),
-        )
-        sched = WorkerScheduler(kv, self.config.batching, self.config.cache, self._seq_ids,
-                                break_even_context=info.attention_break_even_context)
-        return WorkerState(handle=handle, info=info, sched=sched)
+    def _new_core(self, name: str, info: worker_pb2.WorkerInfo) -> EngineCore:
+        return EngineCore(name, self.config, info, self._ids)
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(
@@ -211,18 +211,17 @@ class Engine:
         model's ``eos_token_ids``): their ranges are not checked again here, and their
         ``stop_token_ids`` is the whole stop set."""
         num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,
-                                   _num_samples(params), self.model_info.block_size)
+                                   num_samples(params), self.model_info.block_size)
         self._validate(request_id, prompt_token_ids, generated_token_ids, params.max_tokens,
                        num_blocks)
-        group = self._new_group(request_id, prompt_token_ids, params, generated_token_ids)
+        core_req = new_request(request_id, prompt_token_ids, params, generated_token_ids,
+                               self.model_info.max_model_len, self._ids)
+        group = core_req.group
         group.num_blocks_needed = num_blocks
-        ws = self._place(group)
-        stream = RequestStream(request_id, group)
-        req = _Request(group, stream, ws)
-        self.requests[request_id] = req
-        for seq in group.seqs:
-            self.seqs[seq.seq_id] = (seq, req)
-        ws.sched.add(group)
+        ws = self._place(core_req)
+        stream = RequestStream(request_id, core_req)
+        self.requests[request_id] = _Request(core_req, stream, ws)
+        ws.core.add(core_req)
         ws.wakeup.set()
         logger.debug("request %s: %d prompt tokens on %s", request_id, len(prompt_token_ids),
                      ws.handle.name)
@@ -235,9 +234,7 @@ class Engine:
         if req is None:
             return False
         req.stream.close(Aborted(f"request {request_id!r} was aborted on the server"))
-        for seq in req.group.seqs:
-            if not seq.is_finished:
-                seq.status = SequenceStatus.FINISHED_ABORTED
+        req.worker.core.abort(request_id)
         self._finish_request(req)
         logger.debug("request %s aborted", request_id)
         return True
@@ -248,8 +245,6 @@ class Engine:
         ranges: a ``Submit`` from a tool, or the offline ``LLM``, did not pass a router. Sampling
         params were validated where they were resolved."""
         info = self.model_info
-        if not request_id:
-            raise InvalidArgument("request_id", "must not be empty")
         check_request_id(request_id)
         if request_id in self.requests:
             raise InvalidArgument("request_id", f"{request_id!r} is already running")
@@ -269,25 +264,8 @@ class Engine:
         if waiting >= self.config.batching.max_waiting_requests:
             raise ResourceExhausted(f"{waiting} requests already waiting; retry later")
 
-    def _new_group(self, request_id: str, prompt: Seq[int], params: common_pb2.SamplingParams,
-                   generated: Seq[int]) -> SequenceGroup:
-        seq = Sequence(
-            seq_id=next(self._seq_ids), index=0, token_ids=[*prompt, *generated],
-            num_prompt_tokens=len(prompt), num_streamed_tokens=len(generated),
-        )
-        stop = StopCriteria(params, self.model_info.max_model_len, len(prompt))
-        if params.beam_width > 1:
-            beam = BeamState(params.beam_width, params.length_penalty, params.early_stopping,
-                             stop.stop_ids, params.max_tokens)
-            group = SequenceGroup(request_id, [seq], params, next(self._arrivals), beam=beam)
-        else:
-            samples = _num_samples(params)
-            group = SequenceGroup(request_id, [seq], params, next(self._arrivals),
-                                  num_samples=samples, forked=samples == 1)
-        group.stop = stop
-        return group
-
-    def _place(self, group: SequenceGroup) -> WorkerState:
+    def _place(self, req: CoreRequest) -> WorkerState:
+        group = req.group
         healthy = [ws for ws in self.workers if ws.healthy]
         ws, reason = choose_worker(healthy, group.seqs[0].token_ids, group.num_blocks_needed)
         for observer in self.observers:
@@ -298,7 +276,7 @@ class Engine:
     # ---- the step loop -----------------------------------------------------------------------
     async def _worker_loop(self, ws: WorkerState) -> None:
         while True:
-            if not ws.sched.has_work or not ws.healthy:
+            if not ws.core.has_work or not ws.healthy:
                 ws.wakeup.clear()
                 await ws.wakeup.wait()
                 continue
@@ -315,191 +293,66 @@ class Engine:
                 await self._fail_worker(ws, suspect_requests=True)
 
     async def _step(self, ws: WorkerState) -> None:
-        started = time.perf_counter()
-        plan = ws.sched.schedule()
-        mirror = ws.sched.mirror
-        if plan.is_empty and not mirror.has_news:  # (published blocks wait for a real step)
+        core = ws.core
+        step = core.schedule()
+        if step is None:
             ws.wakeup.clear()
             await ws.wakeup.wait()  # e.g. waiting on blocks held by requests about to finish
             return
-        for group, child in plan.forks:  # forks made by this plan join the index
-            req = self.requests.get(group.request_id)
-            if req is not None:
-                self.seqs[child.seq_id] = (child, req)
-        step = build_step(next(self._step_ids), plan, mirror)
-        commit(plan, mirror)
         try:
             result = await ws.handle.step(step)
         except StepRefused as exc:  # the worker changed nothing; its sequences are reset
             await self._recover_refused_step(ws, exc)
             return
         ws.num_steps += 1
-        num_generated = self.num_generated_tokens
-        self._process(ws, result)
+        outputs = core.process(result)
+        self._deliver(outputs)
         if self.prefix_sync is not None:
             self.prefix_sync.record(ws)  # queues index changes; the I/O happens elsewhere
-        if self.observers:
-            stats = StepStats(ws.handle.name, time.perf_counter() - started,
-                              result.forward_seconds, result.sample_seconds, plan,
-                              self.num_generated_tokens - num_generated)
-            for observer in self.observers:
-                observer.on_step(stats)
+        for observer in self.observers:
+            observer.on_step(outputs.stats)
 
-    def _process(self, ws: WorkerState, result: WorkerResult) -> None:
-        """Appends each sampled token to its sequence (the worker appended it to its copy too)
-        and finishes what stopped. The hot path: per token a few attribute reads, one append and
-        a set lookup; no message is built here (the request's stream reads the new tokens when
-        its consumer wakes)."""
-        # The blocks cached while planning the step are written now; the worker hears next step.
-        ws.sched.mirror.cached.extend(ws.kv.commit_step())
-        if not len(result.seq_ids) == len(result.token_ids) == len(result.logprobs):
-            raise Unavailable(f"worker {ws.handle.name} answered step with ragged columns")
-        tops = result.top_logprobs or None
-        seqs_get = self.seqs.get
-        done: list[_Request] = []
-        beams: dict[str, list[tuple[Sequence, SampledRow]]] = {}
-        num_generated = 0
-        for i, (seq_id, token_id, logprob) in enumerate(
-                zip(result.seq_ids, result.token_ids, result.logprobs, strict=True)):
-            entry = seqs_get(seq_id)
-            if entry is None:  # aborted while the step ran
-                continue
-            seq, req = entry
-            group = req.group
-            if group.beam is not None:
-                top = tops[i] if tops is not None else []
-                beams.setdefault(group.request_id, []).append(
-                    (seq, SampledRow(seq_id, token_id, logprob, top)))
-                continue
-            tokens = seq.token_ids
-            tokens.append(token_id)
-            seq.cumulative_logprob += logprob
-            num_generated += 1
-            stream = req.stream
-            if group.num_logprobs and group.streams_tokens:
-                stream.add_logprobs(seq.index, _token_logprobs(
-                    token_id, logprob, tops[i] if tops is not None else ()))
-            stop = group.stop
-            assert stop is not None, "the engine sets it on every group it creates"
-            if len(tokens) >= stop.max_len or (token_id in stop.stop_ids
-                                               and len(tokens) >= stop.min_len):
-                status = stop.status(len(tokens), token_id)
-                if status is not None:
-                    seq.status = status
-                    req.worker.sched.release(seq)
-                    done.append(req)
-            if not stream.has_data and group.streams_tokens:
-                stream.notify()
-        self.num_generated_tokens += num_generated
-        for request_id, batch in beams.items():
-            req = self.requests[request_id]
-            try:
-                outs = self._beam_step(req, batch)
-            except Exception as exc:  # this request's fault alone: the batch goes on
-                self._fail_request(req, exc)
-                continue
-            if outs:
-                req.stream.put_outputs(outs)
-            done.append(req)
-        for req in done:
-            group = req.group
-            if group.is_finished and self.requests.get(group.request_id) is req:
-                if group.holds_outputs:
-                    req.stream.put_outputs(self._best_outputs(group))
-                self._finish_request(req)
-
-    def _best_outputs(self, group: SequenceGroup) -> list[scheduler_pb2.SeqOutput]:
-        """``best_of > n``: the n samples with the highest cumulative log-prob, whole."""
-        best = sorted(group.seqs, key=lambda s: -s.cumulative_logprob)[: group.params.n]
-        return [self._whole_output(i, s.output_token_ids[s.num_streamed_tokens:],
-                                   s.status.finish_reason, s.cumulative_logprob, s)
-                for i, s in enumerate(best)]
-
-    def _whole_output(self, index: int, token_ids: list[int],
-                      finish_reason: common_pb2.FinishReason,
-                      cumulative: float, seq: Sequence) -> scheduler_pb2.SeqOutput:
-        return scheduler_pb2.SeqOutput(
-            index=index, token_ids=token_ids, finish_reason=finish_reason, replaces=True,
-            cumulative_logprob=cumulative, num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens)
-
-    def _beam_step(self, req: _Request, batch: list[tuple[Sequence, SampledRow]]
-                   ) -> list[scheduler_pb2.SeqOutput]:
-        """Advances a beam-search group by one token: continuations reuse or fork their beam's
-        sequence, beams without a continuation are freed. Returns the final outputs when done."""
-        group, sched = req.group, req.worker.sched
-        beam = group.beam
-        assert isinstance(beam, BeamState)
-        order = {s.seq_id: i for i, s in enumerate(group.seqs)}
-        batch.sort(key=lambda item: order[item[0].seq_id])
-        running = beam.step(batch)
-        self.num_generated_tokens += len(batch)
-        if beam.done:
-            for seq in group.seqs:
-                seq.status = SequenceStatus.FINISHED_STOPPED
-                sched.release(seq)
-            first = group.seqs[0]
-            return [self._whole_output(i, h.output_token_ids,
-                                       common_pb2.FINISH_REASON_STOP if h.ended_with_eos
-                                       else common_pb2.FINISH_REASON_LENGTH,
-                                       h.cumulative_logprob, first)
-                    for i, h in enumerate(beam.best(max(group.params.n, 1)))]
-        carriers: list[Sequence] = []
-        used: set[int] = set()
-        for cont in running:  # forks copy the parent before the parent's own token is appended
-            if cont.parent.seq_id in used:
-                child = sched.fork(cont.parent, index=0)
-                self.seqs[child.seq_id] = (child, req)
-                carriers.append(child)
-            else:
-                used.add(cont.parent.seq_id)
-                carriers.append(cont.parent)
-        for seq, cont in zip(carriers, running, strict=True):
-            seq.token_ids.append(cont.token_id)
-            beam.scores[seq.seq_id] = cont.score
-        for seq in group.seqs:
-            if seq.seq_id not in used:
-                seq.status = SequenceStatus.FINISHED_STOPPED
-                sched.release(seq)
-                self.seqs.pop(seq.seq_id, None)
-        group.seqs = carriers
-        return []
+    def _deliver(self, outputs: StepOutputs) -> None:
+        """Wakes the streams of requests with news (each stream reads its request's tokens,
+        log-probs and whole outputs when its consumer takes them) and ends the finished ones."""
+        self.num_generated_tokens += outputs.stats.num_generated_tokens
+        requests_get = self.requests.get
+        for core_req in outputs.updated:
+            req = requests_get(core_req.group.request_id)
+            if req is not None:
+                req.stream.notify()
+        for done in outputs.finished:
+            req = requests_get(done.request.group.request_id)
+            if req is not None:
+                self._finish_request(req, done.error)
 
     def _finish_request(self, req: _Request, error: BaseException | None = None) -> None:
-        """The one exit path for a request: finished, aborted, failed. Frees every block."""
-        self.requests.pop(req.group.request_id, None)
-        for seq in req.group.seqs:
-            self.seqs.pop(seq.seq_id, None)
-        req.worker.sched.remove(req.group)
+        """The one exit path for a request: finished, aborted, failed. Frees every block (the
+        core already did for one that finished or was aborted)."""
+        request_id = req.core_req.group.request_id
+        self.requests.pop(request_id, None)
+        req.worker.core.remove(request_id)
         req.worker.wakeup.set()  # the worker must hear about dropped sequences
         if error is None:
             self.num_finished_requests += 1
         for observer in self.observers:
-            observer.on_finished(req.group, error)
+            observer.on_finished(req.core_req.group, error)
         req.stream.close(error)
 
     # ---- failures ----------------------------------------------------------------------------
-    def _fail_request(self, req: _Request, exc: Exception) -> None:
-        """Ends one request whose processing raised; the rest of its step is unaffected."""
-        logger.error("request %s failed on worker %s: %s: %s", req.group.request_id,
-                     req.worker.handle.name, type(exc).__name__, exc)
-        self._finish_request(req, error=RequestFailed(
-            f"request {req.group.request_id!r} failed in the scheduler: "
-            f"{type(exc).__name__}: {exc}"))
-
     async def _recover_refused_step(self, ws: WorkerState, exc: StepRefused) -> None:
         """The worker is up and changed nothing, so it stays in service. The request whose
         sequence it named fails with the worker's reason (requests are checked on submit, so
         this one bypassed the checks); the worker drops its sequences and the others recompute
         on it as continuations. A refusal that names no sequence is a fault of the scheduler's
         view of the worker: the worker is failed as before."""
-        entry = self.seqs.get(exc.seq_id) if exc.seq_id is not None else None
-        if entry is None:
+        entry = ws.core.seqs.get(exc.seq_id) if exc.seq_id is not None else None
+        req = self.requests.get(entry[1].group.request_id) if entry is not None else None
+        if req is None:
             logger.error("worker %s refused a step: %s", ws.handle.name, exc)
             await self._fail_worker(ws, suspect_requests=True)
             return
-        req = entry[1]
-        logger.error("request %s refused by worker %s: %s", req.group.request_id,
+        logger.error("request %s refused by worker %s: %s", req.core_req.group.request_id,
                      ws.handle.name, exc)
         self._finish_request(req, error=exc)
         try:
@@ -522,11 +375,13 @@ class Engine:
 
     def _move_groups(self, ws: WorkerState, targets: list[WorkerState],
                      count_failure: bool) -> None:
-        """Voids ``ws``'s metadata and places its requests on ``targets`` as continuations; a
-        request already on ``MAX_WORKER_FAILURES`` failed workers ends instead."""
-        groups = ws.sched.groups()
-        ws.sched = self._new_worker_state(ws.handle, ws.info).sched  # its metadata is void
-        for group in groups:
+        """Voids ``ws``'s metadata (a fresh core) and places its requests on ``targets`` as
+        continuations; one that none of them can hold ends ``UNAVAILABLE``, and one already on
+        ``MAX_WORKER_FAILURES`` failed workers ends ``INTERNAL``."""
+        moved = ws.core.evacuate()
+        ws.core = self._new_core(ws.handle.name, ws.info)
+        for core_req in moved:
+            group = core_req.group
             req = self.requests.get(group.request_id)
             if req is None:
                 continue
@@ -536,8 +391,6 @@ class Engine:
                     f"request {group.request_id!r} was on {group.num_worker_failures} workers "
                     f"when they failed; not retried"))
                 continue
-            for seq in group.live_seqs:  # finished ones were released already
-                seq.reset_for_recompute()
             try:
                 target, _ = choose_worker(targets, group.seqs[0].token_ids,
                                           group.num_blocks_needed)
@@ -545,7 +398,7 @@ class Engine:
                 self._finish_request(req, error=exc)
                 continue
             req.worker = target
-            target.sched.add(group)
+            target.core.add(core_req)
             target.wakeup.set()
 
     async def _reconnect(self, ws: WorkerState, interval: float = 2.0) -> None:
@@ -561,8 +414,7 @@ class Engine:
             except ValueError as exc:  # restarted with another model or a smaller step budget
                 logger.error("worker %s cannot rejoin: %s", ws.handle.name, exc)
                 continue
-            fresh = self._new_worker_state(ws.handle, info)
-            ws.info, ws.sched, ws.healthy = info, fresh.sched, True
+            ws.info, ws.core, ws.healthy = info, self._new_core(ws.handle.name, info), True
             self._advertise_capacity()  # it may be back with another pool size
             logger.info("worker %s is back with %d blocks", ws.handle.name, info.num_gpu_blocks)
 
@@ -593,14 +445,3 @@ class Engine:
             ))
         return stats
 
-
-def _num_samples(params: common_pb2.SamplingParams) -> int:
-    """Sequences a request runs at most: ``best_of`` (>= n) samples, or ``beam_width`` beams."""
-    return max(params.n, params.best_of, params.beam_width, 1)
-
-
-def _token_logprobs(token_id: int, logprob: float,
-                    top: Seq[tuple[int, float]]) -> common_pb2.TokenLogprobs:
-    return common_pb2.TokenLogprobs(
-        token_id=token_id, logprob=logprob,
-        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in top])

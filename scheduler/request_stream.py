@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
-from protos.pagedserve.v1 import common_pb2, scheduler_pb2
-from scheduler.sequence import SequenceGroup, SequenceStatus
+from protos.pagedserve.v1 import scheduler_pb2
+from scheduler.sequence import SequenceStatus
+
+if TYPE_CHECKING:
+    from scheduler.engine_core import CoreRequest
 
 _STREAMED_FINISH = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH)
 
@@ -16,45 +20,38 @@ _STREAMED_FINISH = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LEN
 class RequestStream:
     """The outputs of one request, in order; ends after every sequence has finished.
 
-    The step loop builds no messages: it appends sampled tokens to the group's sequences and
+    The step loop builds no messages: the engine core appends sampled tokens to the request's
+    sequences (its output strategy keeps log-prob records and whole outputs), and the runtime
     calls ``notify``. The consumer, when it wakes, turns everything not yet streamed into ONE
     ``SubmitResponse`` (so a slow consumer gets several tokens per message): per sequence, the
-    tokens past ``num_prompt_tokens + num_streamed_tokens`` and, once, the finish reason of a
-    sequence that stopped or hit its length (an aborted one just ends). Top log-probs and whole
-    outputs (beam search, ``best_of > n``) are handed over with ``add_logprobs``/``put_outputs``.
+    tokens past ``num_prompt_tokens + num_streamed_tokens`` with their pending log-probs and,
+    once, the finish reason of a sequence that stopped or hit its length (an aborted one just
+    ends); then any whole outputs (beam search, ``best_of > n``). Taking clears the request's
+    ``has_news``, so the core lists it again with the next news.
     ``close`` ends the stream after what is pending; with an error, the error is raised then.
 
     A consumer that serves many streams (``scheduler.connection.RouterConnection``) sets
     ``listener`` instead of iterating: it is called on each ``notify`` and collects with ``take``.
     """
 
-    def __init__(self, request_id: str, group: SequenceGroup | None = None) -> None:
+    def __init__(self, request_id: str, request: CoreRequest | None = None) -> None:
         self.request_id = request_id
-        self.group = group
+        self.request = request
         self.finished = False  # closed: nothing more will be added
         self.has_data = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
-        self._logprobs: dict[int, list[common_pb2.TokenLogprobs]] = {}  # output index -> pending
-        self._whole: list[scheduler_pb2.SeqOutput] = []
         self._finish_sent: set[int] = set()  # seq ids whose finish reason was streamed
         self.listener: Callable[[RequestStream], None] | None = None
 
     def notify(self) -> None:
-        """New tokens are on the group's sequences."""
+        """The request has news (tokens, log-probs, whole outputs), or the stream closed."""
         self.has_data = True
         if self.listener is not None:
             self.listener(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def add_logprobs(self, index: int, logprobs: common_pb2.TokenLogprobs) -> None:
-        self._logprobs.setdefault(index, []).append(logprobs)
-
-    def put_outputs(self, outputs: list[scheduler_pb2.SeqOutput]) -> None:
-        self._whole.extend(outputs)
-        self.notify()
 
     def close(self, error: BaseException | None = None) -> None:
         if not self.finished:
@@ -87,17 +84,22 @@ class RequestStream:
         """Everything not yet streamed, and whether the stream has ended (nothing will follow)."""
         closed = self.finished  # read before draining: a closed stream gets nothing more
         self.has_data = False
-        outputs = self._token_outputs() if self.group is not None else []
-        if self._whole:
-            outputs.extend(self._whole)
-            self._whole = []
+        request = self.request
+        if request is None:
+            return [], closed
+        request.has_news = False
+        outputs = self._token_outputs(request)
+        whole = request.strategy.outputs
+        if whole:
+            outputs.extend(whole)
+            request.strategy.outputs = []
         return outputs, closed
 
-    def _token_outputs(self) -> list[scheduler_pb2.SeqOutput]:
-        group = self.group
-        assert group is not None
+    def _token_outputs(self, request: CoreRequest) -> list[scheduler_pb2.SeqOutput]:
+        group = request.group
         if not group.streams_tokens:
             return []
+        pending_logprobs = request.strategy.logprobs
         outputs = []
         for seq in group.seqs:
             start = seq.num_prompt_tokens + seq.num_streamed_tokens
@@ -112,7 +114,7 @@ class RequestStream:
             if finish:
                 out.finish_reason = seq.status.finish_reason
                 self._finish_sent.add(seq.seq_id)
-            logprobs = self._logprobs.pop(seq.index, None)
+            logprobs = pending_logprobs.pop(seq.index, None)
             if logprobs:
                 out.logprobs.extend(logprobs)
             outputs.append(out)

@@ -12,13 +12,9 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from protos.pagedserve.v1 import common_pb2
 from scheduler.block_pool import Block
-
-if TYPE_CHECKING:
-    from scheduler.stop import StopCriteria
 
 
 class SequenceStatus(enum.IntEnum):
@@ -110,24 +106,20 @@ class SequenceGroup:
     worker_id: str = ""
     num_samples: int = 1  # sequences to run: best_of (>= n); 1 for beam search's start
     forked: bool = False
-    beam: object | None = None  # scheduler.beam_search.BeamState when beam search
-    stop: StopCriteria | None = None  # set by the engine
+    # scheduler.beam_search.BeamState when beam search: the scheduler appends its tokens.
+    beam: object | None = None
     # The most KV blocks it can hold (scheduler.placement.blocks_needed): it is placed only on a
     # worker whose pool is at least this large. Set by the engine.
     num_blocks_needed: int = 0
     # Workers that failed while it ran on them (the engine stops moving it at a limit).
     num_worker_failures: int = 0
-    # Resolved once from ``params`` (the step loop reads these per token):
-    # ``best_of > n``: outputs are chosen at the end, so nothing streams before.
-    holds_outputs: bool = field(init=False)
-    # Tokens stream as they are sampled (not beam search, not best_of > n).
+    # Tokens stream as they are sampled (not beam search, not best_of > n, whose outputs are
+    # handed over whole by their output strategy): resolved once, the stream reads it per step.
     streams_tokens: bool = field(init=False)
-    num_logprobs: int = field(init=False)  # top log-probs per streamed token; 0 = none
 
     def __post_init__(self) -> None:
-        self.holds_outputs = self.params.best_of > max(self.params.n, 1) and self.beam is None
-        self.streams_tokens = self.beam is None and not self.holds_outputs
-        self.num_logprobs = self.params.logprobs
+        holds_outputs = self.params.best_of > max(self.params.n, 1)
+        self.streams_tokens = self.beam is None and not holds_outputs
 
     @property
     def live_seqs(self) -> list[Sequence]:

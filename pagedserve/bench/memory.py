@@ -61,7 +61,7 @@ def _measure(
     usage.peak_blocks = used
     filled: dict[int, int] = {}
     live = 0
-    for seq, _req in engine.seqs.values():
+    for seq, _req in engine.workers[0].core.seqs.values():
         if seq.is_finished:
             continue
         live += seq.num_tokens

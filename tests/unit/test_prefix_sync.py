@@ -143,7 +143,7 @@ def test_rebuilt_worker_metadata_replaces_the_index_and_a_new_instance_drops_the
         ws = engine.workers[0]
         worker.instance_id = "i2"  # the worker restarted; the engine reconnected to it
         ws.info = await ws.handle.info()
-        ws.sched = engine._new_worker_state(ws.handle, ws.info).sched
+        ws.core = engine._new_core(ws.handle.name, ws.info)
         sync.record(ws)
         assert await sync.flush()
         assert await store.load(worker_key("shadow", "i1")) == []

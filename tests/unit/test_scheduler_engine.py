@@ -278,7 +278,8 @@ def test_a_request_whose_steps_fail_is_not_moved_past_two_workers():
 
         async def step(self, request):
             poison = engine.requests.get("poison")
-            seq_ids = {s.seq_id for s in poison.group.seqs} if poison is not None else set()
+            seq_ids = ({s.seq_id for s in poison.core_req.group.seqs} if poison is not None
+                       else set())
             if seq_ids & set(request.scheduled.seq_ids):
                 self.num_faults += 1
                 raise RuntimeError("device error while stepping the poison")
@@ -318,3 +319,22 @@ def test_a_request_whose_steps_fail_is_not_moved_past_two_workers():
         else:  # it shared the poison's first worker, hence its failed step
             assert first[rid] == first["poison"], rid
     assert any(error is None for _, error in results.values())
+
+
+def test_requested_logprobs_stream_with_their_tokens_however_the_consumer_is_paced():
+    async def main():
+        worker = ShadowWorker(num_gpu_blocks=64)
+        engine = _engine(worker)
+        await engine.start()
+        prompt = [5, 4, 3, 2, 1]
+        tokens: list[int] = []
+        logprob_ids: list[int] = []
+        async for resp in engine.submit("r", prompt, _params(9, len(prompt), logprobs=1)):
+            for out in resp.outputs:
+                tokens.extend(out.token_ids)
+                logprob_ids.extend(lp.token_id for lp in out.logprobs)
+            await asyncio.sleep(0.001)  # a consumer slower than the steps gets several at once
+        assert tokens == reference_output(prompt, 9, None)
+        assert logprob_ids == tokens
+        await engine.stop()
+    asyncio.run(main())
