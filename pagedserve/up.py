@@ -202,6 +202,8 @@ class Supervisor:
         self.args = args
         self.services: list[Service] = []
         self.popen = popen  # how a child starts (tests give fakes)
+        self._taken = {p for p in (getattr(args, name, 0) for name in
+                                   ("port", "http_port", "scheduler_port")) if p}
         self.tls_dir: Path | None = None
         self.tls: dict[str, TlsConfig] = {}
         if args.tls:
@@ -216,6 +218,15 @@ class Supervisor:
 
     def _wait(self, child: Child, proc: _Process) -> None:
         wait_serving(child, proc, self.args.startup_timeout, self.tls.get("client"))
+
+    def free_port(self) -> int:
+        """A free port for a child, never one given on the command line (``--port``,
+        ``--http-port``, ``--scheduler-port``) nor one handed out before: a port the OS calls
+        free now may be the one the router is told to bind later."""
+        while (port := free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
 
     @property
     def procs(self) -> list[subprocess.Popen[bytes]]:
@@ -240,7 +251,7 @@ class Supervisor:
             self._wait(child, proc)
         scheduler, proc = self._start_scheduler([child.address for child, _ in workers], metrics)
         self._wait(scheduler, proc)
-        http_port = a.http_port or free_port()
+        http_port = a.http_port or self.free_port()
         router, proc = self._start_router(scheduler.address, http_port, metrics)
         self._wait(router, proc)  # SERVING: the HTTP port is bound too
         for name, port in metrics.items():
@@ -253,14 +264,14 @@ class Supervisor:
         a = self.args
         started = []
         for i in range(a.workers):
-            port = free_port()
+            port = self.free_port()
             argv = [*self._model_args(), "--port", str(port), "--worker-id", f"worker-{i}",
                     "--kv-cache-memory-gib", str(a.kv_cache_memory_gib),
                     "--block-size", str(a.block_size),
                     "--max-num-batched-tokens", str(a.max_num_batched_tokens),
                     *self._tls_flags("worker")]
             if a.metrics:
-                metrics[f"worker-{i}"] = free_port()
+                metrics[f"worker-{i}"] = self.free_port()
                 argv += ["--metrics-port", str(metrics[f"worker-{i}"])]
             started.append(self.spawn("worker", argv, f"worker {i}", f"127.0.0.1:{port}",
                                       "loading the model / building CPU kernels"))
@@ -269,7 +280,7 @@ class Supervisor:
     def _start_scheduler(self, worker_addrs: list[str], metrics: dict[str, int]
                          ) -> tuple[Child, subprocess.Popen[bytes]]:
         a = self.args
-        sched_port = a.scheduler_port or free_port()
+        sched_port = a.scheduler_port or self.free_port()
         argv = ["--port", str(sched_port), "--kvstore", a.kvstore,
                 "--preemption-mode", a.preemption_mode,
                 "--max-num-batched-tokens", str(a.max_num_batched_tokens),
@@ -277,7 +288,7 @@ class Supervisor:
         for addr in worker_addrs:
             argv += ["--worker", addr]
         if a.metrics:
-            metrics["scheduler"] = free_port()
+            metrics["scheduler"] = self.free_port()
             argv += ["--metrics-port", str(metrics["scheduler"])]
         return self.spawn("scheduler", argv, "scheduler", f"127.0.0.1:{sched_port}",
                           "connecting to the workers")
@@ -291,7 +302,7 @@ class Supervisor:
         if a.api_key_file:
             argv += ["--api-key-file", a.api_key_file]
         if a.metrics:
-            metrics["router"] = free_port()
+            metrics["router"] = self.free_port()
             argv += ["--metrics-port", str(metrics["router"])]
         address = f"{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{a.port}"
         return self.spawn("router", argv, "router", address, "loading the tokenizer")

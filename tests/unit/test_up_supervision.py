@@ -99,3 +99,17 @@ def test_no_restart_stops_the_cluster_on_the_first_death() -> None:
     h.worker.returncode = 1
     assert not h.sup.supervise(h.sup.services[0].started + 2)
     assert len(h.started) == 2  # nothing restarted
+
+
+def test_ports_for_children_avoid_the_ones_given_on_the_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS may call the router's ``--port`` free while ``up`` picks a worker's port: ``up``
+    never hands out a port given on the command line, nor one it handed out already."""
+    import pagedserve.up as up
+
+    offered = iter([50051, 8000, 41000, 41000, 42000])
+    monkeypatch.setattr(up, "free_port", lambda: next(offered))
+    sup = Supervisor(argparse.Namespace(log_level="INFO", no_restart=False, tls=False,
+                                        api_key_file=None, port=50051, http_port=8000,
+                                        scheduler_port=0))
+    assert [sup.free_port(), sup.free_port()] == [41000, 42000]
