@@ -47,6 +47,7 @@ import grpc
 
 from pagedserve.core.grpc_util import CHANNEL_OPTIONS
 from pagedserve.loadtest.arrivals import arrival_offsets
+from pagedserve.up import free_port
 from protos.pagedserve.v1 import (
     common_pb2,
     generation_pb2,
@@ -61,13 +62,6 @@ KIND_WEIGHTS = {"greedy": 0.6, "cancel": 0.12, "deadline": 0.12, "hostile": 0.16
 F32_MAX = 3.4e38
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 # ------------------------------------------------------------------------------ the cluster
 
 class SoakCluster:
@@ -75,7 +69,7 @@ class SoakCluster:
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args, self.workdir = args, workdir
-        self.port, self.sched_port, self.redis_port = _free_port(), _free_port(), _free_port()
+        self.port, self.sched_port, self.redis_port = free_port(), free_port(), free_port()
         self.log = workdir / "up.log"
         self.redis: subprocess.Popen[bytes] | None = None
         self.up: subprocess.Popen[bytes] | None = None

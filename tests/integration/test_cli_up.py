@@ -24,6 +24,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ctrl_c(proc: subprocess.Popen) -> int:
+    """Stops ``up`` as Ctrl-C in a terminal does (SIGINT to its process group); its exit code."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("pagedserve up did not stop on Ctrl-C")
+
+
 def test_up_generate_and_ctrl_c(tmp_path):
     model = tiny_llama_dir()
     port, http_port = _free_port(), _free_port()
@@ -61,12 +71,7 @@ def test_up_generate_and_ctrl_c(tmp_path):
             body = json.loads(resp.read())
         assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 8
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("pagedserve up did not stop on Ctrl-C")
+        code = _ctrl_c(proc)
     text = (tmp_path / "up.log").read_text()
     assert code == 0, text
     assert "pagedserve stopped" in text
@@ -147,12 +152,7 @@ def test_up_restarts_a_killed_worker_and_the_scheduler_readmits_it(tmp_path):
         _wait_for(used_again, "the restarted worker was not used again", log, timeout=60)
     finally:
         channel.close()
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("pagedserve up did not stop on Ctrl-C")
+        code = _ctrl_c(proc)
     assert code == 0, log.read_text()
 
 
@@ -206,12 +206,7 @@ def test_up_tls_with_api_keys_end_to_end(tmp_path):
         with urllib.request.urlopen(request, timeout=60, context=context) as resp:
             assert json.loads(resp.read())["data"]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("pagedserve up did not stop on Ctrl-C")
+        code = _ctrl_c(proc)
     assert code == 0, log_path.read_text()
     assert not os.path.exists(tls_dir), "certificates left behind"
     assert key not in log_path.read_text()
