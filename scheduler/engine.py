@@ -205,17 +205,19 @@ class Engine:
         prompt_token_ids: Seq[int],
         params: common_pb2.SamplingParams,
         generated_token_ids: Seq[int] = (),
+        cache_salt: bytes = b"",
     ) -> RequestStream:
         """Queues a request (or a continuation of one) and returns its output stream.
         ``params`` must be resolved (``pagedserve.core.sampling.resolve_sampling_params``, with this
         model's ``eos_token_ids``): their ranges are not checked again here, and their
-        ``stop_token_ids`` is the whole stop set."""
+        ``stop_token_ids`` is the whole stop set. ``cache_salt``: the request shares prefix-cache
+        blocks only with requests of the same salt (a continuation must repeat its salt)."""
         num_blocks = blocks_needed(len(prompt_token_ids), params.max_tokens,
                                    num_samples(params), self.model_info.block_size)
         self._validate(request_id, prompt_token_ids, generated_token_ids, params.max_tokens,
                        num_blocks)
         core_req = new_request(request_id, prompt_token_ids, params, generated_token_ids,
-                               self.model_info.max_model_len, self._ids)
+                               self.model_info.max_model_len, self._ids, cache_salt)
         group = core_req.group
         group.num_blocks_needed = num_blocks
         ws = self._place(core_req)
@@ -267,7 +269,7 @@ class Engine:
     def _place(self, req: CoreRequest) -> WorkerState:
         group = req.group
         healthy = [ws for ws in self.workers if ws.healthy]
-        ws, reason = choose_worker(healthy, group.seqs[0].token_ids, group.num_blocks_needed)
+        ws, reason = choose_worker(healthy, group.seqs[0], group.num_blocks_needed)
         for observer in self.observers:
             observer.on_placement(ws.handle.name, reason)
         group.worker_id = ws.handle.name
@@ -392,8 +394,7 @@ class Engine:
                     f"when they failed; not retried"))
                 continue
             try:
-                target, _ = choose_worker(targets, group.seqs[0].token_ids,
-                                          group.num_blocks_needed)
+                target, _ = choose_worker(targets, group.seqs[0], group.num_blocks_needed)
             except Unavailable as exc:  # none left, or none whose pool holds it
                 self._finish_request(req, error=exc)
                 continue

@@ -25,6 +25,7 @@ from typing import Protocol
 from pagedserve.core.errors import RequestFailed, Unavailable
 from pagedserve.core.step import TopPairs, WorkerResult, WorkerStep
 from protos.pagedserve.v1 import common_pb2, worker_pb2
+from scheduler.block_hash import chain_root
 from scheduler.config import SchedulerConfig
 from scheduler.events import StepStats
 from scheduler.kv_cache_manager import KVCacheManager
@@ -126,11 +127,12 @@ class EngineCore:
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
                     params: common_pb2.SamplingParams,
-                    generated_token_ids: Seq[int] = ()) -> CoreRequest:
+                    generated_token_ids: Seq[int] = (), cache_salt: bytes = b"") -> CoreRequest:
         """Queues a request whose ``params`` are resolved and whose ids were validated
-        (``scheduler.engine.Engine.submit`` does both). ``generated_token_ids``: a continuation."""
+        (``scheduler.engine.Engine.submit`` does both). ``generated_token_ids``: a continuation;
+        ``cache_salt``: its prefix-cache partition (``new_request``)."""
         req = new_request(request_id, prompt_token_ids, params, generated_token_ids,
-                          self.info.max_model_len, self.ids)
+                          self.info.max_model_len, self.ids, cache_salt)
         self.add(req)
         return req
 
@@ -280,12 +282,15 @@ class EngineCore:
 
 
 def new_request(request_id: str, prompt: Seq[int], params: common_pb2.SamplingParams,
-                generated: Seq[int], max_model_len: int, ids: EngineIds) -> CoreRequest:
+                generated: Seq[int], max_model_len: int, ids: EngineIds,
+                cache_salt: bytes = b"") -> CoreRequest:
     """A request's group (one sequence: prompt plus any tokens already generated) and its output
-    strategy. ``params`` are resolved: their ``stop_token_ids`` is the whole stop set."""
+    strategy. ``params`` are resolved: their ``stop_token_ids`` is the whole stop set. Its blocks
+    are shared only with requests of the same ``cache_salt`` (empty: the shared partition)."""
     seq = Sequence(
         seq_id=next(ids.seq_ids), index=0, token_ids=[*prompt, *generated],
         num_prompt_tokens=len(prompt), num_streamed_tokens=len(generated),
+        hash_root=chain_root(cache_salt),
     )
     stop = StopCriteria(params, max_model_len, len(prompt))
     strategy = strategy_for(params, stop)

@@ -76,12 +76,14 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def lookup_prefix(self, token_ids: list[int], max_tokens: int) -> PrefixHit:
-        """Longest run of cached full blocks covering at most ``max_tokens`` of ``token_ids``."""
+    def lookup_prefix(self, token_ids: list[int], max_tokens: int,
+                      root: bytes | None = None) -> PrefixHit:
+        """Longest run of cached full blocks covering at most ``max_tokens`` of ``token_ids``,
+        in the chain that starts at ``root`` (the sequence's ``hash_root``: its cache salt)."""
         hit = PrefixHit()
         if not self.enable_caching:
             return hit
-        parent: bytes | None = None
+        parent = root
         bs = self.block_size
         for start in range(0, max_tokens - bs + 1, bs):
             tokens = tuple(token_ids[start : start + bs])
@@ -168,7 +170,7 @@ class KVCacheManager:
             return
         token_ids = seq.token_ids
         num_full = min(end // bs, len(seq.blocks))
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else seq.hash_root
         cached = self.gpu.cached
         for i in range(len(hashes), num_full):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])

@@ -10,11 +10,12 @@ least loaded. A request that no worker's pool can hold is the engine's to refuse
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pagedserve.core.errors import Unavailable
 from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.sequence import Sequence
 
 if TYPE_CHECKING:
     from scheduler.policy import WorkerScheduler
@@ -47,11 +48,12 @@ def can_hold(kv: KVCacheManager, num_blocks: int) -> bool:
     return num_blocks <= kv.gpu.num_blocks
 
 
-def choose_worker(workers: Sequence[W], token_ids: Sequence[int],
-                  num_blocks: int) -> tuple[W, str]:
-    """Returns the chosen worker among ``workers`` (the healthy ones) and why: ``prefix``,
-    ``least_loaded`` or ``only``. Raises ``Unavailable`` when none of them can hold a request of
-    ``num_blocks`` blocks (``blocks_needed``)."""
+def choose_worker(workers: Seq[W], seq: Sequence, num_blocks: int) -> tuple[W, str]:
+    """Returns the worker among ``workers`` (the healthy ones) for the request whose first
+    sequence is ``seq``, and why: ``prefix``, ``least_loaded`` or ``only``. Prefixes are looked up
+    in the sequence's own chain (its cache salt), so a prefix cached under another salt does not
+    attract it. Raises ``Unavailable`` when none of them can hold a request of ``num_blocks``
+    blocks (``blocks_needed``)."""
     fits = [ws for ws in workers if can_hold(ws.kv, num_blocks)]
     if not fits:
         if not workers:
@@ -60,10 +62,11 @@ def choose_worker(workers: Sequence[W], token_ids: Sequence[int],
                           f"({num_blocks} blocks); the workers that can are down")
     if len(fits) == 1:
         return fits[0], "only"
+    token_ids = seq.token_ids
     best, best_key = fits[0], None
     for ws in fits:
         kv = ws.kv
-        hit_blocks = kv.lookup_prefix(list(token_ids), len(token_ids) - 1).num_blocks
+        hit_blocks = kv.lookup_prefix(token_ids, len(token_ids) - 1, seq.hash_root).num_blocks
         needed = kv.blocks_for(len(token_ids)) - hit_blocks
         has_room = kv.num_free_blocks >= needed
         load = ws.sched.num_groups

@@ -241,7 +241,8 @@ class WorkerScheduler:
         needed = 0
         for seq in group.live_seqs:
             target = self._prompt_target(group) if seq is group.seqs[0] else seq.num_tokens
-            hit = self.kv.lookup_prefix(seq.token_ids, min(target, seq.num_tokens - 1))
+            hit = self.kv.lookup_prefix(seq.token_ids, min(target, seq.num_tokens - 1),
+                                        seq.hash_root)
             cached = hit.num_blocks * self.kv.block_size
             chunk = max_chunk(cached, target - cached, budget, self.break_even)
             needed += self.kv.blocks_for(cached + chunk) - hit.num_blocks
@@ -317,6 +318,7 @@ class WorkerScheduler:
             num_prompt_tokens=parent.num_prompt_tokens,
             status=SequenceStatus.RUNNING,
             num_streamed_tokens=parent.num_streamed_tokens,
+            hash_root=parent.hash_root,
         )
         self.kv.fork(parent, child)
         child.fork_of = (parent.seq_id, parent.num_tokens)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvstore.base import PrefixEntry, PrefixStore, StoreBatch, worker_key
+from scheduler.block_hash import is_chain_root
 from scheduler.kv_cache_manager import KVCacheManager
 
 logger = logging.getLogger(__name__)
@@ -333,7 +334,9 @@ def _lru_order(entries: list[PrefixEntry]) -> Iterator[tuple[bytes, int, tuple[i
                                                                bytes | None]]:
     """Least recently used first, descendants before their ancestors: a chain is as recent as
     its most recent block, and within it the deepest block goes first (it would have been freed
-    first, tail-first). Entries whose parent is not stored can never be hit: first of all."""
+    first, tail-first). A chain starts at a block whose parent is a root (none, or a cache salt's:
+    ``block_hash.is_chain_root``); entries whose parent is not stored can never be hit: first of
+    all."""
     by_hash = {e.block_hash: e for e in entries}
     depth: dict[bytes, int] = {}
     recency: dict[bytes, int] = {e.block_hash: e.stamp for e in entries}
@@ -343,7 +346,7 @@ def _lru_order(entries: list[PrefixEntry]) -> Iterator[tuple[bytes, int, tuple[i
         cur = h
         while cur not in depth:
             parent = by_hash[cur].parent_hash
-            if parent is None:
+            if is_chain_root(parent):
                 depth[cur] = 0
             elif parent not in by_hash or parent in path or parent == cur:
                 depth[cur] = -1  # orphan (or a corrupt cycle): never reachable by a lookup

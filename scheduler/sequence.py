@@ -63,6 +63,9 @@ class Sequence:
     num_streamed_tokens: int = 0  # output tokens already sent to the client
     # Prefix-hash chain of this sequence's full blocks (grows as blocks fill).
     block_hashes: list[bytes] = field(default_factory=list)
+    # Parent hash of its first block: its request's cache salt (``block_hash.chain_root``), None
+    # for the shared partition. Kept by forks, recomputes and continuations.
+    hash_root: bytes | None = None
 
     @property
     def num_tokens(self) -> int:

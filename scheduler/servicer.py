@@ -88,7 +88,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             eos_token_ids=info.eos_token_ids,
         )
         return self.engine.submit(request.request_id, request.prompt_token_ids, params,
-                                  request.generated_token_ids)
+                                  request.generated_token_ids, request.cache_salt)
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext

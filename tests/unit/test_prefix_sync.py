@@ -1,6 +1,7 @@
 """Prefix-index write-behind and restore, with the embedded store (no sockets): the block pool
 rebuilds cached-but-free blocks, stale or foreign entries are refused, and a scheduler restart
-over the same worker memory keeps its prefix hits with correct output."""
+over the same worker memory keeps its prefix hits with correct output, salted chains (cache
+salts, per tenant) included: they come back under their salt only, in their LRU place."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from kvstore.base import PrefixEntry, worker_key
 from kvstore.memory import MemoryPrefixStore
 from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from protos.pagedserve.v1 import worker_pb2
-from scheduler.block_hash import hash_full_blocks
+from scheduler.block_hash import chain_root, hash_full_blocks
 from scheduler.config import SchedulerConfig
 from scheduler.engine import Engine
 from scheduler.kv_cache_manager import KVCacheManager
@@ -38,17 +39,20 @@ def _params(max_tokens: int, prompt_len: int):
                                    max_tokens_limit=4096)
 
 
-async def _generate(engine: Engine, rid: str, prompt: list[int], max_tokens: int) -> list[int]:
+async def _generate(engine: Engine, rid: str, prompt: list[int], max_tokens: int,
+                    cache_salt: bytes = b"") -> list[int]:
     out: list[int] = []
-    async for resp in engine.submit(rid, prompt, _params(max_tokens, len(prompt))):
+    async for resp in engine.submit(rid, prompt, _params(max_tokens, len(prompt)),
+                                    cache_salt=cache_salt):
         for o in resp.outputs:
             out.extend(o.token_ids)
     return out
 
 
-def _chain(tokens: list[int], block_size: int, extra: bytes = b"shadow"):
-    hashes = hash_full_blocks(tokens, block_size, extra)
-    return [(h, tuple(tokens[i * block_size:(i + 1) * block_size]), hashes[i - 1] if i else None)
+def _chain(tokens: list[int], block_size: int, extra: bytes = b"shadow",
+           root: bytes | None = None):
+    hashes = hash_full_blocks(tokens, block_size, extra, root)
+    return [(h, tuple(tokens[i * block_size:(i + 1) * block_size]), hashes[i - 1] if i else root)
             for i, h in enumerate(hashes)]
 
 
@@ -76,6 +80,54 @@ def test_lru_order_puts_descendants_before_ancestors_and_orphans_first():
     orphan = PrefixEntry(b"o" * 16, 7, (1, 1), b"p" * 16, stamp=99)
     order = [e[0] for e in _lru_order([orphan, *entries])]
     assert order == [orphan.block_hash, *[h for h, _, _ in reversed(chain)]]
+
+
+def test_salted_chains_restore_under_their_salt_and_are_ordered_as_chains_not_orphans():
+    root = chain_root(b"tenant-a")
+    tokens = list(range(1, 9))
+    salted, shared = _chain(tokens, 2, root=root), _chain(tokens, 2)
+    entries = [PrefixEntry(h, i, toks, parent, stamp=10 + i)  # alice's chain: the most recent
+               for i, (h, toks, parent) in enumerate(salted)]
+    entries += [PrefixEntry(h, 4 + i, toks, parent, stamp=i)
+                for i, (h, toks, parent) in enumerate(shared)]
+    orphan = PrefixEntry(b"o" * 16, 7, (1, 1), b"p" * 16, stamp=99)
+    order = [e[0] for e in _lru_order([*entries, orphan])]
+    assert order == [orphan.block_hash, *[h for h, _, _ in reversed(shared)],
+                     *[h for h, _, _ in reversed(salted)]]
+    kv = KVCacheManager(num_gpu_blocks=8, num_cpu_blocks=0, block_size=2, hash_extra=b"shadow")
+    assert len(kv.restore_cached(_lru_order(entries))) == 8  # salted hashes re-compute
+    assert [b.block_id for b in kv.lookup_prefix(tokens + [9], 8, root).blocks] == [0, 1, 2, 3]
+    assert [b.block_id for b in kv.lookup_prefix(tokens + [9], 8).blocks] == [4, 5, 6, 7]
+    assert kv.lookup_prefix(tokens + [9], 8, chain_root(b"tenant-b")).num_blocks == 0
+    assert [b.block_id for b in kv.gpu.free_queue][:4] == [7, 6, 5, 4]  # evicted first
+
+
+def test_scheduler_restart_keeps_salted_prefix_hits_for_their_salt_only():
+    async def main():
+        store = MemoryPrefixStore()
+        worker = InstanceShadowWorker(num_gpu_blocks=64, block_size=4)
+        prefix = list(range(1, 41))  # 10 full blocks
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)],
+                        prefix_sync=PrefixSync(store, flush_interval_s=0.01))
+        await engine.start()
+        await _generate(engine, "a", prefix + [7, 8], 5, cache_salt=b"tenant-a")
+        await engine.stop()
+        await engine.prefix_sync.close()
+
+        engine = Engine(SchedulerConfig(), [InProcessWorkerHandle(worker)],
+                        prefix_sync=PrefixSync(store))
+        await engine.start()
+        assert engine.prefix_sync.num_restored_blocks >= 10
+        for rid, salt in (("shared", b""), ("bob", b"tenant-b")):
+            assert await _generate(engine, rid, prefix + [9], 5, salt) == reference_output(
+                prefix + [9], 5, None)
+            assert engine.stats().prefix_hit_tokens == 0
+        assert await _generate(engine, "alice", prefix + [9], 5, b"tenant-a") == (
+            reference_output(prefix + [9], 5, None))
+        assert engine.stats().prefix_hit_tokens == 40
+        await engine.stop()
+        await engine.prefix_sync.close()
+    asyncio.run(main())
 
 
 def test_scheduler_restart_keeps_prefix_hits_with_correct_output():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pagedserve.v1 import common_pb2 as protos_dot_pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/pagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParamsB\x08\n\x06prompt\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.pagedserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\x8e\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x12\n\nblock_size\x18\x06 \x01(\r\"X\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t2\xf3\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1f.pagedserve.v1.ModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/pagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x12,\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x07 \x01(\tB\x08\n\x06prompt\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.pagedserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\x8e\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x12\n\nblock_size\x18\x06 \x01(\r\"X\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t2\xf3\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1f.pagedserve.v1.ModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=199
   _globals['_TOKENIDS']._serialized_end=222
   _globals['_GENERATEREQUEST']._serialized_start=225
-  _globals['_GENERATEREQUEST']._serialized_end=441
-  _globals['_GENERATERESPONSE']._serialized_start=444
-  _globals['_GENERATERESPONSE']._serialized_end=667
-  _globals['_MODELINFOREQUEST']._serialized_start=669
-  _globals['_MODELINFOREQUEST']._serialized_end=687
-  _globals['_MODELINFO']._serialized_start=690
-  _globals['_MODELINFO']._serialized_end=832
-  _globals['_TOKENIZEREQUEST']._serialized_start=834
-  _globals['_TOKENIZEREQUEST']._serialized_end=922
-  _globals['_TOKENIZERESPONSE']._serialized_start=924
-  _globals['_TOKENIZERESPONSE']._serialized_end=977
-  _globals['_GENERATION']._serialized_start=980
-  _globals['_GENERATION']._serialized_end=1223
+  _globals['_GENERATEREQUEST']._serialized_end=461
+  _globals['_GENERATERESPONSE']._serialized_start=464
+  _globals['_GENERATERESPONSE']._serialized_end=687
+  _globals['_MODELINFOREQUEST']._serialized_start=689
+  _globals['_MODELINFOREQUEST']._serialized_end=707
+  _globals['_MODELINFO']._serialized_start=710
+  _globals['_MODELINFO']._serialized_end=852
+  _globals['_TOKENIZEREQUEST']._serialized_start=854
+  _globals['_TOKENIZEREQUEST']._serialized_end=942
+  _globals['_TOKENIZERESPONSE']._serialized_start=944
+  _globals['_TOKENIZERESPONSE']._serialized_end=997
+  _globals['_GENERATION']._serialized_start=1000
+  _globals['_GENERATION']._serialized_end=1243
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pagedserve.v1 import common_pb2 as protos_dot_pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/pagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\x9c\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\xf5\x01\n\tSeqOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x10\n\x08replaces\x18\x08 \x01(\x08\";\n\x0eSubmitResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\"Z\n\x0e\x43onnectRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x01 \x03(\t\x12-\n\x07submits\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\"\x8d\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"R\n\x0f\x43onnectResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc3\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x04 \x01(\r\x12\x17\n\x0fnum_swap_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_free_swap_blocks\x18\x06 \x01(\r\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\"\x9d\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.WorkerStats\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\n \x01(\x04\"\x1b\n\x19SchedulerModelInfoRequest\"\x9d\x01\n\x12SchedulerModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\"\n\x1amax_num_tokens_per_request\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\x8b\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07\x43onnect\x12\x1d.pagedserve.v1.ConnectRequest\x1a\x1e.pagedserve.v1.ConnectResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x46\n\x08GetStats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12[\n\x0cGetModelInfo\x12(.pagedserve.v1.SchedulerModelInfoRequest\x1a!.pagedserve.v1.SchedulerModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/pagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a!protos/pagedserve/v1/common.proto\"\xb0\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\x05\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\ncache_salt\x18\x06 \x01(\x0c\"\xf5\x01\n\tSeqOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x10\n\x08replaces\x18\x08 \x01(\x08\";\n\x0eSubmitResponse\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\"Z\n\x0e\x43onnectRequest\x12\x19\n\x11\x61\x62ort_request_ids\x18\x01 \x03(\t\x12-\n\x07submits\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\"\x8d\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.pagedserve.v1.SeqOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\r\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"R\n\x0f\x43onnectResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc3\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x04 \x01(\r\x12\x17\n\x0fnum_swap_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_free_swap_blocks\x18\x06 \x01(\r\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x11\n\tnum_steps\x18\x08 \x01(\x04\"\x9d\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12+\n\x07workers\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.WorkerStats\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x07 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x08 \x01(\x04\x12\x1d\n\x15num_finished_requests\x18\t \x01(\x04\x12\x1c\n\x14num_generated_tokens\x18\n \x01(\x04\"\x1b\n\x19SchedulerModelInfoRequest\"\x9d\x01\n\x12SchedulerModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\"\n\x1amax_num_tokens_per_request\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x32\x8b\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07\x43onnect\x12\x1d.pagedserve.v1.ConnectRequest\x1a\x1e.pagedserve.v1.ConnectResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12\x46\n\x08GetStats\x12\x1b.pagedserve.v1.StatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12[\n\x0cGetModelInfo\x12(.pagedserve.v1.SchedulerModelInfoRequest\x1a!.pagedserve.v1.SchedulerModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pagedserve.v1.schedu
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=91
-  _globals['_SUBMITREQUEST']._serialized_end=247
-  _globals['_SEQOUTPUT']._serialized_start=250
-  _globals['_SEQOUTPUT']._serialized_end=495
-  _globals['_SUBMITRESPONSE']._serialized_start=497
-  _globals['_SUBMITRESPONSE']._serialized_end=556
-  _globals['_CONNECTREQUEST']._serialized_start=558
-  _globals['_CONNECTREQUEST']._serialized_end=648
-  _globals['_REQUESTUPDATE']._serialized_start=651
-  _globals['_REQUESTUPDATE']._serialized_end=792
-  _globals['_CONNECTRESPONSE']._serialized_start=794
-  _globals['_CONNECTRESPONSE']._serialized_end=876
-  _globals['_ABORTREQUEST']._serialized_start=878
-  _globals['_ABORTREQUEST']._serialized_end=912
-  _globals['_ABORTRESPONSE']._serialized_start=914
-  _globals['_ABORTRESPONSE']._serialized_end=944
-  _globals['_STATSREQUEST']._serialized_start=946
-  _globals['_STATSREQUEST']._serialized_end=960
-  _globals['_WORKERSTATS']._serialized_start=963
-  _globals['_WORKERSTATS']._serialized_end=1158
-  _globals['_SCHEDULERSTATS']._serialized_start=1161
-  _globals['_SCHEDULERSTATS']._serialized_end=1446
-  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_start=1448
-  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_end=1475
-  _globals['_SCHEDULERMODELINFO']._serialized_start=1478
-  _globals['_SCHEDULERMODELINFO']._serialized_end=1635
-  _globals['_SCHEDULER']._serialized_start=1638
-  _globals['_SCHEDULER']._serialized_end=2033
+  _globals['_SUBMITREQUEST']._serialized_end=267
+  _globals['_SEQOUTPUT']._serialized_start=270
+  _globals['_SEQOUTPUT']._serialized_end=515
+  _globals['_SUBMITRESPONSE']._serialized_start=517
+  _globals['_SUBMITRESPONSE']._serialized_end=576
+  _globals['_CONNECTREQUEST']._serialized_start=578
+  _globals['_CONNECTREQUEST']._serialized_end=668
+  _globals['_REQUESTUPDATE']._serialized_start=671
+  _globals['_REQUESTUPDATE']._serialized_end=812
+  _globals['_CONNECTRESPONSE']._serialized_start=814
+  _globals['_CONNECTRESPONSE']._serialized_end=896
+  _globals['_ABORTREQUEST']._serialized_start=898
+  _globals['_ABORTREQUEST']._serialized_end=932
+  _globals['_ABORTRESPONSE']._serialized_start=934
+  _globals['_ABORTRESPONSE']._serialized_end=964
+  _globals['_STATSREQUEST']._serialized_start=966
+  _globals['_STATSREQUEST']._serialized_end=980
+  _globals['_WORKERSTATS']._serialized_start=983
+  _globals['_WORKERSTATS']._serialized_end=1178
+  _globals['_SCHEDULERSTATS']._serialized_start=1181
+  _globals['_SCHEDULERSTATS']._serialized_end=1466
+  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_start=1468
+  _globals['_SCHEDULERMODELINFOREQUEST']._serialized_end=1495
+  _globals['_SCHEDULERMODELINFO']._serialized_start=1498
+  _globals['_SCHEDULERMODELINFO']._serialized_end=1655
+  _globals['_SCHEDULER']._serialized_start=1658
+  _globals['_SCHEDULER']._serialized_end=2053
 # @@protoc_insertion_point(module_scope)
