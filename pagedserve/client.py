@@ -52,12 +52,15 @@ class AsyncClient:
         token_ids: Sequence[int] | None = None,
         request_id: str = "",
         model: str = "",
+        cache_salt: str = "",
         timeout: float | None = None,
         **sampling: Any,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Streams the response messages. Exactly one of ``prompt``, ``messages``, ``token_ids``;
-        ``sampling`` holds ``SamplingParams`` fields (``max_tokens=16, stop=["\\n"]``)."""
+        ``sampling`` holds ``SamplingParams`` fields (``max_tokens=16, stop=["\\n"]``).
+        ``cache_salt``: share prefix-cache blocks only with requests that send the same salt."""
         request = _generate_request(prompt, messages, token_ids, request_id, model, sampling)
+        request.cache_salt = cache_salt
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:

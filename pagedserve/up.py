@@ -75,6 +75,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-file", default=None,
                         help="the router's API keys (one 'ID:KEY' a line): clients must send "
                              "one (pagedserve generate --api-key KEY)")
+    parser.add_argument("--prefix-cache-isolation", choices=("none", "api-key"), default=None,
+                        help="the router's: api-key = requests share prefix-cache blocks only "
+                             "with requests of the same API key (default none: everyone's)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -301,6 +304,8 @@ class Supervisor:
                 *self._tls_flags("router")]
         if a.api_key_file:
             argv += ["--api-key-file", a.api_key_file]
+        if a.prefix_cache_isolation:
+            argv += ["--prefix-cache-isolation", a.prefix_cache_isolation]
         if a.metrics:
             metrics["router"] = self.free_port()
             argv += ["--metrics-port", str(metrics["router"])]

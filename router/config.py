@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from pagedserve.core.grpc_util import TlsConfig, add_tls_arguments, tls_config_from_args
+from router.cache_salt import CacheIsolation
 from router.rate_limit import RateLimitConfig
 
 ENV_PREFIX = "PAGEDSERVE_ROUTER_"
@@ -46,7 +47,9 @@ class RouterConfig:
     ``router/auth.py``; none = no authentication); ``rate_limits`` apply per key.
     ``max_prompt_bytes`` caps a prompt's UTF-8 bytes before it is tokenized (a request message
     larger than it plus ``REQUEST_OVERHEAD_BYTES`` is refused by gRPC, RESOURCE_EXHAUSTED,
-    before it is parsed); ``max_prompt_tokens`` caps its tokens (0 = the model's context)."""
+    before it is parsed); ``max_prompt_tokens`` caps its tokens (0 = the model's context).
+    ``prefix_cache_isolation``: whose requests share prefix-cache blocks (``api-key``: only one
+    key's, which needs keys; ``router/cache_salt.py``)."""
 
     model: str | None = None
     scheduler_address: str = "127.0.0.1:50052"
@@ -60,6 +63,7 @@ class RouterConfig:
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_prompt_tokens: int = 0
+    prefix_cache_isolation: CacheIsolation = CacheIsolation.NONE
 
     def __post_init__(self) -> None:
         if self.max_tokens_limit < 1:
@@ -71,6 +75,10 @@ class RouterConfig:
             raise ValueError("request_timeout_s must be >= 0 and startup_timeout_s > 0")
         if not self.scheduler_address:
             raise ValueError("scheduler_address must be set (host:port)")
+        if (self.prefix_cache_isolation is CacheIsolation.API_KEY
+                and not (self.api_key_file or self.api_keys)):
+            raise ValueError("--prefix-cache-isolation api-key needs API keys (--api-key-file "
+                             "or PAGEDSERVE_API_KEYS): without them every caller is one tenant")
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -123,6 +131,13 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prompt-tokens", type=int,
                        default=int(_env("MAX_PROMPT_TOKENS", str(d.max_prompt_tokens)) or 0),
                        help="largest prompt in tokens (0 = the model's context)")
+    group.add_argument("--prefix-cache-isolation", type=CacheIsolation,
+                       choices=list(CacheIsolation),
+                       default=CacheIsolation(_env("PREFIX_CACHE_ISOLATION",
+                                                   d.prefix_cache_isolation.value)),
+                       help="none: every caller shares the prefix cache (cached_tokens can tell "
+                            "a caller that another sent the same prefix); api-key: only "
+                            "requests of the same API key share cached blocks")
 
 
 def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -142,4 +157,5 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
                                     args.rate_limit_tps, args.rate_limit_token_burst),
         max_prompt_bytes=args.max_prompt_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
+        prefix_cache_isolation=args.prefix_cache_isolation,
     )

@@ -12,7 +12,8 @@ turn the request into a ``GenerateRequest`` and run it here, by the same code::
 ``RequestScope.prepare`` is the only way into the scheduler, for both protocols: the API key
 (``authorization: Bearer``, from ``CallInfo.metadata``: gRPC metadata or HTTP headers,
 ``router/auth.py``), the key's rate limits (``router/rate_limit.py``), then validation and
-tokenizing (``GenerationService.prepare``); prompt tokens are charged to the key there and
+tokenizing (``GenerationService.prepare``) and the request's prefix-cache partition (the key's
+and the client's salt, ``router/cache_salt.py``); prompt tokens are charged to the key there and
 generated tokens as they stream. ``scope.stream`` submits on the router's shared
 ``Scheduler.Connect`` call with the client's remaining deadline, feeds each update through an
 ``OutputProcessor`` and yields its messages; stop string, client cancel, deadline and error all
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -37,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from pagedserve.core.errors import PagedServeError
 from protos.pagedserve.v1 import generation_pb2, scheduler_pb2
 from router.auth import ANONYMOUS, ApiKeys
+from router.cache_salt import CacheIsolation, request_cache_salt
 from router.config import DEFAULT_MAX_PROMPT_BYTES
 from router.metrics import RouterMetrics, outcome_for_code
 from router.output import OutputProcessor
@@ -129,8 +132,10 @@ class GenerationService:
         rate_limits: RateLimitConfig | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
         max_prompt_tokens: int = 0,
+        cache_isolation: CacheIsolation = CacheIsolation.NONE,
     ) -> None:
-        """``max_prompt_tokens`` 0 = the model's context (``router/config.py``)."""
+        """``max_prompt_tokens`` 0 = the model's context (``router/config.py``);
+        ``cache_isolation``: whose requests share prefix-cache blocks."""
         self.metrics = metrics if metrics is not None else RouterMetrics(CollectorRegistry())
         self.tokenizer = tokenizer
         self.model = model
@@ -141,6 +146,7 @@ class GenerationService:
         self._request_timeout_s = request_timeout_s
         self._keys = api_keys if api_keys is not None else ApiKeys([])
         self._limiter = RateLimiter(rate_limits or RateLimitConfig())
+        self._cache_isolation = cache_isolation
         self.metrics.add_keys(self._keys.key_ids or [ANONYMOUS])
 
     def authenticate(self, metadata: Mapping[str, str]) -> str:
@@ -184,17 +190,21 @@ class GenerationService:
             finally:
                 scope.record.finish(code)
 
-    async def prepare(self, request: generation_pb2.GenerateRequest,
-                      call: CallInfo) -> PreparedRequest:
-        """Admits one request, for every protocol: checks it and tokenizes its prompt.
-        Tokenizing runs in a thread (long texts must not stall the streams); token ids are only
-        checked, which is cheaper here than a thread hand-off. Raises ``PagedServeError``."""
+    async def prepare(self, request: generation_pb2.GenerateRequest, call: CallInfo,
+                      key_id: str = ANONYMOUS) -> PreparedRequest:
+        """Admits one request of ``key_id``, for every protocol: checks it, tokenizes its
+        prompt and puts it in its prefix-cache partition. Tokenizing runs in a thread (long texts
+        must not stall the streams); token ids are only checked, which is cheaper here than a
+        thread hand-off. Raises ``PagedServeError``."""
         prepare = functools.partial(prepare_request, request, self.tokenizer, self.model,
                                     max_tokens_limit=self.max_tokens_limit,
                                     limits=self.prompt_limits)
         if request.WhichOneof("prompt") == "token_ids":
-            return prepare()
-        return await asyncio.to_thread(prepare)
+            prepared = prepare()
+        else:
+            prepared = await asyncio.to_thread(prepare)
+        salt = request_cache_salt(self._cache_isolation, key_id, request.cache_salt)
+        return dataclasses.replace(prepared, cache_salt=salt)
 
     async def tokenize(self, request: generation_pb2.TokenizeRequest,
                        call: CallInfo) -> list[int]:
@@ -227,7 +237,7 @@ class RequestScope:
         """Admits the request: its API key and rate limits, then validation and tokenizing.
         ``request_id`` (logged) is set once checked: a refused one never reaches a log line."""
         self.key_id = self._service.admit(self._call)
-        prepared = await self._service.prepare(request, self._call)
+        prepared = await self._service.prepare(request, self._call, self.key_id)
         self.request_id = prepared.request_id
         self._service.charge_tokens(self.key_id, prepared.num_prompt_tokens)
         return prepared
@@ -289,6 +299,7 @@ def _submit_request(prepared: PreparedRequest, generated: list[int],
     return scheduler_pb2.SubmitRequest(
         request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids,
         params=prepared.params, generated_token_ids=generated, timeout_s=timeout_s or 0.0,
+        cache_salt=prepared.cache_salt,
     )
 
 

@@ -13,7 +13,8 @@ Mapped fields: ``max_tokens`` (``/v1/completions`` default 16, as OpenAI's) or
 ``frequency_penalty``, and vLLM's extensions ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``min_tokens``, ``best_of``, ``use_beam_search`` (beam width = ``best_of``, else
 ``n``), ``length_penalty``, ``early_stopping``, ``stop_token_ids``,
-``include_stop_str_in_output``. Fields that would change the answer but are not supported
+``include_stop_str_in_output``, and ``cache_salt`` (a prefix-cache partition of the
+client's own, ``router/cache_salt.py``). Fields that would change the answer but are not supported
 (``echo``, ``suffix``, ``logit_bias``, tools, a non-text ``response_format``) are refused; other
 unknown fields are ignored, as vLLM does.
 
@@ -151,7 +152,7 @@ def parse_completion_request(body: Any, request_id: str) -> OpenAIRequest:
     for i, prompt in enumerate(prompts):
         request = generation_pb2.GenerateRequest(
             request_id=f"{request_id}-{i}" if batch and request_id else request_id,
-            model=_model(body), params=params)
+            model=_model(body), params=params, cache_salt=_cache_salt(body))
         if isinstance(prompt, str):
             request.text = prompt
         else:
@@ -168,7 +169,7 @@ def parse_chat_request(body: Any, request_id: str) -> OpenAIRequest:
     _refuse_unsupported(body, CHAT)
     params, top_logprobs, renames = _sampling_params(body, CHAT)
     request = generation_pb2.GenerateRequest(
-        request_id=request_id, model=_model(body), params=params,
+        request_id=request_id, model=_model(body), params=params, cache_salt=_cache_salt(body),
         chat=parse_messages(body.get("messages")))
     stream, include_usage = _stream(body)
     return OpenAIRequest(CHAT, [request], stream, include_usage, top_logprobs, False, renames)
@@ -212,6 +213,10 @@ def _object(body: Any) -> dict[str, Any]:
 
 def _model(body: dict[str, Any]) -> str:
     return _typed(body, "model", str, "a string") or ""
+
+
+def _cache_salt(body: dict[str, Any]) -> str:
+    return _typed(body, "cache_salt", str, "a string") or ""
 
 
 def _prompts(prompt: Any) -> tuple[list[str | list[int]], bool]:

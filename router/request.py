@@ -9,13 +9,14 @@ does not serve as ``ModelNotFound`` (``NOT_FOUND``, field ``model``).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.core.errors import InvalidArgument, ModelNotFound
 from pagedserve.core.request_id import check_request_id
 from pagedserve.core.sampling import resolve_sampling_params
 from pagedserve.core.token_ids import check_token_ids
 from protos.pagedserve.v1 import common_pb2, generation_pb2
+from router.cache_salt import check_cache_salt
 from router.tokenizer import Tokenizer
 
 # What a request message may hold beside its prompt: params, stop strings, ids, chat structure.
@@ -64,9 +65,13 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class PreparedRequest:
+    """What the scheduler runs. ``cache_salt``: the request's prefix-cache partition
+    (``router/cache_salt.py``; empty = shared), set once the caller is known."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: common_pb2.SamplingParams
+    cache_salt: bytes = field(default=b"", repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -84,6 +89,7 @@ def prepare_request(
     """Validates ``request``; returns its request id (made if empty), prompt ids and params."""
     check_model(request.model, model)
     request_id = _request_id(request.request_id)
+    check_cache_salt(request.cache_salt)
     prompt_ids = prompt_token_ids(request, tokenizer, model.vocab_size, limits)
     params = resolve_sampling_params(
         request.params, num_prompt_tokens=len(prompt_ids), max_model_len=model.context_len,

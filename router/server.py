@@ -100,7 +100,8 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
                                 request_timeout_s=cfg.request_timeout_s, metrics=metrics,
                                 api_keys=api_keys, rate_limits=cfg.rate_limits,
                                 max_prompt_bytes=cfg.max_prompt_bytes,
-                                max_prompt_tokens=cfg.max_prompt_tokens)
+                                max_prompt_tokens=cfg.max_prompt_tokens,
+                                cache_isolation=cfg.prefix_cache_isolation)
     # The public port refuses (RESOURCE_EXHAUSTED) a message too large for any acceptable
     # prompt before parsing it.
     server = grpc.aio.server(

@@ -1,7 +1,8 @@
 """API keys and per-key rate limits at a real router (gRPC and HTTP on 127.0.0.1:0) in front of
 the scripted fake Scheduler of ``test_router_grpc``: a missing or wrong key is refused on every
 route but health, a key over its limit gets RESOURCE_EXHAUSTED with a retry hint while another
-key is served, and no key ever reaches a log line or a metric."""
+key is served, no key ever reaches a log line or a metric, and with prefix-cache isolation each
+key's requests (resubmissions included) carry a salt of their own to the scheduler."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from prometheus_client import generate_latest
 from pagedserve.client import AsyncClient
 from pagedserve.core.grpc_util import aio_channel
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
+from router import generation
+from router.cache_salt import CacheIsolation
 from router.config import RouterConfig, ServerConfig
 from router.rate_limit import RateLimitConfig
 from router.server import RouterServer, start_router
@@ -33,13 +36,15 @@ SLOW = 0.001  # per second: nothing refills while a test runs, however slow the 
 
 
 @contextlib.asynccontextmanager
-async def serving(tokenizer: Tokenizer, tmp_path: Any, limits: RateLimitConfig | None = None
+async def serving(tokenizer: Tokenizer, tmp_path: Any, limits: RateLimitConfig | None = None,
+                  fake: fakes.FakeScheduler | None = None,
+                  isolation: CacheIsolation = CacheIsolation.NONE
                   ) -> AsyncIterator[RouterServer]:
     """A router with two keys: ``alice`` from the key file, ``bob`` from the environment
     entries (bare, so its id is derived)."""
     key_file = tmp_path / "keys"
     key_file.write_text(f"# team keys\nalice:{ALICE}\n\n")
-    fake = fakes.FakeScheduler(
+    fake = fake or fakes.FakeScheduler(
         outputs=fakes.token_outputs([7, 8, 9], common_pb2.FINISH_REASON_LENGTH))
     scheduler = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, scheduler)
@@ -48,7 +53,8 @@ async def serving(tokenizer: Tokenizer, tmp_path: Any, limits: RateLimitConfig |
     cfg = RouterConfig(scheduler_address=f"127.0.0.1:{scheduler_port}",
                        server=ServerConfig(host="127.0.0.1", port=0, grace_s=0.1, http_port=0),
                        startup_timeout_s=5, api_key_file=str(key_file), api_keys=(BOB,),
-                       rate_limits=limits or RateLimitConfig())
+                       rate_limits=limits or RateLimitConfig(),
+                       prefix_cache_isolation=isolation)
     router = await start_router(cfg, tokenizer)
     try:
         yield router
@@ -210,3 +216,39 @@ def test_load_test_harness_sends_its_api_key_over_both_backends(
     out = asyncio.run(main())
     assert out == {"grpc key": "OK", "grpc no key": "UNAUTHENTICATED",
                    "openai key": "OK", "openai no key": "HTTP_401"}
+
+
+def test_with_isolation_each_key_and_client_salt_reaches_the_scheduler_as_its_own_salt(
+        tokenizer: Tokenizer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every submit of a request, resubmissions after UNAVAILABLE included, carries its salt;
+    the salt is an opaque digest, neither the key nor its id."""
+    fake = fakes.FakeScheduler(error=grpc.StatusCode.UNAVAILABLE)
+    monkeypatch.setattr(generation, "MAX_CONTINUATIONS", 1)  # one resubmission, one backoff
+
+    async def main() -> list[tuple[str, str]]:
+        async with serving(tokenizer, tmp_path, fake=fake,
+                           isolation=CacheIsolation.API_KEY) as router:
+            calls = [("alice", ALICE, ""), ("bob", BOB, ""), ("alice", ALICE, "x"),
+                     ("alice http", ALICE, "x")]
+            for name, key, salt in calls:
+                if name.endswith("http"):
+                    await _http(router, "POST", "/v1/completions", key,
+                                {**COMPLETION, "cache_salt": salt})
+                    continue
+                async with AsyncClient(f"127.0.0.1:{router.port}", api_key=key) as client:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await client.generate_text("Hi", max_tokens=3, cache_salt=salt,
+                                                   timeout=30)
+            return [(name, salt) for name, _, salt in calls]
+
+    calls = asyncio.run(main())
+    by_request: dict[str, list[bytes]] = {}
+    for request in fake.requests:
+        by_request.setdefault(request.request_id, []).append(request.cache_salt)
+    assert len(by_request) == len(calls)
+    assert all(len(salts) > 1 and len(set(salts)) == 1  # resubmitted with the same salt
+               for salts in by_request.values())
+    alice, bob, alice_x, alice_x_http = [salts[0] for salts in by_request.values()]
+    assert len({alice, bob, alice_x}) == 3 and alice_x_http == alice_x
+    for salt in (alice, bob, alice_x):
+        assert salt and all(s.encode() not in salt for s in (ALICE, BOB, "alice"))
