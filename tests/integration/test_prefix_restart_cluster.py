@@ -1,6 +1,7 @@
 """A scheduler restart over real gRPC with the tiny model and Redis: the workers keep their KV
 memory, the new scheduler restores the prefix index from Redis, and a request sharing the prefix
-hits the cache with the same output as a scheduler without prefix caching."""
+hits the cache with the same output as a scheduler without prefix caching. Salted chains (a
+client's or a tenant's cache salt) come back too, for their salt only."""
 
 from __future__ import annotations
 
@@ -77,9 +78,10 @@ def _restart_scheduler(c: ClusterThread, config: SchedulerConfig, crash: bool = 
     c.scheduler = scheduler_pb2_grpc.SchedulerStub(c.sched_channel)
 
 
-def _generate(c: ClusterThread, ids: list[int], max_tokens: int = 8) -> list[int]:
+def _generate(c: ClusterThread, ids: list[int], max_tokens: int = 8,
+              cache_salt: str = "") -> list[int]:
     req = generation_pb2.GenerateRequest(
-        token_ids=generation_pb2.TokenIds(ids=ids),
+        token_ids=generation_pb2.TokenIds(ids=ids), cache_salt=cache_salt,
         params=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                          ignore_eos=True))
     return [t for m in c.generation.Generate(req, timeout=120) if m.index == 0
@@ -132,3 +134,23 @@ def test_after_a_scheduler_crash_only_blocks_the_worker_vouches_for_are_restored
     second = _generate(cluster, prefix + [7, 8, 9])
     assert second == first  # the corrupted block was not trusted: recomputed, same output
     assert cluster.stats().prefix_hit_tokens == 3 * BLOCK_SIZE  # the chain stops before it
+
+
+def test_salted_prefix_hits_survive_a_restart_and_a_crash_for_their_salt_only(
+        cluster, redis_server):
+    prefix = [7 + (17 * i) % 400 for i in range(6 * BLOCK_SIZE)]
+    first = _generate(cluster, prefix + [7, 8, 9], cache_salt="tenant-a")
+    worker = cluster.cluster.workers[0].worker
+    salted = set(cluster.cluster.engine.workers[0].kv.gpu.cached)
+    assert len(salted) >= 6 and salted <= set(worker.block_hashes.values())  # worker vouches
+    redis_config = SchedulerConfig(kvstore_url=redis_server.url)
+    # (each salt asks once: its request caches a chain of its own)
+    for crash, others in ((False, ("tenant-b",)), (True, ("", "tenant-c"))):
+        _restart_scheduler(cluster, redis_config, crash=crash)
+        assert cluster.cluster.engine.prefix_sync.num_restored_blocks >= 6
+        assert salted <= set(cluster.cluster.engine.workers[0].kv.gpu.cached)
+        for salt in others:  # the restored chain is not theirs
+            assert _generate(cluster, prefix + [7, 8, 9], cache_salt=salt) == first
+            assert cluster.stats().prefix_hit_tokens == 0
+        assert _generate(cluster, prefix + [7, 8, 9], cache_salt="tenant-a") == first
+        assert cluster.stats().prefix_hit_tokens == 6 * BLOCK_SIZE
