@@ -224,7 +224,8 @@ def test_helm_test_pod_health_checks_the_router(default_docs) -> None:
 SECURE = {"tls": {"enabled": True, "secrets": {"worker": "worker-cert"}},
           "router": {"apiKeys": {"existingSecret": "api-keys", "secretKey": "keys.txt"},
                      "rateLimit": {"requestsPerSecond": 5, "tokensPerSecond": 2000,
-                                   "tokenBurst": 8000}}}
+                                   "tokenBurst": 8000},
+                     "prefixCacheIsolation": "api-key"}}
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +288,12 @@ def _parse(container: dict[str, Any]) -> Any:
 
 
 def test_rendered_commands_parse_with_the_real_cli(default_docs, secure_docs) -> None:
+    from router.cache_salt import CacheIsolation
+
     plain = {name: _parse(c) for name, c in containers(default_docs).items() if name != "redis"}
     assert not plain["router"].server.tls.enabled and not plain["worker"].server.tls.enabled
     assert plain["router"].api_key_file is None and not plain["router"].rate_limits.enabled
+    assert plain["router"].prefix_cache_isolation is CacheIsolation.NONE
     cfg = {name: _parse(c) for name, c in containers(secure_docs).items() if name != "redis"}
     tls_dir = "/etc/pagedserve/tls"
     for name in ("router", "scheduler", "worker"):
@@ -305,6 +309,12 @@ def test_rendered_commands_parse_with_the_real_cli(default_docs, secure_docs) ->
     limits = router.rate_limits
     assert (limits.requests_per_s, limits.request_burst, limits.tokens_per_s,
             limits.token_burst) == (5, None, 2000, 8000)
+    assert router.prefix_cache_isolation is CacheIsolation.API_KEY
+
+
+def test_prefix_cache_isolation_by_api_key_without_keys_fails_to_render() -> None:
+    with pytest.raises(helm.HelmRenderError, match="needs router.apiKeys.existingSecret"):
+        render({"router": {"prefixCacheIsolation": "api-key"}})
 
 
 def test_dashboard_configmap_ships_the_dashboard(default_docs) -> None:
@@ -352,6 +362,7 @@ def test_ttft_slo_is_configurable(variant_docs) -> None:
     {"router": {"rateLimit": {"requestsPerSecond": -1}}},
     {"router": {"rateLimit": {"tokenBurst": 0}}},
     {"router": {"apiKeys": {"existingSecret": "keys", "secretKey": ""}}},
+    {"router": {"prefixCacheIsolation": "tenant"}},
 ])
 def test_schema_rejects_bad_values(bad) -> None:
     with pytest.raises(helm.HelmValuesError):

@@ -320,13 +320,17 @@ groups:
 {{- end }}
 {{- end -}}
 
-{{/* The router's --api-key-file and --rate-limit-* flags. */}}
+{{/* The router's --api-key-file, --rate-limit-* and --prefix-cache-isolation flags. */}}
 {{- define "pagedserve.routerAuthArgs" -}}
 {{- $c := .Values.router -}}
 {{- if $c.apiKeys.existingSecret }}
 - --api-key-file
 - {{ printf "%s/api-keys" (include "pagedserve.apiKeysDir" .) | quote }}
+{{- else if eq $c.prefixCacheIsolation "api-key" }}
+{{- fail "router.prefixCacheIsolation=api-key needs router.apiKeys.existingSecret: without API keys every caller is one tenant" }}
 {{- end }}
+- --prefix-cache-isolation
+- {{ $c.prefixCacheIsolation | quote }}
 {{- range $flag, $key := dict "rps" "requestsPerSecond" "burst" "requestBurst" "tps" "tokensPerSecond" "token-burst" "tokenBurst" }}
 {{- with (get $c.rateLimit $key) }}
 - --rate-limit-{{ $flag }}
