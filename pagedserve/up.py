@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -392,6 +393,11 @@ def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if (args.prefix_cache_isolation == "api-key" and not args.api_key_file
+            and not os.environ.get("PAGEDSERVE_API_KEYS")):  # the router would refuse to start
+        logger.error("--prefix-cache-isolation api-key needs API keys (--api-key-file or "
+                     "PAGEDSERVE_API_KEYS)")
+        return 2
     sup = Supervisor(args)
     try:
         address, http_url = sup.start()

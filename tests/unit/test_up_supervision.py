@@ -113,3 +113,13 @@ def test_ports_for_children_avoid_the_ones_given_on_the_command_line(
                                         api_key_file=None, port=50051, http_port=8000,
                                         scheduler_port=0))
     assert [sup.free_port(), sup.free_port()] == [41000, 42000]
+
+
+def test_up_refuses_per_key_prefix_caches_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router would refuse to start (and ``up`` restart it forever): ``up`` says why."""
+    from pagedserve.up import run_up
+
+    monkeypatch.delenv("PAGEDSERVE_API_KEYS", raising=False)
+    args = argparse.Namespace(log_level="INFO", prefix_cache_isolation="api-key",
+                              api_key_file=None)
+    assert run_up(args) == 2
