@@ -34,7 +34,9 @@ def _throughput(argv: list[str]) -> int:
                                 description="offline engine vs gRPC cluster vs HF static batching")
     add_workload_arguments(p)
     p.add_argument("--systems", default="offline,cluster,hf",
-                   help="comma-separated subset of offline,cluster,hf")
+                   help="comma-separated subset of offline,cluster,cluster-inproc,hf (cluster: "
+                        "`pagedserve up` processes; cluster-inproc: the same servers in this "
+                        "process, sharing its GIL)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per system, keeping each one's fastest (noisy shared machines)")

@@ -1,20 +1,29 @@
 """``pagedserve bench throughput``: one workload, three ways, in one invocation.
 
 1. **offline** — ``pagedserve.LLM.generate`` (scheduler + worker in this process);
-2. **cluster** — router -> scheduler -> worker as real gRPC servers on loopback
-   (``start_local_cluster``), every request submitted at once through ``AsyncClient`` as token ids;
+2. **cluster** — router, scheduler and worker as the processes ``pagedserve up`` starts (as
+   deployed), every request submitted at once from this process through ``AsyncClient`` as token
+   ids;
+   **cluster-inproc** (on request) — the same servers inside this process
+   (``start_local_cluster``), sharing the offline run's loaded worker. Not a deployment anyone
+   runs: router, scheduler, worker and the 64-stream client share one GIL, so each step waits on
+   the others' Python (about 10% slower than **cluster** on 2 cores);
 3. **hf** — Hugging Face ``generate`` with static batching: batches of ``hf_batch_size`` in
    request order, left padding, greedy, ``min_new_tokens = max_new_tokens`` = the batch's longest
    output (so EOS is ignored and the batch runs to its longest member, as static batching does).
    Only the tokens each request asked for count as useful output.
 
-The worker (model weights and KV memory) is loaded once and shared by offline and cluster, so
-both run on the very same weights; each engine starts with an empty prefix cache index.
+Offline and cluster load the same weights file; each engine starts with an empty prefix cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,15 +85,50 @@ def run_offline(llm: LLM, requests: Sequence[Request]) -> tuple[RunResult, list[
 
 # ------------------------------------------------------------------------------------ cluster
 
-def run_cluster(worker: Worker, requests: Sequence[Request],
-                enable_prefix_caching: bool = True) -> tuple[RunResult, list[list[int]]]:
+def run_cluster(model: str | None, requests: Sequence[Request], kv_cache_memory_gib: float,
+                startup_timeout: float = 600.0) -> tuple[RunResult, list[list[int]]]:
+    """Starts ``pagedserve up`` (one worker), drives it from this process, stops it."""
+    from pagedserve.up import free_port
+
+    port = free_port()
+    argv = [os.path.join(os.path.dirname(sys.executable), "pagedserve"), "up", "--port",
+            str(port), "--no-restart", "--kv-cache-memory-gib", str(kv_cache_memory_gib),
+            "--log-level", "WARNING", *(["--model", model] if model else [])]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          start_new_session=True)
+    try:
+        _wait_for_up(up, startup_timeout)
+        seconds, tokens = asyncio.run(_drive(f"127.0.0.1:{port}", requests))
+    finally:
+        up.send_signal(signal.SIGINT)  # up stops its children and exits
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+    count = _check_lengths("cluster", requests, [len(t) for t in tokens])
+    return RunResult("cluster", seconds, len(requests), count), tokens
+
+
+def _wait_for_up(up: subprocess.Popen[str], timeout: float) -> None:
+    assert up.stdout is not None
+    deadline = time.monotonic() + timeout
+    for line in up.stdout:  # up prints one line per stage; its last says where the router is
+        if "pagedserve is up" in line:
+            return
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"pagedserve up did not come up (exit code {up.poll()})")
+
+
+def run_cluster_inproc(worker: Worker, requests: Sequence[Request],
+                       enable_prefix_caching: bool = True) -> tuple[RunResult, list[list[int]]]:
     """Serves ``worker`` (a loaded ``worker.worker.Worker``) behind real gRPC servers."""
-    return asyncio.run(_cluster(worker, requests, enable_prefix_caching))
+    return asyncio.run(_cluster_inproc(worker, requests, enable_prefix_caching))
 
 
-async def _cluster(worker: Worker, requests: Sequence[Request],
-                   enable_prefix_caching: bool) -> tuple[RunResult, list[list[int]]]:
-    from pagedserve.client import AsyncClient
+async def _cluster_inproc(worker: Worker, requests: Sequence[Request],
+                          enable_prefix_caching: bool) -> tuple[RunResult, list[list[int]]]:
     from pagedserve.cluster import start_local_cluster
     from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 
@@ -92,15 +136,22 @@ async def _cluster(worker: Worker, requests: Sequence[Request],
                             cache=CacheConfig(enable_prefix_caching=enable_prefix_caching))
     cluster = await start_local_cluster([worker.config], sconf, workers=[worker])
     try:
-        async with AsyncClient(cluster.router_address) as client:
-            await _one(client, Request([1, 2, 3], 2))  # warm up channels
-            start = time.perf_counter()
-            tokens = await asyncio.gather(*(_one(client, r) for r in requests))
-            seconds = time.perf_counter() - start
+        seconds, tokens = await _drive(cluster.router_address, requests)
     finally:
         await cluster.stop()
-    count = _check_lengths("cluster", requests, [len(t) for t in tokens])
-    return RunResult("cluster", seconds, len(requests), count), list(tokens)
+    count = _check_lengths("cluster-inproc", requests, [len(t) for t in tokens])
+    return RunResult("cluster-inproc", seconds, len(requests), count), tokens
+
+
+async def _drive(address: str, requests: Sequence[Request]) -> tuple[float, list[list[int]]]:
+    """Every request at once; seconds from the first submit to the last token."""
+    from pagedserve.client import AsyncClient
+
+    async with AsyncClient(address) as client:
+        await _one(client, Request([1, 2, 3], 2))  # warm up channels
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(_one(client, r) for r in requests))
+        return time.perf_counter() - start, list(tokens)
 
 
 async def _one(client: AsyncClient, request: Request) -> list[int]:
@@ -188,7 +239,7 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
         outputs.setdefault(result.name, tokens)
 
     worker_model = None
-    engine_runs = repeat if {"offline", "cluster"} & set(systems) else 1
+    engine_runs = repeat if {"offline", "cluster", "cluster-inproc"} & set(systems) else 1
     for _ in range(engine_runs):  # offline and cluster alternate: both see the same slow spells
         llm = LLM(model, seed=0, kv_cache_memory_gib=kv_cache_memory_gib, swap_space_gib=0.0)
         requests = make_requests(spec, llm.worker.model_config.vocab_size)
@@ -196,9 +247,12 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
         if "offline" in systems:
             keep(*run_offline(llm, requests))
         llm.close()
-        if "cluster" in systems:
-            keep(*run_cluster(llm.worker, requests))
+        if "cluster-inproc" in systems:
+            keep(*run_cluster_inproc(llm.worker, requests))
         del llm
+        gc.collect()  # a closed LLM's KV pool is freed by the cyclic collector
+        if "cluster" in systems:
+            keep(*run_cluster(model, requests, kv_cache_memory_gib))
     assert worker_model is not None
     if "hf" in systems:
         hf = load_hf(str(worker_model))

@@ -1,5 +1,6 @@
-"""``pagedserve bench throughput`` end to end on a tiny model: the three systems run, repeats keep
-each system's fastest, and the cluster's greedy outputs equal the offline engine's."""
+"""``pagedserve bench throughput`` end to end on a tiny model: every system runs (the cluster as
+``pagedserve up`` processes and in this process), repeats keep each system's fastest, and both
+clusters' greedy outputs equal the offline engine's."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from tests.support.tiny_llama import tiny_llama_dir
 
 def test_three_systems_with_repeats() -> None:
     spec = WorkloadSpec(num_requests=6, prompt_len=(4, 12), output_len=(2, 6), seed=3)
-    report = run_throughput(spec, str(tiny_llama_dir()), hf_batch_size=4,
+    systems = ("offline", "cluster", "cluster-inproc", "hf")
+    report = run_throughput(spec, str(tiny_llama_dir()), systems=systems, hf_batch_size=4,
                             kv_cache_memory_gib=0.01, repeat=2)
-    assert set(report.results) == {"offline", "cluster", "hf"}
+    assert set(report.results) == set(systems)
     expected_tokens = sum(r.max_tokens for r in _requests(spec))
     for result in report.results.values():
         assert result.num_output_tokens == expected_tokens and result.seconds > 0
-    assert report.agreement["cluster"] == 1.0
+    assert report.agreement["cluster"] == report.agreement["cluster-inproc"] == 1.0
     text = format_report(report)
     assert "fastest of 2 runs each" in text and "vs hf" in text
 
