@@ -122,8 +122,10 @@ def start_worker_ranks(model: str | Path, size: int, *, timeout_s: float = 30.0,
                      "--tensor-parallel-master", master,
                      "--tensor-parallel-timeout-s", str(timeout_s)]
         with open(log_dir / f"rank{rank}.log", "wb") as log:
-            procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={
+                **os.environ, "PYTHONUNBUFFERED": "1",
+                # ranks sharing the CPU divide its cores, as ``torchrun`` makes them
+                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // size))}))
     return WorkerRanks(procs, ports, log_dir)
 
 
