@@ -87,7 +87,10 @@ def _measure(model: str | None, size: int, batch: int, prompt_len: int, decode_s
 def _time_steps(stub: worker_pb2_grpc.WorkerStub, batch: int, prompt_len: int,
                 decode_steps: int, repeat: int, blocks_per_seq: int) -> tuple[float, float]:
     """Median of ``repeat`` prefills of ``batch`` prompts, and of every decode step after each."""
-    prefills, decodes, step_id, previous = [], [], 0, []
+    prefills: list[float] = []
+    decodes: list[float] = []
+    previous: list[int] = []
+    step_id = 0
     for r in range(repeat):
         seq_ids = [r * batch + i + 1 for i in range(batch)]
         new_seqs = [NewSeq(s, [(s * 31 + j) % 1000 + 10 for j in range(prompt_len)], prompt_len,
