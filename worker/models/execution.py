@@ -2,7 +2,8 @@
 
 ``LlamaForCausalLM`` is the math and the weight loading. Which kernels compute it is decided
 here, once, from the device, the dtype, the C++ CPU kernels (``cpu_ops.load()``: the per-ISA
-module, or None when they are off or unbuilt) and the attention backend::
+module, or None when they are off or unbuilt), the attention backend and the tensor-parallel
+group size::
 
     path              when                                   what runs
     fused_cpu_stack   fp32 CPU, kernels built, torch         every decoder layer in one C++ call
@@ -10,8 +11,9 @@ module, or None when they are off or unbuilt) and the attention backend::
                       prefill kernel takes                   weights; final norm and logits too
                       (the usual CPU worker)                 from the kernels
     cpu_ops           fp32 CPU, kernels built, but no        the model op by op: projections
-                      fused stack (other head_dim)           packed (``PackedLinear``), RMSNorm,
-                                                             RoPE, SwiGLU from the kernels
+                      fused stack (other head_dim, or a      packed (``PackedLinear``), RMSNorm,
+                      tensor-parallel rank: it all-reduces   RoPE, SwiGLU from the kernels
+                      inside each layer)
     torch             kernels off or unbuilt; not fp32;      the model op by op in torch ops; the
                       CUDA with the torch backend            attention backend as configured
     triton            CUDA with the Triton backend           the model op by op in torch ops,
