@@ -106,11 +106,42 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: this process is rank ``rank`` of a group of ``size`` worker processes
+    that the scheduler sees as one worker (``worker/parallel.py``). Rank 0, the leader, serves
+    the Worker service; the others follow it. ``master`` (``host:port``) is where the group's
+    ranks meet (the torch.distributed TCP store, hosted by rank 0); ``timeout_s`` bounds every
+    collective, so a dead or hung rank fails the group instead of hanging it."""
+
+    size: int = 1
+    rank: int = 0
+    master: str | None = None
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"tensor_parallel_size {self.size}: use 1 or more")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor_parallel_rank {self.rank}: use 0..{self.size - 1}")
+        if self.size > 1 and not self.master:
+            raise ValueError("tensor_parallel_size > 1 needs --tensor-parallel-master HOST:PORT")
+        if self.master and not _is_host_port(self.master):
+            raise ValueError(f"tensor_parallel_master {self.master!r}: use HOST:PORT")
+        if self.timeout_s <= 0:
+            raise ValueError("tensor_parallel_timeout_s must be > 0")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int | None = None  # seeds unseeded sampling (tests); None = nondeterministic
 
     def __post_init__(self) -> None:
@@ -121,6 +152,11 @@ class WorkerConfig:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} {value!r}: use one of {choices}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) <= 65535
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -143,11 +179,19 @@ _ARGS: list[tuple[str, type, Any, str]] = [
     ("host", str, "127.0.0.1", "bind address"),
     ("port", int, 0, "gRPC port (0 = any free)"),
     ("metrics_port", int, None, "Prometheus metrics port (unset = off)"),
+    ("tensor_parallel_size", int, 1, "worker processes in this tensor-parallel group"),
+    ("tensor_parallel_rank", int, 0,
+     "this process's rank in its group (0 = leader: serves the Worker service)"),
+    ("tensor_parallel_master", str, None,
+     "HOST:PORT where the group's ranks meet (rank 0 listens; required when size > 1)"),
+    ("tensor_parallel_timeout_s", float, 30.0,
+     "seconds a collective may wait for a rank before the group fails"),
 ]
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--model`` ... ``--metrics-port``; each also reads ``PAGEDSERVE_WORKER_<NAME>``."""
+    """Adds ``--model`` ... ``--tensor-parallel-timeout-s``; each also reads
+    ``PAGEDSERVE_WORKER_<NAME>``."""
     group = parser.add_argument_group("worker")
     for name, kind, default, help_text in _ARGS:
         env = os.environ.get(ENV_PREFIX + name.upper())
@@ -174,5 +218,7 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
         server=ServerConfig(a["host"], a["port"], a["metrics_port"], a["worker_id"],
                             tls=tls_config_from_args(args),
                             client_identities=client_identities_from_args(args)),
+        parallel=ParallelConfig(a["tensor_parallel_size"], a["tensor_parallel_rank"],
+                                a["tensor_parallel_master"], a["tensor_parallel_timeout_s"]),
         seed=a["seed"],
     )

@@ -1,5 +1,5 @@
 """``pagedserve bench throughput | scheduler | prefix | memory | preemption | decode-step | peers
-| suite``.
+| tensor-parallel | suite``.
 
 Each benchmark measures its baseline in the same invocation and prints ratios against it."""
 
@@ -98,6 +98,12 @@ def _peers(argv: list[str]) -> int:
     return peers_main(argv)
 
 
+def _tensor_parallel(argv: list[str]) -> int:
+    from pagedserve.bench.tensor_parallel import main as tp_main
+
+    return tp_main(argv)
+
+
 def _decode_step(argv: list[str]) -> int:
     from pagedserve.bench.decode_step import main as decode_main
 
@@ -108,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"throughput": _throughput, "scheduler": _scheduler, "prefix": _prefix,
                 "memory": _memory, "preemption": _preemption, "decode-step": _decode_step,
-                "peers": _peers}
+                "peers": _peers, "tensor-parallel": _tensor_parallel}
     if argv and argv[0] == "suite":
         from pagedserve.bench.suite import main as suite_main
 
         return suite_main(argv[1:])
     if not argv or argv[0] not in commands:
         print("usage: pagedserve bench {throughput,scheduler,prefix,memory,preemption,"
-              "decode-step,peers,suite} [--help]",
+              "decode-step,peers,tensor-parallel,suite} [--help]",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -49,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(throughput), flush=True)
     from pagedserve.bench.memory import memory_table
     from pagedserve.bench.preemption import run_preemption
+    from pagedserve.bench.tensor_parallel import run_tensor_parallel
 
     memory = memory_table()
     preemption = run_preemption(args.model)
+    tensor_parallel = run_tensor_parallel(args.model)
 
-    rows = _rows(throughput, sched, prefix) + _memory_rows(memory) + _preemption_rows(preemption)
+    rows = (_rows(throughput, sched, prefix) + _memory_rows(memory)
+            + _preemption_rows(preemption) + _tensor_parallel_rows(tensor_parallel))
     table = _table(rows)
     print("\n" + table)
     with open(args.out, "w") as f:
@@ -105,6 +108,21 @@ def _preemption_rows(rows) -> list[tuple[str, str, str, str, str]]:
             for mode, seconds, n, same in rows[1:]]
 
 
+def _tensor_parallel_rows(results) -> list[tuple[str, str, str, str, str]]:
+    one, two = results
+    mib = [[f"{b / 2**20:.0f}" for b in r.weight_bytes] for r in results]
+    return [
+        ("TP=2 prefill step (2 ranks, gloo)", f"{two.prefill_s * 1e3:.0f} ms",
+         f"TP=1 {one.prefill_s * 1e3:.0f} ms", f"{two.prefill_s / one.prefill_s:.2f}x",
+         "no speed-up on 2 cores"),
+        ("TP=2 decode step (2 ranks, gloo)", f"{two.decode_s * 1e3:.1f} ms",
+         f"TP=1 {one.decode_s * 1e3:.1f} ms", f"{two.decode_s / one.decode_s:.2f}x",
+         "no speed-up on 2 cores"),
+        ("TP=2 weight MiB per rank", " / ".join(mib[1]), f"TP=1 {mib[0][0]}",
+         f"{max(two.weight_bytes) / one.weight_bytes[0]:.2f}x largest rank", "< 1x"),
+    ]
+
+
 def _table(rows: list[tuple[str, str, str, str, str]]) -> str:
     lines = ["| benchmark | result | baseline (same run) | ratio | target |",
              "|---|---|---|---|---|"]
@@ -134,6 +152,7 @@ def _markdown(table: str, spec: WorkloadSpec, quick: bool, seconds: float, repea
         "pagedserve bench prefix --num-requests 32 --prefix-len 512",
         "pagedserve bench memory",
         "pagedserve bench preemption",
+        "pagedserve bench tensor-parallel",
         "```", "",
     ])
 

@@ -10,6 +10,7 @@ import pytest
 from worker.config import (
     CacheConfig,
     LoadConfig,
+    ParallelConfig,
     WorkerConfig,
     add_worker_arguments,
     worker_config_from_args,
@@ -47,6 +48,11 @@ def test_cli_overrides_env_overrides_default(monkeypatch: pytest.MonkeyPatch) ->
         (lambda: LoadConfig(dtype="int3"), "dtype"),
         (lambda: LoadConfig(attention_backend="flash"), "attention_backend"),
         (lambda: WorkerConfig(load=LoadConfig(device="cpu", attention_backend="triton")), "CUDA"),
+        (lambda: ParallelConfig(size=2), "--tensor-parallel-master"),
+        (lambda: ParallelConfig(size=2, rank=2, master="h:1"), "tensor_parallel_rank"),
+        (lambda: ParallelConfig(size=2, master="nohost"), "HOST:PORT"),
+        (lambda: ParallelConfig(size=0), "tensor_parallel_size"),
+        (lambda: ParallelConfig(timeout_s=0), "timeout"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_fix(build, message: str) -> None:
@@ -73,3 +79,13 @@ def test_hf_config_reads_old_and_new_rope_layouts_and_eos_lists() -> None:
 def test_unsupported_rope_scaling_is_refused() -> None:
     with pytest.raises(ValueError, match="not supported"):
         RopeScaling(rope_type="yarn")
+
+
+def test_tensor_parallel_flags_default_to_a_whole_worker_and_read_the_env(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _parse([]).parallel == ParallelConfig(1, 0, None, 30.0)
+    monkeypatch.setenv("PAGEDSERVE_WORKER_TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("PAGEDSERVE_WORKER_TENSOR_PARALLEL_MASTER", "leader-0.group:29500")
+    cfg = _parse(["--tensor-parallel-rank", "1", "--tensor-parallel-timeout-s", "5"])
+    assert cfg.parallel == ParallelConfig(2, 1, "leader-0.group:29500", 5.0)
+    assert not cfg.parallel.is_leader
