@@ -106,11 +106,41 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: this process is rank ``rank`` of a group of ``size`` processes that
+    the scheduler sees as one worker. Rank 0 (the leader) serves the Worker service; the other
+    ranks (followers) serve only ``grpc.health.v1``. ``master`` (``HOST:PORT``, required when
+    ``size`` > 1) is the group's torch.distributed TCP-store rendezvous, hosted by rank 0; a
+    collective that takes longer than ``timeout_s`` fails the group."""
+
+    size: int = 1
+    rank: int = 0
+    master: str | None = None
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"tensor_parallel_size {self.size}: use 1 or more")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor_parallel_rank {self.rank}: use 0..{self.size - 1}")
+        if self.size > 1 and not self.master:
+            raise ValueError("tensor_parallel_master HOST:PORT is required when "
+                             "tensor_parallel_size > 1 (the group's rendezvous)")
+        if self.master is not None:
+            host, _, port = self.master.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"tensor_parallel_master {self.master!r}: use HOST:PORT")
+        if self.timeout_s <= 0:
+            raise ValueError("tensor_parallel_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int | None = None  # seeds unseeded sampling (tests); None = nondeterministic
 
     def __post_init__(self) -> None:
@@ -143,11 +173,19 @@ _ARGS: list[tuple[str, type, Any, str]] = [
     ("host", str, "127.0.0.1", "bind address"),
     ("port", int, 0, "gRPC port (0 = any free)"),
     ("metrics_port", int, None, "Prometheus metrics port (unset = off)"),
+    ("tensor_parallel_size", int, 1, "ranks in this worker's tensor-parallel group"),
+    ("tensor_parallel_rank", int, 0,
+     "this process's rank (0 = leader: serves the Worker service; others serve health only)"),
+    ("tensor_parallel_master", str, None,
+     "HOST:PORT of the group's rendezvous, hosted by rank 0 (required when size > 1)"),
+    ("tensor_parallel_timeout_s", float, 30.0,
+     "seconds a rendezvous or collective may take before the group fails"),
 ]
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--model`` ... ``--metrics-port``; each also reads ``PAGEDSERVE_WORKER_<NAME>``."""
+    """Adds ``--model`` ... ``--tensor-parallel-timeout-s``; each also reads
+    ``PAGEDSERVE_WORKER_<NAME>``."""
     group = parser.add_argument_group("worker")
     for name, kind, default, help_text in _ARGS:
         env = os.environ.get(ENV_PREFIX + name.upper())
@@ -174,5 +212,7 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
         server=ServerConfig(a["host"], a["port"], a["metrics_port"], a["worker_id"],
                             tls=tls_config_from_args(args),
                             client_identities=client_identities_from_args(args)),
+        parallel=ParallelConfig(a["tensor_parallel_size"], a["tensor_parallel_rank"],
+                                a["tensor_parallel_master"], a["tensor_parallel_timeout_s"]),
         seed=a["seed"],
     )
