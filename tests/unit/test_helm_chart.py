@@ -361,12 +361,6 @@ def test_schema_rejects_bad_values(bad) -> None:
         render(bad)
 
 
-def test_helm_lint_reports_no_errors() -> None:
-    report = helm.lint(str(CHART), strict=False)
-    errors = [m for m in report["messages"] if m["severity"] >= 3]
-    assert not errors and not report.get("errors"), report
-
-
 # ------------------------------------------- tensor parallelism (worker.tensorParallelSize)
 
 TP = {"worker": {"replicaCount": 2, "tensorParallelSize": 2}}
@@ -517,3 +511,10 @@ def test_tensor_parallel_size_one_renders_as_before(default_docs) -> None:
     assert "ps-pagedserve-worker-ranks" not in by_kind(default_docs, "Service")
     worker = containers(default_docs)["worker"]
     assert not any(a.startswith("--tensor-parallel") for a in worker["args"])
+
+
+@pytest.mark.parametrize("values", [None, TP], ids=["default", "tensor-parallel"])
+def test_helm_lint_reports_no_errors(values) -> None:
+    report = helm.lint(str(CHART), values, strict=False, kube_version="v1.30.0")
+    errors = [m for m in report["messages"] if m["severity"] >= 3]
+    assert not errors and not report.get("errors"), report
