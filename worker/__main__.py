@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from worker.config import add_worker_arguments, worker_config_from_args
 from worker.server import serve
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         config = worker_config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    asyncio.run(serve(config))
+    sys.exit(asyncio.run(serve(config)))
 
 
 if __name__ == "__main__":

@@ -107,11 +107,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism: this process is rank ``rank`` of a group of ``size`` processes that
-    the scheduler sees as one worker. Rank 0 (the leader) serves the Worker service; the other
-    ranks (followers) serve only ``grpc.health.v1``. ``master`` (``HOST:PORT``, required when
-    ``size`` > 1) is the group's torch.distributed TCP-store rendezvous, hosted by rank 0; a
-    collective that takes longer than ``timeout_s`` fails the group."""
+    """Tensor parallelism: this process is rank ``rank`` of a group of ``size`` worker processes
+    that the scheduler sees as one worker (``worker/parallel.py``). Rank 0, the leader, serves
+    the Worker service; the others follow it. ``master`` (``host:port``) is where the group's
+    ranks meet (the torch.distributed TCP store, hosted by rank 0); ``timeout_s`` bounds every
+    collective, so a dead or hung rank fails the group instead of hanging it."""
 
     size: int = 1
     rank: int = 0
@@ -124,14 +124,15 @@ class ParallelConfig:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"tensor_parallel_rank {self.rank}: use 0..{self.size - 1}")
         if self.size > 1 and not self.master:
-            raise ValueError("tensor_parallel_master HOST:PORT is required when "
-                             "tensor_parallel_size > 1 (the group's rendezvous)")
-        if self.master is not None:
-            host, _, port = self.master.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
-                raise ValueError(f"tensor_parallel_master {self.master!r}: use HOST:PORT")
+            raise ValueError("tensor_parallel_size > 1 needs --tensor-parallel-master HOST:PORT")
+        if self.master and not _is_host_port(self.master):
+            raise ValueError(f"tensor_parallel_master {self.master!r}: use HOST:PORT")
         if self.timeout_s <= 0:
             raise ValueError("tensor_parallel_timeout_s must be > 0")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,11 @@ class WorkerConfig:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} {value!r}: use one of {choices}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) <= 65535
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -173,13 +179,13 @@ _ARGS: list[tuple[str, type, Any, str]] = [
     ("host", str, "127.0.0.1", "bind address"),
     ("port", int, 0, "gRPC port (0 = any free)"),
     ("metrics_port", int, None, "Prometheus metrics port (unset = off)"),
-    ("tensor_parallel_size", int, 1, "ranks in this worker's tensor-parallel group"),
+    ("tensor_parallel_size", int, 1, "worker processes in this tensor-parallel group"),
     ("tensor_parallel_rank", int, 0,
-     "this process's rank (0 = leader: serves the Worker service; others serve health only)"),
+     "this process's rank in its group (0 = leader: serves the Worker service)"),
     ("tensor_parallel_master", str, None,
-     "HOST:PORT of the group's rendezvous, hosted by rank 0 (required when size > 1)"),
+     "HOST:PORT where the group's ranks meet (rank 0 listens; required when size > 1)"),
     ("tensor_parallel_timeout_s", float, 30.0,
-     "seconds a rendezvous or collective may take before the group fails"),
+     "seconds a collective may wait for a rank before the group fails"),
 ]
 
 

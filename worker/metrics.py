@@ -12,7 +12,11 @@ gauges describe the process: allocated = reserved = resident set size, peak = pe
 (``getrusage``), total = physical memory (psutil when installed, else ``/proc`` and ``sysconf``).
 No vLLM aliases live here: vLLM's engine-level names are exported once, by the scheduler.
 One worker process is one scrape target, so per-worker series are told apart by the
-target's ``instance``/``pod`` labels rather than a label of their own.
+target's ``instance``/``pod`` labels rather than a label of their own. A tensor-parallel group is
+several processes (``worker/parallel.py``): every series carries the process's ``rank`` (0 for a
+whole worker and for a group's leader), ``pagedserve_worker_tensor_parallel_size`` says how many
+ranks its group has, and ``pagedserve_worker_model_weight_bytes{rank}`` shows how the weights
+split (the leader also holds the logits projection).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0
 SAMPLING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                     0.1, 0.25)
 
+RANK = ("rank",)  # the label every worker series carries
+
 #: No vLLM aliases on the worker (see module docstring); kept for a uniform interface.
 VLLM_NAME_MAP: dict[str, str] = {}
 
@@ -48,49 +54,60 @@ class WorkerMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, worker_id: str = "",
-                 device: Any = "cpu") -> None:
+                 device: Any = "cpu", rank: int = 0, tensor_parallel_size: int = 1) -> None:
         self._worker_id = worker_id
         self._device = device
+        self._rank = str(rank)
         registry.register(_SampleOnCollect(self))  # before the gauges: fresh at every scrape
         self._build_pools(registry)
         self._build_device(registry)
         self._build_steps(registry)
         self.attention_backend = Info(
-            f"{PREFIX}_attention_backend", "Attention backend in use.", registry=registry)
+            f"{PREFIX}_attention_backend", "Attention backend in use.", RANK,
+            registry=registry).labels(self._rank)
         self.cpu_kernels = Info(
             f"{PREFIX}_cpu_kernels",
             "Fused CPU kernel variant in use (isa: avx512, avx2, portable; off = torch ops; "
             "none = not a CPU worker) and the variants this CPU can run (available).",
-            registry=registry)
+            RANK, registry=registry).labels(self._rank)
+        self.tensor_parallel_size = Gauge(
+            f"{PREFIX}_tensor_parallel_size",
+            "Ranks of this worker's tensor-parallel group (1: a whole worker).", RANK,
+            registry=registry).labels(self._rank)
+        self.tensor_parallel_size.set(tensor_parallel_size)
 
     def _build_pools(self, r: CollectorRegistry) -> None:
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"{PREFIX}_{name}", doc, registry=r)
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(f"{PREFIX}_{name}", doc, RANK, registry=r).labels(self._rank)
 
         self.kv_blocks_total = gauge("kv_blocks_total", "GPU KV blocks in the pool.")
         self.swap_blocks_total = gauge("swap_blocks_total", "CPU swap blocks in the pool.")
         self.sequences = gauge("sequences", "Sequences the worker holds state for.")
 
     def _build_device(self, r: CollectorRegistry) -> None:
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"{PREFIX}_{name}_bytes", doc, registry=r)
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(f"{PREFIX}_{name}_bytes", doc, RANK, registry=r).labels(self._rank)
 
         self.device_memory_allocated = gauge("device_memory_allocated", "Allocated by tensors.")
         self.device_memory_reserved = gauge("device_memory_reserved", "Reserved by the allocator.")
         self.device_memory_peak = gauge("device_memory_peak", "Peak allocated since start.")
         self.device_memory_total = gauge("device_memory_total", "Device memory capacity.")
-        self.weight_bytes = gauge("model_weight", "Bytes of model weights on the device.")
+        self.weight_bytes = gauge("model_weight", "Bytes of model weights on the device "
+                                  "(this rank's slice in a tensor-parallel group).")
 
     def _build_steps(self, r: CollectorRegistry) -> None:
+        rank = self._rank
         self.forward_duration = Histogram(
-            f"{PREFIX}_forward_duration_seconds", "Model forward time of one step.",
-            buckets=FORWARD_BUCKETS, registry=r)
+            f"{PREFIX}_forward_duration_seconds", "Model forward time of one step.", RANK,
+            buckets=FORWARD_BUCKETS, registry=r).labels(rank)
         self.sampling_duration = Histogram(
-            f"{PREFIX}_sampling_duration_seconds", "Sampling time of one step.",
-            buckets=SAMPLING_BUCKETS, registry=r)
+            f"{PREFIX}_sampling_duration_seconds", "Sampling time of one step.", RANK,
+            buckets=SAMPLING_BUCKETS, registry=r).labels(rank)
         self.computed_tokens = Counter(f"{PREFIX}_computed_tokens",
-                                       "Tokens run through the model.", registry=r)
-        self.sampled_tokens = Counter(f"{PREFIX}_sampled_tokens", "Tokens sampled.", registry=r)
+                                       "Tokens run through the model.", RANK,
+                                       registry=r).labels(rank)
+        self.sampled_tokens = Counter(f"{PREFIX}_sampled_tokens", "Tokens sampled.", RANK,
+                                      registry=r).labels(rank)
 
     def set_backend(self, backend: str, device: str) -> None:
         self.attention_backend.info(
@@ -113,11 +130,6 @@ class WorkerMetrics:
         self.device_memory_reserved.set(reserved)
         self.device_memory_peak.set(peak)
         self.device_memory_total.set(total)
-
-    def set_weight_bytes_of(self, model: Any) -> None:
-        """Bytes of a torch module's parameters and buffers."""
-        tensors = [*model.parameters(), *model.buffers()]
-        self.set_weight_bytes(sum(t.numel() * t.element_size() for t in tensors))
 
     def sample_device_memory(self, device: Any = None) -> None:
         """Read torch's CUDA allocator stats, or the process's memory on CPU (module doc)."""

@@ -69,16 +69,22 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         path: ExecutionPath | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
-        """``path`` forces a slower execution path than the one chosen (tests, debugging)."""
+        """``path`` forces a slower execution path than the one chosen (tests, debugging).
+        ``model`` may be one rank's slice of a model split over ``tensor_parallel_size``
+        ranks."""
         self.model = model
         self.sampler = sampler
         self.block_size = block_size
         self.device = device
-        self.execution: Execution = prepare_execution(model, device, path)
+        self.execution: Execution = prepare_execution(model, device, path, tensor_parallel_size)
 
     @torch.inference_mode()
     def execute(self, work: list[ScheduledWork], kv_caches: list[KVCache]) -> StepResult:
+        """Runs the step's tokens and samples the rows that ask for it. A model without logits
+        (a tensor-parallel follower) only runs the forward: its ``StepResult`` names the
+        sampled sequences with no tokens (the leader's are shared with it)."""
         if not work:
             return StepResult([], SamplerOutput([], []), 0.0, 0.0)
         start = time.perf_counter()
@@ -87,7 +93,8 @@ class ModelRunner:
         hidden = run.forward(inputs.input_ids, inputs.positions, kv_caches, inputs.meta)
         sampled = [i for i, w in enumerate(work) if w.sample]
         logits = run.compute_logits(hidden[torch.from_numpy(inputs.last_rows[sampled])
-                                           .to(self.device)]) if sampled else None
+                                           .to(self.device)]) if sampled and \
+            self.model.computes_logits else None
         self._sync()
         mid = time.perf_counter()
         output = SamplerOutput([], [])

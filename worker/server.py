@@ -1,10 +1,18 @@
-"""Builds and runs the worker's gRPC server: Worker service, health, reflection, graceful stop."""
+"""Builds and runs the worker's gRPC server: Worker service, health, reflection, graceful stop.
+
+In a tensor-parallel group (``worker/parallel.py``) the leader (rank 0) serves exactly this; a
+follower serves only ``grpc.health.v1`` (SERVING once it has joined the group and loaded its
+slice) and its metrics, and runs the leader's commands. A rank whose group fails exits non-zero:
+the group restarts as a unit.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import grpc
@@ -47,9 +55,10 @@ class WorkerServer:
 
     async def stop(self) -> None:
         """NOT_SERVING first so the scheduler and probes drain, then in-flight steps get
-        ``grace_s`` to finish."""
+        ``grace_s`` to finish; a group's leader then shuts its followers down."""
         await set_serving(self.health, [SERVICE_NAME], False)
         await self.server.stop(self.grace_s)
+        await asyncio.to_thread(self.worker.close)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
 
@@ -83,16 +92,82 @@ async def build_server(
     return started.server, started.port, started.worker
 
 
-async def serve(cfg: WorkerConfig) -> None:
-    """Runs until SIGTERM/SIGINT, then stops gracefully."""
+async def serve(cfg: WorkerConfig) -> int:
+    """Runs until SIGTERM/SIGINT, then stops gracefully; returns the exit status (1: this
+    rank's tensor-parallel group failed)."""
+    if not cfg.parallel.is_leader:
+        return await serve_follower(cfg)
     started = await start_worker_server(cfg)
+    group_failed = asyncio.Event()
+    if started.worker.group is not None:
+        started.worker.group.on_failure(_setter(group_failed))
+    stopping = _stop_on_signals()
+    await _first(stopping.wait(), group_failed.wait())
+    if group_failed.is_set():
+        logger.error("tensor-parallel group failed: leader exiting (the group restarts as a "
+                     "unit)")
+        await started.server.stop(0)
+        return 1
+    logger.info("worker stopping (grace %.1fs)", cfg.server.grace_seconds)
+    await started.stop()
+    return 0
+
+
+async def serve_follower(cfg: WorkerConfig) -> int:
+    """A follower rank: joins the group and loads its slice (the ``Worker``), serves health
+    (and metrics), runs the leader's commands in a thread until the leader shuts the group down
+    (0), the group fails (1) or a signal stops it (0)."""
+    worker = await asyncio.to_thread(Worker, cfg)
+    server = grpc.aio.server(options=WORKER_SERVER_OPTIONS)
+    health_servicer = add_health_and_reflection(server, [])
+    port = add_port(server, f"{cfg.server.host}:{cfg.server.port}", cfg.server.tls)
+    await server.start()
+    await set_serving(health_servicer, [], True)
+    metrics_server = _start_metrics(cfg, worker) if cfg.server.metrics_port is not None else None
+    logger.info("tensor-parallel follower rank %d serving health on %s:%d",
+                cfg.parallel.rank, cfg.server.host, port)
+    done = asyncio.Event()
+    failed = threading.Event()
+    threading.Thread(target=_follow, args=(worker, failed, _setter(done)), daemon=True,
+                     name="tp-follower").start()
+    await _first(_stop_on_signals().wait(), done.wait())
+    await set_serving(health_servicer, [], False)
+    await server.stop(0)
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.stop)
+    return 1 if failed.is_set() else 0
+
+
+def _follow(worker: Worker, failed: threading.Event, done: Callable[[], None]) -> None:
+    try:
+        worker.follow_leader()
+        worker.close()
+    except Exception:
+        logger.exception("tensor-parallel follower exiting: the group failed")
+        failed.set()
+    finally:
+        done()
+
+
+def _setter(event: asyncio.Event) -> Callable[[], None]:
+    """A thread-safe way to set ``event`` of the running loop."""
+    loop = asyncio.get_running_loop()
+    return lambda: loop.call_soon_threadsafe(event.set)
+
+
+def _stop_on_signals() -> asyncio.Event:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    logger.info("worker stopping (grace %.1fs)", cfg.server.grace_seconds)
-    await started.stop()
+    return stopping
+
+
+async def _first(*waits: Coroutine[object, object, object]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
 
 
 def _security(cfg: WorkerConfig) -> str:
@@ -108,9 +183,10 @@ def _security(cfg: WorkerConfig) -> str:
 def _start_metrics(cfg: WorkerConfig, worker: Worker) -> MetricsServer:
     """One registry per server (tests run several workers in one process)."""
     registry = new_registry()
-    metrics = WorkerMetrics(registry, worker.info().worker_id, worker.placement.device)
+    metrics = WorkerMetrics(registry, worker.info().worker_id, worker.placement.device,
+                            worker.rank, cfg.parallel.size)
     metrics.set_pools(worker.cache.num_gpu_blocks, worker.cache.num_cpu_blocks)
-    metrics.set_weight_bytes_of(worker.model)
+    metrics.set_weight_bytes(worker.weight_bytes)
     metrics.set_backend(worker.placement.backend.name, str(worker.placement.device))
     metrics.set_cpu_kernels(worker.cpu_kernels.isa, worker.cpu_kernels.available)
     worker.metrics = metrics

@@ -6,13 +6,22 @@ appends for that sequence (beam search). With ``check_steps`` (the default, and 
 gRPC servicer) every step is validated before anything is mutated, so a bad step raises
 ``InvalidArgument``/``NotFound`` and changes nothing; the offline ``LLM``, whose scheduler is this
 same process, turns the check off.
+
+Tensor parallel (``worker/parallel.py``): the worker is one rank of a group and its model and KV
+pool are that rank's slice. The leader's ``step`` validates the step, sends it to the followers,
+then applies it like a whole worker; a follower's ``follow_leader`` applies each step it
+receives with the same code (``_execute``), without logits: it appends the samples the leader
+shares. Once a step has gone out, any error on a rank fails the whole group (``GroupFailure``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +37,17 @@ from worker.model_runner import ModelRunner, ScheduledWork, StepResult
 from worker.models.config import ModelConfig
 from worker.models.llama import AttentionBackend
 from worker.models.loader import load_model
+from worker.models.sharding import TensorShard
+from worker.parallel import (
+    HEARTBEAT,
+    RESET,
+    SHUTDOWN,
+    CommandKind,
+    GroupCommand,
+    GroupFailure,
+    Heartbeat,
+    init_group,
+)
 from worker.sampler import ResolvedParams, Sampler
 from worker.sequence_state import SequenceState
 from worker.step_validation import validate_step
@@ -46,27 +66,36 @@ class Worker:
     """Owns the model, the KV memory and every sequence's mirrored state.
 
     Thread-safety: ``step``/``reset`` are serialised by a lock (the servicer runs them in a
-    thread so the event loop stays responsive)."""
+    thread so the event loop stays responsive); in a tensor-parallel group the lock also orders
+    the leader's commands and their collectives.
+
+    ``model_config`` is the whole model's shape; ``model.config`` is this rank's slice (the
+    same, unless tensor parallel), from which the KV pool is built."""
 
     def __init__(self, config: WorkerConfig, check_steps: bool = True) -> None:
         self.config = config
         self.check_steps = check_steps
         self.placement = resolve_placement(config)
         self.model_path = resolve_model_path(config.load.model)
+        self.group = init_group(config.parallel, self.placement.device)
         self.model, self.model_config = load_model(
-            self.model_path, self.placement.dtype, self.placement.device, self.placement.backend
+            self.model_path, self.placement.dtype, self.placement.device, self.placement.backend,
+            self.group.shard if self.group is not None else TensorShard(),
         )
+        if self.group is not None:
+            self.model.use_all_reduce(self.group.all_reduce)
         self.cpu_kernels: CpuKernels = cpu_kernels(self.placement.device, self.placement.dtype)
         logger.info("cpu kernels: %s", self.cpu_kernels.describe())
         # The stop set arrives in each request's params; the model's EOS serves min_tokens.
         self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(
-            self.model, self.sampler, config.cache.block_size, self.placement.device
+            self.model, self.sampler, config.cache.block_size, self.placement.device,
+            tensor_parallel_size=config.parallel.size,
         )
         logger.info("execution path: %s", self.runner.execution.describe())
         num_gpu, num_cpu = self._size_pools()
         self.cache = CacheEngine(
-            self.model_config, config.cache.block_size, num_gpu, num_cpu,
+            self.model.config, config.cache.block_size, num_gpu, num_cpu,
             self.placement.dtype, self.placement.device,
         )
         self.seqs: dict[int, SequenceState] = {}
@@ -74,6 +103,10 @@ class Worker:
         self._lock = threading.Lock()
         self.instance_id = uuid.uuid4().hex
         self.block_hashes: dict[int, bytes] = {}  # block id -> content hash (cached_blocks)
+        self._heartbeat: Heartbeat | None = None
+        self._last_command = time.monotonic()  # the leader's last command to its followers
+        if self.group is not None:
+            self._join_group()
 
     # ---------------------------------------------------------------------------------- public
 
@@ -98,38 +131,125 @@ class Worker:
             attention_break_even_context=mc.attention_break_even_context,
         )
 
+    @property
+    def rank(self) -> int:
+        return self.group.rank if self.group is not None else 0
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's model parameters and buffers (packed projections included)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def step(self, step: WorkerStep) -> WorkerResult:
+        """A step from the scheduler (a whole worker, or a group's leader)."""
         with self._lock:
             rows = step.scheduled.rows()
             if self.check_steps:
                 validate_step(step, rows, self.seqs, self.cache, self.model_config.vocab_size)
-            for seq_id in step.finished_seq_ids:
-                self.seqs.pop(seq_id, None)
-            self._register(step.new_seqs)
-            for block_id, block_hash in step.cached:  # computed earlier: before this step writes
-                self.block_hashes[block_id] = block_hash
-            self.cache.swap_out(step.swap_out)
-            self.cache.swap_in(step.swap_in)
-            self.cache.copy_blocks(step.copies)
-            work = [self._apply_scheduled(s) for s in rows]
-            self._forget_written(step, work)
-            result = self.runner.execute(work, self.cache.gpu_cache)
-            self._append_samples(result)
-            num_seqs = len(self.seqs)
-        logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", step.step_id, len(work),
-                     len(result.seq_ids), result.forward_seconds)
-        if self.metrics is not None:
-            self.metrics.observe_step(sum(w.num_new_tokens for w in work), len(result.seq_ids),
-                                      result.forward_seconds, num_seqs,
-                                      sampling_s=result.sample_seconds)
+            with self._for_the_group(GroupCommand(CommandKind.STEP, step)):
+                result = self._execute(step, rows)
         return self._result(step.step_id, result)
 
     def reset(self) -> None:
         """Drops every sequence; KV memory is left as is (the scheduler forgets it too)."""
-        with self._lock:
+        with self._lock, self._for_the_group(RESET):
             self.seqs.clear()
 
+    def follow_leader(self) -> None:
+        """Follower: runs the leader's commands until it sends shutdown. Raises
+        ``GroupFailure`` when the group fails (the leader died or hangs: no command within
+        the timeout)."""
+        assert self.group is not None and not self.group.is_leader
+        while (command := self.group.receive()).kind is not CommandKind.SHUTDOWN:
+            with self._lock:
+                try:
+                    if command.step is not None:
+                        self._execute(command.step, command.step.scheduled.rows())
+                    elif command.kind is CommandKind.RESET:
+                        self.seqs.clear()
+                except Exception as exc:
+                    raise self.group.fail(exc) from exc
+        logger.info("tensor-parallel leader shut the group down")
+
+    def heartbeat(self) -> None:
+        """Leader: a no-op command when no other went out for a while (``worker/parallel.py``)."""
+        assert self.group is not None
+        with self._lock:
+            if time.monotonic() - self._last_command >= self.group.timeout_s / 3:
+                self._send(HEARTBEAT)
+
+    def close(self) -> None:
+        """Leader: tells the followers to exit; any rank: leaves the group."""
+        if self.group is None:
+            return
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self.group.is_leader and not self.group.failed.is_set():
+            with self._lock:
+                try:
+                    self._send(SHUTDOWN)
+                except GroupFailure:
+                    logger.warning("a follower was gone before shutdown")
+        self.group.close()
+
     # -------------------------------------------------------------------------------- internal
+
+    def _join_group(self) -> None:
+        """After loading and sizing: the leader logs every rank's weight bytes and starts the
+        heartbeat."""
+        assert self.group is not None
+        per_rank = self.group.gather_ints(self.weight_bytes)
+        if self.group.is_leader:
+            logger.info("tensor-parallel group ready: %d ranks, weight MiB per rank %s, "
+                        "%d KV blocks", self.group.size,
+                        [round(b / 2**20, 1) for b in per_rank], self.cache.num_gpu_blocks)
+            self._heartbeat = Heartbeat(self.heartbeat, self.group.timeout_s / 3)
+
+    def _send(self, command: GroupCommand) -> None:
+        assert self.group is not None
+        self.group.send(command)
+        self._last_command = time.monotonic()
+
+    @contextmanager
+    def _for_the_group(self, command: GroupCommand) -> Iterator[None]:
+        """Leader: sends ``command`` to the followers, then runs the block; an error after the
+        send fails the group (the followers are already running it). A whole worker: just
+        the block."""
+        if self.group is None:
+            yield
+            return
+        self._send(command)
+        try:
+            yield
+        except Exception as exc:
+            raise self.group.fail(exc) from exc
+
+    def _execute(self, step: WorkerStep, rows: list[ScheduledRow]) -> StepResult:
+        """Phases 1-6 of the step contract on this rank; the leader's samples are shared with
+        the followers before they are appended."""
+        for seq_id in step.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        self._register(step.new_seqs)
+        for block_id, block_hash in step.cached:  # computed earlier: before this step writes
+            self.block_hashes[block_id] = block_hash
+        self.cache.swap_out(step.swap_out)
+        self.cache.swap_in(step.swap_in)
+        self.cache.copy_blocks(step.copies)
+        work = [self._apply_scheduled(s) for s in rows]
+        self._forget_written(step, work)
+        result = self.runner.execute(work, self.cache.gpu_cache)
+        if self.group is not None:
+            result.output.token_ids = self.group.share_token_ids(result.output.token_ids,
+                                                                 len(result.seq_ids))
+        self._append_samples(result)
+        logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", step.step_id, len(work),
+                     len(result.seq_ids), result.forward_seconds)
+        if self.metrics is not None:
+            self.metrics.observe_step(sum(w.num_new_tokens for w in work), len(result.seq_ids),
+                                      result.forward_seconds, len(self.seqs),
+                                      sampling_s=result.sample_seconds)
+        return result
 
     def _register(self, new_seqs: list[NewSeq]) -> None:
         """Appends of this step come later (phase 5), so a fork copies its parent's tokens as
@@ -185,7 +305,15 @@ class Worker:
                             result.sample_seconds)
 
     def _size_pools(self) -> tuple[int, int]:
-        cc, mc = self.config.cache, self.model_config
+        """(device, host) blocks. In a group each rank sizes its own pools (its blocks hold
+        only its KV heads) and the group takes the smallest: every rank has every block id."""
+        num_gpu, num_cpu = self._size_own_pools()
+        if self.group is None:
+            return num_gpu, num_cpu
+        return self.group.min_over_ranks(num_gpu), self.group.min_over_ranks(num_cpu)
+
+    def _size_own_pools(self) -> tuple[int, int]:
+        cc, mc = self.config.cache, self.model.config
         per_block = block_bytes(mc, cc.block_size, self.placement.dtype)
         num_cpu = num_blocks_for_budget(cc.swap_space_gib * GIB, per_block)
         if cc.num_gpu_blocks is not None:

@@ -166,20 +166,20 @@ def test_scheduler_endpoint_counts_tokens_finished_requests_and_blocks(
 
 def test_worker_endpoint_reports_pool_work_memory_and_backend(workload: dict[str, str]) -> None:
     page = workload["worker-0"]
-    assert _value(page, "pagedserve_worker_kv_blocks_total") == NUM_BLOCKS
-    assert _value(page, "pagedserve_worker_sampled_tokens_total") == NUM_GENERATED_TOKENS
-    assert _value(page, "pagedserve_worker_computed_tokens_total") == (
+    assert _value(page, "pagedserve_worker_kv_blocks_total", rank="0") == NUM_BLOCKS
+    assert _value(page, "pagedserve_worker_sampled_tokens_total", rank="0") == NUM_GENERATED_TOKENS
+    assert _value(page, "pagedserve_worker_computed_tokens_total", rank="0") == (
         NUM_PROMPT_TOKENS + NUM_GENERATED_TOKENS - len(WORKLOAD))
-    steps = _value(page, "pagedserve_worker_forward_duration_seconds_count")
+    steps = _value(page, "pagedserve_worker_forward_duration_seconds_count", rank="0")
     assert steps is not None and steps >= max(n for _, n in WORKLOAD)
-    assert _value(page, "pagedserve_worker_sampling_duration_seconds_count") == steps
-    assert (_value(page, "pagedserve_worker_model_weight_bytes") or 0) > 0
-    assert (_value(page, "pagedserve_worker_device_memory_allocated_bytes") or 0) > 0
-    assert _value(page, "pagedserve_worker_attention_backend_info", backend="torch",
+    assert _value(page, "pagedserve_worker_sampling_duration_seconds_count", rank="0") == steps
+    assert (_value(page, "pagedserve_worker_model_weight_bytes", rank="0") or 0) > 0
+    assert (_value(page, "pagedserve_worker_device_memory_allocated_bytes", rank="0") or 0) > 0
+    assert _value(page, "pagedserve_worker_attention_backend_info", rank="0", backend="torch",
                   device="cpu", worker_id="test-worker") == 1
     kernels = cpu_kernels(torch.device("cpu"), torch.float32)  # what this CPU worker runs
     assert kernels.isa in (*CPU_ISAS, "off")
-    assert _value(page, "pagedserve_worker_cpu_kernels_info", isa=kernels.isa,
+    assert _value(page, "pagedserve_worker_cpu_kernels_info", rank="0", isa=kernels.isa,
                   available=",".join(kernels.available)) == 1
 
 

@@ -64,8 +64,9 @@ def test_up_with_metrics_prints_and_serves_every_services_metrics(tmp_path: Path
         scheduler = _page(urls["scheduler"])
         assert scheduler[("pagedserve_scheduler_generated_tokens_total", frozenset())] == 6
         worker = _page(urls["worker-0"])
-        assert worker[("pagedserve_worker_sampled_tokens_total", frozenset())] == 6
-        assert worker[("pagedserve_worker_kv_blocks_total", frozenset())] > 0
+        rank = frozenset({("rank", "0")})
+        assert worker[("pagedserve_worker_sampled_tokens_total", rank)] == 6
+        assert worker[("pagedserve_worker_kv_blocks_total", rank)] > 0
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -142,29 +142,31 @@ def test_worker_memory_and_backend_info() -> None:
     m.set_weight_bytes(270_000_000)
     m.set_backend("torch", "cpu")
     m.step_finished(forward_s=0.01, sampling_s=0.001)
-    assert _sample(registry, "pagedserve_worker_model_weight_bytes") == 270_000_000
-    assert _sample(registry, "pagedserve_worker_attention_backend_info",
+    assert _sample(registry, "pagedserve_worker_model_weight_bytes", rank="0") == 270_000_000
+    assert _sample(registry, "pagedserve_worker_attention_backend_info", rank="0",
                    backend="torch", device="cpu", worker_id="w0") == 1
-    assert _sample(registry, "pagedserve_worker_forward_duration_seconds_count") == 1
+    assert _sample(registry, "pagedserve_worker_forward_duration_seconds_count", rank="0") == 1
 
 
 def test_worker_cpu_kernels_info_names_the_isa_and_the_available_ones() -> None:
     registry = CollectorRegistry()
     m = WorkerMetrics(registry, "w0", "cpu")
     m.set_cpu_kernels("avx2", ("avx512", "avx2", "portable"))
-    assert _sample(registry, "pagedserve_worker_cpu_kernels_info",
+    assert _sample(registry, "pagedserve_worker_cpu_kernels_info", rank="0",
                    isa="avx2", available="avx512,avx2,portable") == 1
     cuda = CollectorRegistry()
     WorkerMetrics(cuda, "w1", "cuda").set_cpu_kernels("none", ())
-    assert _sample(cuda, "pagedserve_worker_cpu_kernels_info", isa="none", available="") == 1
+    assert _sample(cuda, "pagedserve_worker_cpu_kernels_info", rank="0", isa="none",
+                   available="") == 1
 
 
 def test_worker_on_cpu_reports_process_memory_at_scrape_time() -> None:
     registry = CollectorRegistry()
     WorkerMetrics(registry, "w0", "cpu")
-    rss = registry.get_sample_value("pagedserve_worker_device_memory_allocated_bytes")
-    total = _sample(registry, "pagedserve_worker_device_memory_total_bytes")
-    peak = _sample(registry, "pagedserve_worker_device_memory_peak_bytes")
+    rss = registry.get_sample_value("pagedserve_worker_device_memory_allocated_bytes",
+                                    {"rank": "0"})
+    total = _sample(registry, "pagedserve_worker_device_memory_total_bytes", rank="0")
+    peak = _sample(registry, "pagedserve_worker_device_memory_peak_bytes", rank="0")
     assert rss is not None and total is not None and peak is not None
     assert 0 < rss <= peak and rss < total
 
@@ -193,11 +195,22 @@ def test_worker_observe_step_counts_tokens_and_sequences() -> None:
     m = WorkerMetrics(registry, "w0", "cpu")
     m.set_pools(num_gpu_blocks=128, num_cpu_blocks=64)
     m.observe_step(num_tokens=40, num_sampled=4, forward_s=0.02, num_seqs=4)
-    assert _sample(registry, "pagedserve_worker_kv_blocks_total") == 128
-    assert _sample(registry, "pagedserve_worker_swap_blocks_total") == 64
-    assert _sample(registry, "pagedserve_worker_computed_tokens_total") == 40
-    assert _sample(registry, "pagedserve_worker_sampled_tokens_total") == 4
-    assert _sample(registry, "pagedserve_worker_sequences") == 4
+    assert _sample(registry, "pagedserve_worker_kv_blocks_total", rank="0") == 128
+    assert _sample(registry, "pagedserve_worker_swap_blocks_total", rank="0") == 64
+    assert _sample(registry, "pagedserve_worker_computed_tokens_total", rank="0") == 40
+    assert _sample(registry, "pagedserve_worker_sampled_tokens_total", rank="0") == 4
+    assert _sample(registry, "pagedserve_worker_sequences", rank="0") == 4
+
+
+def test_worker_series_carry_the_rank_and_the_group_size() -> None:
+    registry = CollectorRegistry()
+    m = WorkerMetrics(registry, "w0", "cpu", rank=1, tensor_parallel_size=2)
+    m.set_weight_bytes(1000)
+    assert _sample(registry, "pagedserve_worker_model_weight_bytes", rank="1") == 1000
+    assert _sample(registry, "pagedserve_worker_tensor_parallel_size", rank="1") == 2
+    for family in registry.collect():
+        for sample in family.samples:
+            assert sample.labels.get("rank") == "1", sample
 
 
 def test_metrics_app_keeps_colon_names_even_when_openmetrics_is_asked_for() -> None:

@@ -73,9 +73,12 @@ class PathChoice:
 
 
 def choose_path(device: torch.device, dtype: torch.dtype, kernels: ModuleType | None,
-                backend: AttentionBackend, head_dim: int) -> PathChoice:
+                backend: AttentionBackend, head_dim: int,
+                tensor_parallel_size: int = 1) -> PathChoice:
     """The fastest path for this placement. ``kernels`` is ``cpu_ops.load()`` (None when the C++
-    kernels are off or failed to build; not consulted off CPU or off fp32)."""
+    kernels are off or failed to build; not consulted off CPU or off fp32). A tensor-parallel
+    rank needs an all-reduce after each row-parallel projection, inside the layer, which the
+    fused stack (every layer in one C++ call) has no place for."""
     if device.type != "cpu":
         if backend.name == "triton":
             return PathChoice(ExecutionPath.TRITON, f"{device.type}: Triton paged attention")
@@ -91,6 +94,9 @@ def choose_path(device: torch.device, dtype: torch.dtype, kernels: ModuleType | 
     if not isinstance(backend, TorchAttentionBackend):
         return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: the {backend.name} "
                           "attention backend has no fused layer step")
+    if tensor_parallel_size > 1:
+        return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: tensor parallel "
+                          f"({tensor_parallel_size} ranks) all-reduces inside each layer")
     if not kernels.prefill_attention_supported(head_dim):
         return PathChoice(ExecutionPath.CPU_OPS, f"{isa} kernels op by op: head_dim {head_dim} "
                           "not taken by the fused prefill kernel")
@@ -99,13 +105,16 @@ def choose_path(device: torch.device, dtype: torch.dtype, kernels: ModuleType | 
 
 
 def prepare_execution(model: LlamaForCausalLM, device: torch.device,
-                      path: ExecutionPath | None = None) -> Execution:
-    """Chooses the path for ``model`` (loaded, on ``device``) and prepares the model for it.
-    ``path`` forces a slower path than the chosen one (one it can run; ValueError otherwise).
-    Call once per model: preparing packs its projections."""
+                      path: ExecutionPath | None = None,
+                      tensor_parallel_size: int = 1) -> Execution:
+    """Chooses the path for ``model`` (loaded, on ``device``; a shard of a model split over
+    ``tensor_parallel_size`` ranks) and prepares the model for it. ``path`` forces a slower
+    path than the chosen one (one it can run; ValueError otherwise). Call once per model:
+    preparing packs its projections."""
     dtype = model.embed_tokens.weight.dtype
     kernels = cpu_ops.load() if device.type == "cpu" and dtype == torch.float32 else None
-    choice = choose_path(device, dtype, kernels, model.backend, model.config.head_dim)
+    choice = choose_path(device, dtype, kernels, model.backend, model.config.head_dim,
+                         tensor_parallel_size)
     if path is not None and path is not choice.path:
         if path not in _ALSO_RUNNABLE[choice.path]:
             raise ValueError(f"execution path {path.value} cannot run here "
@@ -235,7 +244,9 @@ class PackedLinear(nn.Module):
 def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
     """Every projection of ``model`` and its logits matmul move to ``PackedLinear``. Tied
     embeddings keep their table for lookups and gain a packed copy for the logits (one more
-    vocab x hidden matrix) as ``model.lm_head``."""
+    vocab x hidden matrix) as ``model.lm_head`` (on a rank that computes logits). The
+    row-parallel all-reduce lives on the attention and MLP modules, not on the projections, so
+    it stays around the packed ones."""
 
     def packed(linear: nn.Module) -> PackedLinear:
         if isinstance(linear, PackedLinear):
@@ -247,6 +258,8 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
         mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
+    if not model.computes_logits:
+        return
     if model.lm_head is None:
         model.lm_head = PackedLinear(model.embed_tokens.weight, None, kernels)
     else:

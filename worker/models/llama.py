@@ -20,7 +20,7 @@ the C++ primitives on fp32 CPU, or every layer in one C++ call).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -31,6 +31,13 @@ from worker.attention.metadata import AttentionMetadata
 from worker.models.config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+# Sums a row-parallel projection's partial outputs over the ranks of a tensor-parallel group, in
+# place (``worker/parallel.py``); the identity when the model is whole.
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class AttentionBackend(Protocol):
@@ -180,6 +187,7 @@ class LlamaAttention(nn.Module):
         self.o_proj: nn.Module = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.backend = backend
         self.ops = TORCH_OPS
+        self.all_reduce: AllReduce = _whole
 
     def forward(
         self, x: torch.Tensor, cos_sin: KVCache, kv_cache: KVCache, meta: AttentionMetadata
@@ -190,7 +198,7 @@ class LlamaAttention(nn.Module):
         key_cache, value_cache = kv_cache
         self.backend.write_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         out = self.backend.forward(q, key_cache, value_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
@@ -201,9 +209,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)
         self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)
         self.ops = TORCH_OPS
+        self.all_reduce: AllReduce = _whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+        return self.all_reduce(self.down_proj(self.ops.silu_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -227,12 +236,18 @@ class LlamaForCausalLM(nn.Module):
 
     Invariant: ``len(kv_caches) == num_layers`` and every cache is
     ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    Tensor parallel: ``config`` is this rank's slice (``worker/models/sharding.py``), the
+    row-parallel projections are summed over the group (``use_all_reduce``), and a model built
+    with ``computes_logits=False`` (a follower rank) has no logits projection at all.
     """
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend,
+                 computes_logits: bool = True) -> None:
         super().__init__()
         self.config = config
         self.backend = backend
+        self.computes_logits = computes_logits
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, backend) for _ in range(config.num_layers)
@@ -243,7 +258,7 @@ class LlamaForCausalLM(nn.Module):
         # module computing the same product, e.g. from a packed copy of the table).
         self.lm_head: nn.Module | None = (
             None
-            if config.tie_word_embeddings
+            if config.tie_word_embeddings or not computes_logits
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
@@ -255,6 +270,13 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm | LlamaAttention | LlamaMLP):
                 module.ops = ops
+
+    def use_all_reduce(self, all_reduce: AllReduce) -> None:
+        """Every o_proj and down_proj output is summed over the tensor-parallel group with
+        ``all_reduce`` from now on (kept when an execution path swaps the projections)."""
+        for module in self.modules():
+            if isinstance(module, LlamaAttention | LlamaMLP):
+                module.all_reduce = all_reduce
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor
               ) -> tuple[torch.Tensor, KVCache]:
@@ -278,6 +300,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, hidden] -> [N, vocab]`` fp32."""
+        if not self.computes_logits:
+            raise RuntimeError("this rank computes no logits: the leader rank samples")
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
         return F.linear(hidden, self.embed_tokens.weight).float()
@@ -307,7 +331,8 @@ class LlamaForCausalLM(nn.Module):
         name = hf_name.removeprefix("model.")
         if "rotary_emb" in name:
             return None, None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+        if name == "lm_head.weight" and (self.config.tie_word_embeddings
+                                         or not self.computes_logits):
             return None, None  # tied: some checkpoints store the copy anyway
         cfg = self.config
         fused = {

@@ -22,6 +22,7 @@ import torch
 
 from worker.models.config import ModelConfig
 from worker.models.llama import AttentionBackend, LlamaForCausalLM
+from worker.models.sharding import TensorShard, shard_config, shard_weights
 
 logger = logging.getLogger(__name__)
 
@@ -48,42 +49,52 @@ def load_model(
     dtype: torch.dtype,
     device: str | torch.device,
     backend: AttentionBackend | None = None,
+    shard: TensorShard | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Loads weights into an eval-mode model on ``device``. ``backend`` defaults to torch. The
     model holds the checkpoint's weights as loaded: how it runs (packing the projections for the
-    C++ kernels) is the model runner's choice (``worker/models/execution.py``)."""
+    C++ kernels) is the model runner's choice (``worker/models/execution.py``). With ``shard``
+    (a tensor-parallel rank) the model is that rank's slice, cut from the full tensors as they
+    are read (``worker/models/sharding.py``; ``model.config`` is the slice's shape). Returns the
+    model and the whole model's config."""
     path = Path(path)
+    shard = shard or TensorShard()
     if backend is None:
         from worker.attention.torch_backend import TorchAttentionBackend
 
         backend = TorchAttentionBackend()
     if path.is_file() and path.suffix == ".gguf":
-        model, config = _load_gguf(path, dtype, torch.device(device), backend)
+        model, config = _load_gguf(path, dtype, torch.device(device), backend, shard)
     elif path.is_dir() and (path / "config.json").exists():
-        model, config = _load_hf_dir(path, dtype, torch.device(device), backend)
+        model, config = _load_hf_dir(path, dtype, torch.device(device), backend, shard)
     else:
         raise ValueError(f"model {path}: expected a .gguf file or a directory with config.json")
     return model, config
 
 
 def build_empty_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
+    shard: TensorShard | None = None,
 ) -> LlamaForCausalLM:
+    """The model (``shard``'s slice of it) on ``device``, its parameters uninitialised."""
+    shard = shard or TensorShard()
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend)
+        model = LlamaForCausalLM(shard_config(config, shard), backend, shard.computes_logits)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.reset_buffers()
     return model.eval()
 
 
 def _load_hf_dir(
-    path: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+    path: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
+    shard: TensorShard,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     config = ModelConfig.from_hf_dir(path)
-    model = build_empty_model(config, dtype, device, backend)
+    model = build_empty_model(config, dtype, device, backend, shard)
     with torch.no_grad():
-        model.load_weights(_iter_safetensors(path))
-    logger.info("loaded %s from %s (%s, %s)", config.name, path, dtype, device)
+        model.load_weights(shard_weights(_iter_safetensors(path), config, shard))
+    logger.info("loaded %s from %s (%s, %s%s)", config.name, path, dtype, device,
+                _describe(shard))
     return model, config
 
 
@@ -110,8 +121,13 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # ---------------------------------------------------------------------------------------- GGUF
 
 
+def _describe(shard: TensorShard) -> str:
+    return "" if shard.size == 1 else f", tensor-parallel rank {shard.rank} of {shard.size}"
+
+
 def _load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+    path: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
+    shard: TensorShard,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     import gguf
 
@@ -119,14 +135,15 @@ def _load_gguf(
     fields = gguf_fields(reader)
     tensor_names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf_fields(fields, tensor_names, name=path.stem)
-    model = build_empty_model(config, dtype, device, backend)
+    model = build_empty_model(config, dtype, device, backend, shard)
     with torch.no_grad():
         permute_qk = fields["general.architecture"] == "llama"  # Qwen2 GGUFs are unpermuted
-        model.load_weights(_iter_gguf(reader, config, permute_qk))
+        model.load_weights(shard_weights(_iter_gguf(reader, config, permute_qk), config, shard))
         rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
         if rope_freqs is not None:
             model.rotary.reset_buffers(torch.from_numpy(_dequantize(rope_freqs).reshape(-1)))
-    logger.info("loaded %s from %s (%s, %s)", config.name, path, dtype, device)
+    logger.info("loaded %s from %s (%s, %s%s)", config.name, path, dtype, device,
+                _describe(shard))
     return model, config
 
 
