@@ -152,7 +152,11 @@ def _follow(worker: Worker, failed: threading.Event, done: Callable[[], None]) -
 def _setter(event: asyncio.Event) -> Callable[[], None]:
     """A thread-safe way to set ``event`` of the running loop."""
     loop = asyncio.get_running_loop()
-    return lambda: loop.call_soon_threadsafe(event.set)
+
+    def set_event() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return set_event
 
 
 def _stop_on_signals() -> asyncio.Event:

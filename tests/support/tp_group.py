@@ -24,8 +24,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
-from protos.pagedserve.v1 import worker_pb2_grpc
+from protos.pagedserve.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig, ServerConfig
 from scheduler.server import SchedulerServer, build_server
 
