@@ -13,6 +13,15 @@ continuations and re-admits the worker when it answers again; the router's reque
 scheduler end UNAVAILABLE and it reconnects to the restarted one. ``--no-restart`` restores
 stop-everything-on-the-first-death (for scripts that want to notice).
 
+Tensor parallelism: with ``--tensor-parallel-size N`` each of the ``--workers`` workers is a
+group of N processes (``worker-0-rank0`` ... ``worker-0-rank{N-1}``: the same ``--worker-id``, a
+rendezvous port of their own, rank 0 hosting it). Only the leaders (rank 0) serve the Worker
+service and are given to the scheduler; a group is up once every rank answers SERVING (the
+followers serve health only). A group is supervised as a unit: a rank that exits stops the
+others of its group (SIGTERM; a group missing a rank cannot step) and all its ranks start again
+together with the same commands after the backoff; the restarted leader is a new worker
+instance, which the scheduler re-admits.
+
 While it starts, it says on stderr which process it started, what it is waiting for (again every
 ``PROGRESS_EVERY_S`` seconds, with the time since that process started: a first start on CPU
 spends about a minute building the C++ kernels, and until the router serves, clients get
@@ -52,7 +61,12 @@ logger = logging.getLogger(__name__)
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF directory or .gguf file (default: packaged SmolLM2-135M-Instruct)")
-    parser.add_argument("--workers", type=int, default=1, help="number of worker processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="number of workers (each a process, or a group of "
+                             "--tensor-parallel-size processes)")
+    parser.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                        help="ranks per worker: each worker is a tensor-parallel group of this "
+                             "many processes that the scheduler sees as one worker")
     parser.add_argument("--host", default="127.0.0.1", help="router bind address")
     parser.add_argument("--port", type=int, default=50051, help="router port (gRPC)")
     parser.add_argument("--http-port", type=int, default=8000,
@@ -80,6 +94,13 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the router's: api-key = requests share prefix-cache blocks only "
                              "with requests of the same API key (default none: everyone's)")
     parser.add_argument("--log-level", default="INFO")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: use 1 or more")
+    return value
 
 
 def tls_flags(tls: TlsConfig) -> list[str]:
@@ -185,18 +206,41 @@ def wait_serving(child: Child, proc: _Process, timeout: float,
 
 
 @dataclass
-class Service:
-    """A supervised child: how to start it again, and what became of it."""
+class Member:
+    """One child process of a supervised service: how to start it again, and the process."""
 
     name: str
     cmd: list[str]
     address: str
     proc: subprocess.Popen[bytes]
+
+
+@dataclass
+class Service:
+    """A supervised unit and what became of it: one process, or the ranks of a tensor-parallel
+    worker group (``members[0]`` the leader), which die and start again together: a group whose
+    rank died cannot go on, so its other ranks are stopped and all of them restarted."""
+
+    name: str
+    members: list[Member]
     started: float  # time.monotonic() of its latest start
     restarts: int = 0
     quick_failures: int = 0  # deaths in a row, each before STABLE_S of uptime
     restart_at: float | None = None  # dead: when it starts again
-    serving: bool = True  # False from a restart until it answers SERVING again
+    serving: bool = True  # False from a restart until every member answers SERVING again
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The leader's process (the only one, outside a group)."""
+        return self.members[0].proc
+
+    @property
+    def address(self) -> str:
+        """Where the scheduler (or the router) reaches it: the leader's address."""
+        return self.members[0].address
+
+    def first_exited(self) -> Member | None:
+        return next((m for m in self.members if m.proc.poll() is not None), None)
 
 
 class Supervisor:
@@ -234,26 +278,41 @@ class Supervisor:
 
     @property
     def procs(self) -> list[subprocess.Popen[bytes]]:
-        return [svc.proc for svc in self.services]
+        return [m.proc for svc in self.services for m in svc.members]
 
     def spawn(self, module: str, argv: list[str], name: str, address: str,
               doing: str) -> tuple[Child, subprocess.Popen[bytes]]:
-        cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
-        proc = self.popen(cmd)
+        """Starts one supervised process."""
+        ((child, proc),) = self.spawn_group(module, name, [(name, argv, address)], doing)
+        return child, proc
+
+    def spawn_group(self, module: str, name: str, ranks: list[tuple[str, list[str], str]],
+                    doing: str) -> list[tuple[Child, subprocess.Popen[bytes]]]:
+        """Starts the processes ``ranks`` (name, argv, address; the leader first) as one
+        supervised service ``name``: if one dies, all of them start again."""
+        members = []
+        for rank_name, argv, address in ranks:
+            cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
+            members.append(Member(rank_name, cmd, address, self.popen(cmd)))
+            say(f"started {rank_name} (pid {members[-1].proc.pid}), to serve on {address}")
         started = time.monotonic()
-        self.services.append(Service(name, cmd, address, proc, started))
-        say(f"started {name} (pid {proc.pid}), to serve on {address}")
-        return Child(name, address, doing, started), proc
+        self.services.append(Service(name, members, started))
+        return [(Child(m.name, m.address, doing, started), m.proc) for m in members]
 
     def start(self) -> tuple[str, str]:
         """Starts every process in order, each once the ones it needs serve; the router's gRPC
         address and its HTTP API's URL."""
         a = self.args
         metrics: dict[str, int] = {}
-        workers = self._start_workers(metrics)
-        for child, proc in workers:  # they load in parallel; wait for each in turn
-            self._wait(child, proc)
-        scheduler, proc = self._start_scheduler([child.address for child, _ in workers], metrics)
+        groups = self._start_workers(metrics)
+        for name, group in groups:  # they load in parallel; wait for each rank in turn
+            for child, proc in group:
+                self._wait(child, proc)
+            if len(group) > 1:
+                say(f"{name} ready: all {len(group)} ranks serve, leader on "
+                    f"{group[0][0].address}")
+        leaders = [group[0][0].address for _, group in groups]  # the scheduler's workers
+        scheduler, proc = self._start_scheduler(leaders, metrics)
         self._wait(scheduler, proc)
         http_port = a.http_port or self.free_port()
         router, proc = self._start_router(scheduler.address, http_port, metrics)
@@ -264,22 +323,40 @@ class Supervisor:
         return router.address, f"{scheme}://{router.address.rsplit(':', 1)[0]}:{http_port}"
 
     def _start_workers(self, metrics: dict[str, int]
-                       ) -> list[tuple[Child, subprocess.Popen[bytes]]]:
+                       ) -> list[tuple[str, list[tuple[Child, subprocess.Popen[bytes]]]]]:
+        """One supervised service per worker: a process, or with ``--tensor-parallel-size N``
+        a group of N rank processes (leader first) that the scheduler sees as one worker."""
+        return [(f"worker {i}", self.spawn_group("worker", f"worker {i}", self._worker_ranks(
+                    i, metrics), "loading the model / building CPU kernels"))
+                for i in range(self.args.workers)]
+
+    def _worker_ranks(self, index: int, metrics: dict[str, int]
+                      ) -> list[tuple[str, list[str], str]]:
+        """Name, argv and address of each rank of worker ``index``; a group's ranks share the
+        worker id and a rendezvous port (rank 0 hosts it) and each has its own ports."""
         a = self.args
-        started = []
-        for i in range(a.workers):
+        size = a.tensor_parallel_size
+        worker_id = f"worker-{index}"
+        shared = ["--worker-id", worker_id, "--kv-cache-memory-gib", str(a.kv_cache_memory_gib),
+                  "--block-size", str(a.block_size),
+                  "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+                  *self._tls_flags("worker")]
+        if size > 1:
+            shared += ["--tensor-parallel-size", str(size),
+                       "--tensor-parallel-master", f"127.0.0.1:{self.free_port()}"]
+        ranks = []
+        for rank in range(size):
+            name = f"worker {index}" if size == 1 else f"{worker_id}-rank{rank}"
             port = self.free_port()
-            argv = [*self._model_args(), "--port", str(port), "--worker-id", f"worker-{i}",
-                    "--kv-cache-memory-gib", str(a.kv_cache_memory_gib),
-                    "--block-size", str(a.block_size),
-                    "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-                    *self._tls_flags("worker")]
+            argv = [*self._model_args(), "--port", str(port), *shared]
+            if size > 1:
+                argv += ["--tensor-parallel-rank", str(rank)]
             if a.metrics:
-                metrics[f"worker-{i}"] = self.free_port()
-                argv += ["--metrics-port", str(metrics[f"worker-{i}"])]
-            started.append(self.spawn("worker", argv, f"worker {i}", f"127.0.0.1:{port}",
-                                      "loading the model / building CPU kernels"))
-        return started
+                key = worker_id if size == 1 else name
+                metrics[key] = self.free_port()
+                argv += ["--metrics-port", str(metrics[key])]
+            ranks.append((name, argv, f"127.0.0.1:{port}"))
+        return ranks
 
     def _start_scheduler(self, worker_addrs: list[str], metrics: dict[str, int]
                          ) -> tuple[Child, subprocess.Popen[bytes]]:
@@ -337,28 +414,57 @@ class Supervisor:
         over, and says when a restarted one serves again. False when a child died and
         ``--no-restart`` is set."""
         for svc in self.services:
-            if svc.restart_at is None and svc.proc.poll() is not None:
+            if svc.restart_at is not None:
+                if now >= svc.restart_at:
+                    self._restart(svc, now)
+            elif (dead := svc.first_exited()) is not None:
                 if self.args.no_restart:
                     logger.error("%s exited with code %s; stopping the cluster (--no-restart)",
-                                 svc.name, svc.proc.returncode)
+                                 dead.name, dead.proc.returncode)
                     return False
-                up_for = now - svc.started
-                svc.quick_failures = 1 if up_for >= STABLE_S else svc.quick_failures + 1
-                delay = restart_delay(svc.quick_failures)
-                svc.restart_at = now + delay
-                say(f"{svc.name} (pid {svc.proc.pid}) exited with code {svc.proc.returncode} "
-                    f"after {up_for:.0f}s; restarting it in {delay:.0f}s")
-            elif svc.restart_at is not None and now >= svc.restart_at:
-                svc.proc = self.popen(svc.cmd)
-                svc.started, svc.restart_at, svc.serving = now, None, False
-                svc.restarts += 1
-                say(f"restarted {svc.name} (pid {svc.proc.pid}, restart {svc.restarts}), to "
-                    f"serve on {svc.address}")
-            elif not svc.serving and self.is_serving(svc.address):
+                self._schedule_restart(svc, dead, now)
+            elif not svc.serving and all(self.is_serving(m.address) for m in svc.members):
                 svc.serving = True
-                say(f"{svc.name} serving again on {svc.address} after "
+                ranks = f" (all {len(svc.members)} ranks)" if len(svc.members) > 1 else ""
+                say(f"{svc.name} serving again on {svc.address}{ranks} after "
                     f"{time.monotonic() - svc.started:.1f}s")
         return True
+
+    def _schedule_restart(self, svc: Service, dead: Member, now: float) -> None:
+        """``dead`` exited: ``svc`` starts again after the backoff. A group's other ranks are
+        asked to stop now (SIGTERM; they would fail at their next collective anyway)."""
+        up_for = now - svc.started
+        svc.quick_failures = 1 if up_for >= STABLE_S else svc.quick_failures + 1
+        delay = restart_delay(svc.quick_failures)
+        svc.restart_at = now + delay
+        what = f"{dead.name} (pid {dead.proc.pid}) exited with code {dead.proc.returncode} " \
+               f"after {up_for:.0f}s"
+        if len(svc.members) == 1:
+            say(f"{what}; restarting it in {delay:.0f}s")
+            return
+        others = [m for m in svc.members if m is not dead and m.proc.poll() is None]
+        for m in others:
+            m.proc.terminate()
+        stopping = ", ".join(f"{m.name} pid {m.proc.pid}" for m in others) or "none left"
+        say(f"{what}; stopping the rest of {svc.name} ({stopping}) and restarting its "
+            f"{len(svc.members)} ranks in {delay:.0f}s")
+
+    def _restart(self, svc: Service, now: float) -> None:
+        for m in svc.members:  # a rank that ignored SIGTERM must not hold its ports
+            if m.proc.poll() is None:
+                m.proc.kill()
+                m.proc.wait()
+        for m in svc.members:
+            m.proc = self.popen(m.cmd)
+        svc.started, svc.restart_at, svc.serving = now, None, False
+        svc.restarts += 1
+        if len(svc.members) == 1:
+            say(f"restarted {svc.name} (pid {svc.proc.pid}, restart {svc.restarts}), to "
+                f"serve on {svc.address}")
+        else:
+            pids = ", ".join(f"{m.name} pid {m.proc.pid}" for m in svc.members)
+            say(f"restarted {svc.name} ({pids}; restart {svc.restarts}), leader to serve on "
+                f"{svc.address}")
 
     def is_serving(self, address: str) -> bool:
         with sync_channel(address, self.tls.get("client")) as channel:

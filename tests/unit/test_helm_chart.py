@@ -357,6 +357,9 @@ def test_ttft_slo_is_configurable(variant_docs) -> None:
     {"kvstore": {"backend": "etcd"}},
     {"alerts": {"kvUsageThreshold": 95}},
     {"worker": {"gpuMemoryUtilization": 1.5}},
+    {"worker": {"tensorParallelSize": 0}},
+    {"worker": {"tensorParallelPort": 0}},
+    {"worker": {"tensorParallelTimeoutSeconds": 0}},
     {"tls": {"enabled": "yes"}},
     {"tls": {"secrets": {"redis": "x"}}},
     {"router": {"rateLimit": {"requestsPerSecond": -1}}},
@@ -369,7 +372,160 @@ def test_schema_rejects_bad_values(bad) -> None:
         render(bad)
 
 
-def test_helm_lint_reports_no_errors() -> None:
-    report = helm.lint(str(CHART), strict=False)
+# ------------------------------------------- tensor parallelism (worker.tensorParallelSize)
+
+TP = {"worker": {"replicaCount": 2, "tensorParallelSize": 2}}
+POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+@pytest.fixture(scope="module")
+def tp_docs() -> list[dict[str, Any]]:
+    return render(TP)
+
+
+def _validate(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_tensor_parallel_groups_validate_against_kubernetes_schemas(tp_docs) -> None:
+    _validate(tp_docs)
+    _validate(render({**SECURE, **TP, "model": VARIANT["model"]}))
+
+
+def test_each_group_is_a_statefulset_of_ranks_with_stable_names(tp_docs) -> None:
+    sets = by_kind(tp_docs, "StatefulSet")
+    assert set(sets) == {"ps-pagedserve-worker-0", "ps-pagedserve-worker-1"}
+    worker_selector = {"app.kubernetes.io/name": "pagedserve", "app.kubernetes.io/instance": "ps",
+                       "app.kubernetes.io/component": "worker"}
+    for g in range(2):
+        spec = sets[f"ps-pagedserve-worker-{g}"]["spec"]
+        # N pods started together: OrderedReady would wait for pod 0, which waits for the rest.
+        assert spec["replicas"] == 2 and spec["podManagementPolicy"] == "Parallel"
+        assert spec["serviceName"] == "ps-pagedserve-worker-ranks"
+        selector = spec["selector"]["matchLabels"]
+        assert selector == {**worker_selector, "pagedserve.io/worker-group": str(g)}
+        assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+        (container,) = spec["template"]["spec"]["containers"]
+        assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in \
+            container["ports"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # per rank
+    ranks = by_kind(tp_docs, "Service")["ps-pagedserve-worker-ranks"]
+    assert ranks["spec"]["clusterIP"] == "None"
+    assert ranks["spec"]["publishNotReadyAddresses"] is True  # ranks meet before they serve
+    assert ranks["spec"]["selector"] == worker_selector  # every rank of every group
+    assert {"name": "rendezvous", "port": 29500, "targetPort": "rendezvous",
+            "protocol": "TCP"} in ranks["spec"]["ports"]
+
+
+def test_scheduler_discovers_group_leaders_not_ranks(tp_docs) -> None:
+    services = by_kind(tp_docs, "Service")
+    discovery = services["ps-pagedserve-worker"]
+    assert discovery["spec"]["clusterIP"] == "None"
+    assert discovery["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
+    assert not discovery["spec"].get("publishNotReadyAddresses")  # a leader once it serves
+    scheduler = containers(tp_docs)["scheduler"]["args"]
+    assert scheduler[scheduler.index("--worker-discovery") + 1] == \
+        "k8s-headless=ps-pagedserve-worker.llm.svc:50053"
+    # Metrics of every rank, scraped once: through the ranks' Service, not the leaders'.
+    assert "pagedserve.io/metrics" not in discovery["metadata"]["labels"]
+    assert services["ps-pagedserve-worker-ranks"]["metadata"]["labels"][
+        "pagedserve.io/job"] == "pagedserve-worker"
+
+
+def _run_worker_cli(container: dict[str, Any], env: dict[str, str],
+                    monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The container's command as its entrypoint runs it (``pagedserve worker ...`` through
+    ``pagedserve.cli.main``), with the pod's environment; the config it would serve."""
+    import worker.__main__
+    from pagedserve.cli import main
+
+    served = []
+
+    async def serve(config: Any) -> None:
+        served.append(config)
+
+    monkeypatch.setattr(worker.__main__, "serve", serve)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = main(container["args"])
+    except SystemExit as exc:  # the worker's exit status is its server's (0 once it stopped)
+        code = exc.code
+    assert code in (0, None) and len(served) == 1
+    return served[0]
+
+
+def _pod_env(container: dict[str, Any], pod_labels: dict[str, str]) -> dict[str, str]:
+    """What the kubelet puts in the container's environment from the downward API."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e.get("valueFrom", {}):
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            assert path.startswith("metadata.labels['"), path
+            env[e["name"]] = pod_labels[path[len("metadata.labels['"):-2]]
+    return env
+
+
+@pytest.mark.parametrize("values", [TP, {**TP, **SECURE}], ids=["plain", "secure"])
+def test_every_rank_command_parses_with_the_real_cli(values, monkeypatch) -> None:
+    """Each pod of each group, as the StatefulSet controller makes it (name ``<set>-<ordinal>``,
+    ``apps.kubernetes.io/pod-index`` = ordinal), runs a worker of rank = ordinal whose
+    rendezvous is pod 0 of its own group by its stable DNS name."""
+    from worker.config import ParallelConfig
+
+    docs = render(values)
+    for name, sts in by_kind(docs, "StatefulSet").items():
+        spec = sts["spec"]
+        (container,) = spec["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["PAGEDSERVE_WORKER_TENSOR_PARALLEL_RANK"]["valueFrom"]["fieldRef"][
+            "fieldPath"] == POD_INDEX
+        pod0 = f"{name}-0.{spec['serviceName']}.llm.svc"
+        for ordinal in range(spec["replicas"]):
+            labels = {**spec["template"]["metadata"]["labels"],
+                      "apps.kubernetes.io/pod-index": str(ordinal)}
+            config = _run_worker_cli(container, _pod_env(container, labels), monkeypatch)
+            assert config.parallel == ParallelConfig(2, ordinal, f"{pod0}:29500", 30.0)
+            assert config.server.worker_id == name and config.server.port == 50053
+            assert config.server.tls.enabled == ("tls" in values)
+    cfg = {n: _parse(c) for n, c in containers(docs).items() if n in ("router", "scheduler")}
+    assert cfg["scheduler"].worker_discovery == "k8s-headless=ps-pagedserve-worker.llm.svc:50053"
+
+
+def test_ranks_of_a_group_reach_each_other_on_any_port(tp_docs) -> None:
+    policies = by_kind(tp_docs, "NetworkPolicy")
+    for g in range(2):
+        spec = policies[f"ps-pagedserve-worker-{g}"]["spec"]
+        group = spec["podSelector"]["matchLabels"]
+        assert group["pagedserve.io/worker-group"] == str(g)
+        (rule,) = spec["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": group}}]
+        assert "ports" not in rule  # gloo and NCCL pick ports at run time
+    # The scheduler still reaches only the gRPC port.
+    (peer,) = policies["ps-pagedserve-worker"]["spec"]["ingress"][0]["from"]
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "scheduler"
+
+
+def test_long_release_names_keep_rank_pod_names_valid() -> None:
+    for sts in by_kind(render(TP, name="r" * 60), "StatefulSet").values():
+        name = sts["metadata"]["name"]
+        # Pods are <name>-<ordinal>; the controller's revision label is <name>-<10-char hash>.
+        assert len(name) <= 52 and name.endswith(("-worker-0", "-worker-1")), name
+
+
+def test_tensor_parallel_size_one_renders_as_before(default_docs) -> None:
+    assert render({"worker": {"tensorParallelSize": 1}}) == default_docs
+    assert "ps-pagedserve-worker-ranks" not in by_kind(default_docs, "Service")
+    worker = containers(default_docs)["worker"]
+    assert not any(a.startswith("--tensor-parallel") for a in worker["args"])
+
+
+@pytest.mark.parametrize("values", [None, TP], ids=["default", "tensor-parallel"])
+def test_helm_lint_reports_no_errors(values) -> None:
+    report = helm.lint(str(CHART), values, strict=False, kube_version="v1.30.0")
     errors = [m for m in report["messages"] if m["severity"] >= 3]
     assert not errors and not report.get("errors"), report
