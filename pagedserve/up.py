@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
@@ -495,6 +495,20 @@ def _curl_tls(sup: Supervisor) -> str:
     return f" --cacert {client.ca_file} --cert {client.cert_file} --key {client.key_file}"
 
 
+def share_cores_between_ranks(num_ranks: int, environ: MutableMapping[str, str] = os.environ
+                              ) -> None:
+    """Tensor-parallel ranks on one machine each get their share of its cores as compute
+    threads (``OMP_NUM_THREADS``, inherited by the children), unless the user set it: a rank
+    with a thread per core spins against the others at every all-reduce (a decode step measured
+    23x slower than TP=1 that way, 2.8x with the share)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return
+    threads = max(1, (os.cpu_count() or 1) // num_ranks)
+    environ["OMP_NUM_THREADS"] = str(threads)
+    say(f"tensor-parallel ranks share {os.cpu_count()} cores: OMP_NUM_THREADS={threads} each "
+        "(set OMP_NUM_THREADS to choose)")
+
+
 def run_up(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -504,6 +518,8 @@ def run_up(args: argparse.Namespace) -> int:
         logger.error("--prefix-cache-isolation api-key needs API keys (--api-key-file or "
                      "PAGEDSERVE_API_KEYS)")
         return 2
+    if args.tensor_parallel_size > 1:
+        share_cores_between_ranks(args.tensor_parallel_size * args.workers)
     sup = Supervisor(args)
     try:
         address, http_url = sup.start()

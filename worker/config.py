@@ -111,12 +111,15 @@ class ParallelConfig:
     that the scheduler sees as one worker (``worker/parallel.py``). Rank 0, the leader, serves
     the Worker service; the others follow it. ``master`` (``host:port``) is where the group's
     ranks meet (the torch.distributed TCP store, hosted by rank 0); ``timeout_s`` bounds every
-    collective, so a dead or hung rank fails the group instead of hanging it."""
+    collective, so a dead or hung rank fails the group instead of hanging it;
+    ``rendezvous_timeout_s`` bounds the wait for every rank to join, much longer: the ranks of a
+    restarted group may come back minutes apart (a kubelet's restart backoff)."""
 
     size: int = 1
     rank: int = 0
     master: str | None = None
     timeout_s: float = 30.0
+    rendezvous_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -129,6 +132,8 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_master {self.master!r}: use HOST:PORT")
         if self.timeout_s <= 0:
             raise ValueError("tensor_parallel_timeout_s must be > 0")
+        if self.rendezvous_timeout_s <= 0:
+            raise ValueError("tensor_parallel_rendezvous_timeout_s must be > 0")
 
     @property
     def is_leader(self) -> bool:
@@ -186,6 +191,8 @@ _ARGS: list[tuple[str, type, Any, str]] = [
      "HOST:PORT where the group's ranks meet (rank 0 listens; required when size > 1)"),
     ("tensor_parallel_timeout_s", float, 30.0,
      "seconds a collective may wait for a rank before the group fails"),
+    ("tensor_parallel_rendezvous_timeout_s", float, 600.0,
+     "seconds a rank waits at start for the others to join"),
 ]
 
 
@@ -219,6 +226,7 @@ def worker_config_from_args(args: argparse.Namespace) -> WorkerConfig:
                             tls=tls_config_from_args(args),
                             client_identities=client_identities_from_args(args)),
         parallel=ParallelConfig(a["tensor_parallel_size"], a["tensor_parallel_rank"],
-                                a["tensor_parallel_master"], a["tensor_parallel_timeout_s"]),
+                                a["tensor_parallel_master"], a["tensor_parallel_timeout_s"],
+                                a["tensor_parallel_rendezvous_timeout_s"]),
         seed=a["seed"],
     )

@@ -88,8 +88,14 @@ class TensorParallelGroup:
         backend = "nccl" if device.type == "cuda" else "gloo"
         logger.info("tensor-parallel rank %d of %d: joining %s (%s, timeout %.0fs)",
                     self.rank, self.size, config.master, backend, config.timeout_s)
-        dist.init_process_group(backend, init_method=f"tcp://{config.master}", rank=self.rank,
-                                world_size=self.size, timeout=timeout)
+        assert config.master is not None  # ParallelConfig requires it for size > 1
+        host, port = config.master.rsplit(":", 1)
+        # The store waits (rendezvous_timeout_s) for ranks that restart later than this one;
+        # the collectives wait timeout_s.
+        store = dist.TCPStore(host.strip("[]"), int(port), self.size, is_master=self.is_leader,
+                              timeout=timedelta(seconds=config.rendezvous_timeout_s))
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.size,
+                                timeout=timeout)
         self._control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
             else dist.group.WORLD
         self.device = device

@@ -90,3 +90,19 @@ def test_a_follower_exits_non_zero_when_its_leader_dies(group: WorkerRanks) -> N
     group.procs[0].kill()
     assert _exit_status(group.procs[1]) == 1
     assert "the group failed" in group.log(1)
+
+
+def test_a_follower_that_starts_long_after_its_leader_still_joins() -> None:
+    """Joining waits ``--tensor-parallel-rendezvous-timeout-s`` (default 600 s), not the
+    collective timeout: a restarted group's ranks may come back minutes apart."""
+    ranks = start_worker_ranks(tiny_llama_dir(), 2, timeout_s=TIMEOUT_S,
+                               extra_args=("--num-gpu-blocks", "16"),
+                               follower_delay_s=3 * TIMEOUT_S)
+    try:
+        ranks.wait_ready()
+        stub = ranks.leader_stub()
+        _prefill(stub)
+        _decode(stub, 2, len(PROMPT))
+        assert all(proc.poll() is None for proc in ranks.procs)
+    finally:
+        ranks.stop()

@@ -106,14 +106,18 @@ class WorkerRanks:
 
 
 def start_worker_ranks(model: str | Path, size: int, *, timeout_s: float = 30.0,
-                       extra_args: tuple[str, ...] = ()) -> WorkerRanks:
+                       extra_args: tuple[str, ...] = (), follower_delay_s: float = 0.0
+                       ) -> WorkerRanks:
     """Starts ``size`` ``python -m worker`` processes (fp32 CPU, torch attention); see module
-    docstring. ``extra_args`` go to every rank (pool sizes, block size)."""
+    docstring. ``extra_args`` go to every rank (pool sizes, block size); the followers start
+    ``follower_delay_s`` after the leader (a group whose ranks restart at different times)."""
     master = f"127.0.0.1:{free_port()}"
     ports = [free_port() for _ in range(size)]
     log_dir = Path(tempfile.mkdtemp(prefix="tp-ranks-"))
     procs = []
     for rank, port in enumerate(ports):
+        if rank == 1:
+            time.sleep(follower_delay_s)
         args = [sys.executable, "-m", "worker", "--model", str(model), "--device", "cpu",
                 "--dtype", "float32", "--attention-backend", "torch", "--seed", "0",
                 "--port", str(port), "--worker-id", f"tp{size}", *extra_args]

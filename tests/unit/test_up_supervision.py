@@ -292,3 +292,17 @@ def test_no_restart_stops_the_cluster_when_a_follower_dies(monkeypatch: pytest.M
     h.service("worker 1").members[1].proc.returncode = 1  # type: ignore[misc]
     assert not h.sup.supervise(h.sup.services[0].started + 2)
     assert len(h.started) == n_started
+
+
+def test_ranks_share_the_cores_unless_the_user_chose_threads(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    from pagedserve.up import share_cores_between_ranks
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    env: dict[str, str] = {}
+    share_cores_between_ranks(4, env)
+    assert env == {"OMP_NUM_THREADS": "2"}
+    share_cores_between_ranks(16, env := {})
+    assert env == {"OMP_NUM_THREADS": "1"}
+    share_cores_between_ranks(4, env := {"OMP_NUM_THREADS": "3"})
+    assert env == {"OMP_NUM_THREADS": "3"}
