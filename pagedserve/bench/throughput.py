@@ -271,11 +271,11 @@ def run_throughput(spec: WorkloadSpec, model: str | None = None, *, systems: Seq
 def format_report(report: ThroughputReport) -> str:
     best = f" (fastest of {report.repeat} runs each)" if report.repeat > 1 else ""
     lines = [f"workload: {report.spec.describe()}{best}",
-             (f"{'system':<10} {'seconds':>9} {'out tok/s':>10} {'req/s':>8} {'vs hf':>7} "
+             (f"{'system':<14} {'seconds':>9} {'out tok/s':>10} {'req/s':>8} {'vs hf':>7} "
              f"{'vs offline':>10}  note")]
     for name, r in report.results.items():
         vs_hf, vs_off = report.ratio(name, "hf"), report.ratio(name, "offline")
-        lines.append(f"{name:<10} {r.seconds:>9.2f} {r.tokens_per_s:>10.1f} "
+        lines.append(f"{name:<14} {r.seconds:>9.2f} {r.tokens_per_s:>10.1f} "
                      f"{r.requests_per_s:>8.3f} {_x(vs_hf):>7} {_x(vs_off):>10}  {r.note}")
     for name, frac in report.agreement.items():
         lines.append(f"greedy outputs identical to offline: {name} {frac:.0%} of requests")
