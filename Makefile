@@ -16,13 +16,15 @@ run: $(STAMP_RUN)
 
 # The suite once on this CPU's best C++ kernel variant (kernel, sampler and model-vs-HF tests run
 # on every variant it can execute), then the engine and service tests again on the next one down
-# (AVX2 on an AVX-512 machine, portable on an AVX2 one): what users with older CPUs run.
+# (AVX2 on an AVX-512 machine, portable on an AVX2 one): what users with older CPUs run. Tests
+# marked any_isa (tensor-parallel groups, the soak) check nothing a kernel variant changes and
+# run once.
 test: $(STAMP_TEST) services
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 	@isa=$$($(PY) -c "from worker.kernels import cpu_ops; print(*cpu_ops.available_isas()[1:2])"); \
 	if [ -n "$$isa" ]; then \
 	  echo "== again with PAGEDSERVE_CPU_ISA=$$isa"; \
-	  PAGEDSERVE_CPU_ISA=$$isa $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration $(ARGS); \
+	  PAGEDSERVE_CPU_ISA=$$isa $(PY) -m pytest -q -p no:cacheprovider -m "not any_isa" tests/unit tests/integration $(ARGS); \
 	fi
 
 # The unit tests alone: no root, no Redis or Prometheus, no model file, no subprocess; < 1 min.

@@ -12,7 +12,7 @@ import pytest
 from pagedserve.loadtest import soak
 from tests.support.tiny_llama import tiny_llama_dir
 
-pytestmark = pytest.mark.external  # subprocesses and redis-server
+pytestmark = [pytest.mark.external, pytest.mark.any_isa]  # subprocesses and redis-server
 
 
 def test_short_soak_leaks_nothing_and_keeps_bystanders_exact(tmp_path, capsys) -> None:

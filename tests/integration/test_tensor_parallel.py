@@ -24,6 +24,7 @@ from pagedserve.core.models import default_model_path
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.tp_group import Output, SchedulerThread, WorkerRanks, start_worker_ranks
 
+pytestmark = [pytest.mark.external, pytest.mark.any_isa]  # worker processes, gloo
 TIE_GAP = 1e-3  # top-2 log-probs this close are a rounding tie, not a disagreement
 LOGPROB_TOL = 1e-3
 BLOCK_SIZE = 8

@@ -19,6 +19,7 @@ from protos.pagedserve.v1 import common_pb2
 from tests.support.tiny_llama import tiny_llama_dir
 from tests.support.tp_group import WorkerRanks, start_worker_ranks
 
+pytestmark = [pytest.mark.external, pytest.mark.any_isa]  # worker processes, gloo
 TIMEOUT_S = 4.0
 EXIT_WAIT_S = 60.0  # a bound for the test, not a latency claim
 PROMPT = [5, 6, 7, 8, 9]

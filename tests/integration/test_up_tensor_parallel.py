@@ -30,7 +30,8 @@ from protos.pagedserve.v1 import (
 from tests.integration.test_cli_up import _ctrl_c, _free_port, _wait_for
 from tests.support.tiny_llama import tiny_llama_dir
 
-pytestmark = pytest.mark.external  # a service binary, the packaged model or a subprocess
+pytestmark = [pytest.mark.external,  # a service binary, the packaged model or a subprocess
+              pytest.mark.any_isa]
 
 NUM_STREAMS = 6
 MAX_TOKENS = 160
