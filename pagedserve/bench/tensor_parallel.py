@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagedserve.core.step import NewSeq, ScheduledBatch, ScheduledRow, WorkerStep
 from pagedserve.core.step_codec import decode_result, encode_step
+from pagedserve.up import free_port
 from protos.pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 BLOCK_SIZE = 16
@@ -119,7 +119,7 @@ def _step(stub: worker_pb2_grpc.WorkerStub, step: WorkerStep) -> float:
 
 def _start_ranks(model: str | None, size: int, num_blocks: int
                  ) -> tuple[list[subprocess.Popen[bytes]], list[int], list[int]]:
-    ports = [_free_port() for _ in range(2 * size + 1)]
+    ports = [free_port() for _ in range(2 * size + 1)]
     master, grpc_ports, metrics_ports = ports[0], ports[1:size + 1], ports[size + 1:]
     logs = Path(tempfile.mkdtemp(prefix="bench-tp-"))
     procs = []
@@ -178,12 +178,6 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
