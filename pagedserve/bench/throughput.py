@@ -91,7 +91,7 @@ def run_cluster(model: str | None, requests: Sequence[Request], kv_cache_memory_
     from pagedserve.up import free_port
 
     port = free_port()
-    argv = [os.path.join(os.path.dirname(sys.executable), "pagedserve"), "up", "--port",
+    argv = [sys.executable, "-m", "pagedserve.cli", "up", "--port",
             str(port), "--no-restart", "--kv-cache-memory-gib", str(kv_cache_memory_gib),
             "--log-level", "WARNING", *(["--model", model] if model else [])]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
