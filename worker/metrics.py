@@ -68,7 +68,9 @@ class WorkerMetrics:
         self.cpu_kernels = Info(
             f"{PREFIX}_cpu_kernels",
             "Fused CPU kernel variant in use (isa: avx512, avx2, portable; off = torch ops; "
-            "none = not a CPU worker) and the variants this CPU can run (available).",
+            "none = not a CPU worker), the variants this CPU can run (available) and how the "
+            "projection weights are held (weights: codes = exact 8-bit codes, fp32 = fp32 "
+            "panels, mixed, torch = the model's own tensors).",
             RANK, registry=registry).labels(self._rank)
         self.tensor_parallel_size = Gauge(
             f"{PREFIX}_tensor_parallel_size",
@@ -113,9 +115,10 @@ class WorkerMetrics:
         self.attention_backend.info(
             {"backend": backend, "device": device, "worker_id": self._worker_id})
 
-    def set_cpu_kernels(self, isa: str, available: Iterable[str]) -> None:
-        """Once at start (``worker/cpu_kernels.py``); ``available`` is exported comma-joined."""
-        self.cpu_kernels.info({"isa": isa, "available": ",".join(available)})
+    def set_cpu_kernels(self, isa: str, available: Iterable[str], weights: str = "torch") -> None:
+        """Once at start (``worker/cpu_kernels.py``); ``available`` is exported comma-joined;
+        ``weights``: ``Execution.weight_format``."""
+        self.cpu_kernels.info({"isa": isa, "available": ",".join(available), "weights": weights})
 
     def set_pools(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Pool capacities, once after profiling."""

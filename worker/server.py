@@ -192,7 +192,8 @@ def _start_metrics(cfg: WorkerConfig, worker: Worker) -> MetricsServer:
     metrics.set_pools(worker.cache.num_gpu_blocks, worker.cache.num_cpu_blocks)
     metrics.set_weight_bytes(worker.weight_bytes)
     metrics.set_backend(worker.placement.backend.name, str(worker.placement.device))
-    metrics.set_cpu_kernels(worker.cpu_kernels.isa, worker.cpu_kernels.available)
+    metrics.set_cpu_kernels(worker.cpu_kernels.isa, worker.cpu_kernels.available,
+                            worker.runner.execution.weight_format)
     worker.metrics = metrics
     assert cfg.server.metrics_port is not None
     server = serve_metrics(cfg.server.metrics_port, registry, cfg.server.host)

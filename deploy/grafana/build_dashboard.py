@@ -133,8 +133,8 @@ def worker_health() -> list[dict[str, Any]]:
                  f"(rate({w}_sampling_duration_seconds_bucket[{RATE}])))"), "{{instance}}")], "s"),
         panel("Attention backend", [(f"{w}_attention_backend_info", "{{backend}} on {{device}}")],
               kind="table"),
-        info_table("CPU kernels per worker (off = torch ops, none = GPU)",
-                   f"{w}_cpu_kernels_info", ["instance", "isa", "available"]),
+        info_table("CPU kernels and weight format per worker (off = torch ops, none = GPU)",
+                   f"{w}_cpu_kernels_info", ["instance", "isa", "available", "weights"]),
     ]
 
 

@@ -179,8 +179,10 @@ def test_worker_endpoint_reports_pool_work_memory_and_backend(workload: dict[str
                   device="cpu", worker_id="test-worker") == 1
     kernels = cpu_kernels(torch.device("cpu"), torch.float32)  # what this CPU worker runs
     assert kernels.isa in (*CPU_ISAS, "off")
+    # a tiny random model: fp32 weights have no exact 8-bit codes, so they stay fp32 panels
+    weights = "torch" if kernels.isa == "off" else "fp32"
     assert _value(page, "pagedserve_worker_cpu_kernels_info", rank="0", isa=kernels.isa,
-                  available=",".join(kernels.available)) == 1
+                  available=",".join(kernels.available), weights=weights) == 1
 
 
 def test_prometheus_scrapes_the_cluster_and_promql_returns_the_counts(

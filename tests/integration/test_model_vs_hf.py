@@ -237,6 +237,30 @@ def test_smollm2_offline_api_and_grpc_cluster_match_hf(smollm2_hf) -> None:
 
 
 
+def _two_steps(runner: ModelRunner, config) -> torch.Tensor:
+    """Hidden states of two steps through ``runner``'s execution: step 1 prefills two prompts;
+    step 2 mixes a decode, a fresh prefill and a prefill chunk over cached context."""
+    execution = runner.execution
+    caches = [(torch.zeros(64, 4, config.num_kv_heads, config.head_dim),
+               torch.zeros(64, 4, config.num_kv_heads, config.head_dim))
+              for _ in range(config.num_layers)]
+    prompts = _prompts(5, [9, 14, 6], config.vocab_size)
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        seq = SequenceState(i, prompt, len(prompt), ResolvedParams(temperature=0.0))
+        seq.block_table = list(range(10 * i, 10 * i + 10))
+        seqs.append(seq)
+    hidden = []
+    with torch.inference_mode():
+        for work in ([ScheduledWork(s, 0, s.num_tokens, True) for s in seqs[:2]],
+                     [ScheduledWork(seqs[0], 8, 1, True), ScheduledWork(seqs[2], 0, 6, True),
+                      ScheduledWork(seqs[1], 10, 4, True)]):
+            inputs = runner.prepare(work)
+            hidden.append(execution.forward(inputs.input_ids, inputs.positions, caches,
+                                            inputs.meta))
+    return torch.cat(hidden)
+
+
 def test_fused_cpu_layer_equals_the_op_by_op_layer(cpu_isa: str | None) -> None:
     """``cpu_ops.LayerStack`` (every layer in one C++ call, the ``fused_cpu_stack`` path) runs the
     same kernels in the same order as ``LlamaDecoderLayer.forward`` op by op over packed
@@ -251,28 +275,57 @@ def test_fused_cpu_layer_equals_the_op_by_op_layer(cpu_isa: str | None) -> None:
         model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
         runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"),
                              path=execution_path)
-        execution = runner.execution
         if execution_path is None:  # chosen, not forced
-            assert isinstance(execution, FusedCpuStackExecution), execution.describe()
-        assert execution.path is (execution_path or ExecutionPath.FUSED_CPU_STACK)
-        caches = [(torch.zeros(64, 4, config.num_kv_heads, config.head_dim),
-                   torch.zeros(64, 4, config.num_kv_heads, config.head_dim))
-                  for _ in range(config.num_layers)]
-        prompts = _prompts(5, [9, 14, 6], config.vocab_size)
-        seqs = []
-        for i, prompt in enumerate(prompts):
-            seq = SequenceState(i, prompt, len(prompt), ResolvedParams(temperature=0.0))
-            seq.block_table = list(range(10 * i, 10 * i + 10))
-            seqs.append(seq)
-        hidden = []
-        with torch.inference_mode():
-            # step 1: prefill all; step 2: one decode, one prefill chunk over cached context
-            for work in ([ScheduledWork(s, 0, s.num_tokens, True) for s in seqs[:2]],
-                         [ScheduledWork(seqs[0], 8, 1, True), ScheduledWork(seqs[2], 0, 6, True),
-                          ScheduledWork(seqs[1], 10, 4, True)]):
-                inputs = runner.prepare(work)
-                hidden.append(execution.forward(inputs.input_ids, inputs.positions, caches,
-                                                inputs.meta))
-        return torch.cat(hidden)
+            assert isinstance(runner.execution, FusedCpuStackExecution), \
+                runner.execution.describe()
+        assert runner.execution.path is (execution_path or ExecutionPath.FUSED_CPU_STACK)
+        return _two_steps(runner, config)
 
     assert torch.equal(run(None), run(ExecutionPath.CPU_OPS))
+
+
+def _quantize_projections(model: torch.nn.Module, kind: str) -> None:
+    """Every projection weight of ``model`` replaced by its GGUF ``kind`` round trip (gguf-py's
+    quantizer, then dequantized to fp32): what a GGUF model's loader hands over."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    qtype = GGMLQuantizationType[kind]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.detach().numpy()
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(
+                    dequantize(quantize(w, qtype), qtype), dtype=np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_weight_codes_give_the_hidden_states_of_fp32_panels(
+        cpu_isa: str | None, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose projections came from a GGUF quantization keeps them as exact 8-bit codes
+    (``PAGEDSERVE_CPU_WEIGHT_CODES``, on by default): the same hidden states bit for bit as the
+    fp32 panels, on the fused stack and op by op, in a third of the memory."""
+    if cpu_isa is None:
+        pytest.skip("fused CPU kernels off (PAGEDSERVE_CPU_KERNELS=0) or not built")
+    path = tiny_llama_dir(architecture="qwen2")
+
+    def run(codes: bool, execution_path: ExecutionPath | None = None) -> tuple[torch.Tensor, int]:
+        monkeypatch.setenv(cpu_ops.ENV_CODES, "1" if codes else "0")
+        model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
+        _quantize_projections(model, kind)
+        runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"),
+                             path=execution_path)
+        linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        assert all(m.has_codes == codes for m in linears)
+        assert runner.execution.weight_format == ("codes" if codes else "fp32")
+        assert f"{len(linears) if codes else 0} of {len(linears)} projections" in \
+            runner.execution.describe()
+        weight_bytes = sum(t.numel() * t.element_size() for m in linears for t in m.buffers())
+        hidden = _two_steps(runner, config)
+        return torch.cat([hidden, runner.execution.compute_logits(hidden)], dim=1), weight_bytes
+
+    fp32, fp32_bytes = run(codes=False)
+    coded, coded_bytes = run(codes=True)
+    assert torch.equal(coded, fp32)
+    assert torch.equal(run(codes=True, execution_path=ExecutionPath.CPU_OPS)[0], fp32)
+    assert coded_bytes < 0.35 * fp32_bytes

@@ -142,6 +142,80 @@ def test_packed_linear_refuses_a_mismatched_weight(ops: ModuleType) -> None:
         ops.packed_linear(torch.randn(4, 32), packed, torch.empty(0), 200)
 
 
+def _gguf_weight(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A weight as a GGUF model's loader hands it over: quantized by gguf-py's own quantizer
+    (llama.cpp's algorithm), dequantized to fp32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    kind_ = GGMLQuantizationType[kind]
+    raw = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return torch.from_numpy(np.ascontiguousarray(dequantize(quantize(raw, kind_), kind_),
+                                                 dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_weights_from_gguf_quantizations_get_exact_codes(kind: str) -> None:
+    weight = _gguf_weight(kind, 100, 256)
+    codes = cpu_ops.weight_codes(weight)
+    assert codes is not None
+    packed_codes, scales = codes
+    assert packed_codes.dtype == torch.uint8 and packed_codes.shape == (3, 256, 48)
+    assert scales.shape == (3, 256 // 32, 2, 48)
+    # the codes rebuild the weight: panel p, column j, k -> weight[48 p + j, k]
+    d = scales[:, :, 0, :].repeat_interleave(32, dim=1)  # [P, K, 48]
+    m = scales[:, :, 1, :].repeat_interleave(32, dim=1)
+    rebuilt = (packed_codes.float() * d + m).transpose(1, 2).reshape(-1, 256)[:100]
+    assert torch.equal(rebuilt, weight)
+
+
+def test_weights_without_an_exact_code_keep_their_fp32_panels() -> None:
+    assert cpu_ops.weight_codes(torch.randn(96, 64)) is None  # trained-like fp32 values
+    assert cpu_ops.weight_codes(_gguf_weight("Q4_1", 96, 64)[:, :40]) is None  # K % 32 != 0
+    nudged = _gguf_weight("Q4_1", 96, 256)
+    nudged[50, 200] = torch.nextafter(nudged[50, 200], torch.tensor(1.0))  # one ulp off a level
+    assert cpu_ops.weight_codes(nudged) is None
+    assert cpu_ops.weight_codes(_gguf_weight("Q8_0", 96, 256).double()) is None  # not fp32
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 5, 8, 9, 17, 64, 300])
+@pytest.mark.parametrize(("kind", "out_features", "in_features"),
+                         [("Q4_1", 960, 576), ("Q8_0", 100, 1536), ("Q4_0", 17, 64)])
+def test_codes_linear_gives_the_bits_of_the_fp32_panels(ops: ModuleType, num_rows: int,
+                                                        kind: str, out_features: int,
+                                                        in_features: int) -> None:
+    """Every row tile (a first tile that keeps the rebuilt weights for the next ones), column
+    padding and K > 768 (where the fp32 path chunks k): the same FMA chain, the same bits."""
+    weight = _gguf_weight(kind, out_features, in_features)
+    codes = cpu_ops.weight_codes(weight)
+    assert codes is not None
+    x = torch.randn(num_rows, in_features)
+    expected = ops.packed_linear(x, cpu_ops.pack_weight(weight), torch.empty(0), out_features)
+    got = ops.codes_linear(x, *codes, torch.empty(0), out_features)
+    assert torch.equal(got, expected)
+    # and the dispatch: codes when a weight has them, panels when not
+    assert torch.equal(ops.linear(x, torch.empty(0), *codes, torch.empty(0), out_features),
+                       expected)
+    none = (torch.empty(0, dtype=torch.uint8), torch.empty(0))
+    assert torch.equal(ops.linear(x, cpu_ops.pack_weight(weight), *none, torch.empty(0),
+                                  out_features), expected)
+
+
+def test_codes_linear_adds_bias_reads_strided_rows_and_refuses_a_mismatch(
+        ops: ModuleType) -> None:
+    weight, bias = _gguf_weight("Q4_1", 200, 64), torch.randn(200)
+    codes = cpu_ops.weight_codes(weight)
+    assert codes is not None
+    x = torch.randn(13, 100)[:, 10:74]  # rows 100 floats apart
+    assert torch.equal(ops.codes_linear(x, *codes, bias, 200),
+                       ops.packed_linear(x, cpu_ops.pack_weight(weight), bias, 200))
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.codes_linear(torch.randn(4, 96), *codes, torch.empty(0), 200)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.codes_linear(torch.randn(4, 64), *codes, torch.empty(0), 300)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 3, 64])
 @pytest.mark.parametrize("intermediate", [1536, 40])  # 40: the 16-lane body and a scalar tail
 def test_silu_mul_matches_torch(ops: ModuleType, num_tokens: int, intermediate: int) -> None:

@@ -148,16 +148,16 @@ def test_worker_memory_and_backend_info() -> None:
     assert _sample(registry, "pagedserve_worker_forward_duration_seconds_count", rank="0") == 1
 
 
-def test_worker_cpu_kernels_info_names_the_isa_and_the_available_ones() -> None:
+def test_worker_cpu_kernels_info_names_the_isa_the_available_ones_and_the_weights() -> None:
     registry = CollectorRegistry()
     m = WorkerMetrics(registry, "w0", "cpu")
-    m.set_cpu_kernels("avx2", ("avx512", "avx2", "portable"))
+    m.set_cpu_kernels("avx2", ("avx512", "avx2", "portable"), "codes")
     assert _sample(registry, "pagedserve_worker_cpu_kernels_info", rank="0",
-                   isa="avx2", available="avx512,avx2,portable") == 1
+                   isa="avx2", available="avx512,avx2,portable", weights="codes") == 1
     cuda = CollectorRegistry()
     WorkerMetrics(cuda, "w1", "cuda").set_cpu_kernels("none", ())
     assert _sample(cuda, "pagedserve_worker_cpu_kernels_info", rank="0", isa="none",
-                   available="") == 1
+                   available="", weights="torch") == 1
 
 
 def test_worker_on_cpu_reports_process_memory_at_scrape_time() -> None:

@@ -41,8 +41,9 @@ class FakeStack:
         self.shape = (eps, num_heads, num_kv_heads, inner)
         self.layers: list[tuple[torch.Tensor, ...]] = []
 
-    def add(self, *weights: torch.Tensor) -> None:
-        self.layers.append(weights)
+    def add(self, in_norm: torch.Tensor, post_norm: torch.Tensor,
+            weights: list[torch.Tensor]) -> None:
+        self.layers.append((in_norm, post_norm, *weights))
 
 
 def fake_kernels(isa: str = "avx2", max_head_dim: int = 128) -> SimpleNamespace:
@@ -135,7 +136,8 @@ def test_fp32_cpu_with_kernels_prepares_the_fused_stack(monkeypatch, tied: bool)
     stack = run.stack
     assert isinstance(stack, FakeStack) and len(stack.layers) == config.num_layers
     assert stack.shape == (config.rms_norm_eps, 4, 2, 48)
-    assert all(len(weights) == 8 for weights in stack.layers)
+    # norms, 4 projections x (panels, codes, scales), qkv and o biases
+    assert all(len(weights) == 2 + 4 * 3 + 2 for weights in stack.layers)
 
 
 def test_an_unsupported_head_dim_runs_cpu_ops_op_by_op(monkeypatch) -> None:

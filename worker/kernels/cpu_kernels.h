@@ -331,6 +331,129 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor
   return out;
 }
 
+// The same projection from weights kept as 8-bit codes: a weight that is exactly
+// scale * code + offset (one scale and offset per output column and block of 32 along k, as
+// in weights dequantized from GGUF's Q4_0/Q4_1/Q8_0) is stored as its code, packed like the fp32
+// panels (codes[p][k][0..47], one byte each), with scales[p][k / 32][0 | 1][0..47] holding the
+// block's scale and offset. The tile rebuilds each fp32 weight as fma(code, scale, offset) --
+// scale * code is exact, checked with the rest bit for bit when the codes are made (cpu_ops.py),
+// so one rounding or two give the same weight -- and then runs the FMA chain of packed_linear,
+// so both give the same bits. It streams 1.25 bytes per weight instead of 4: a decode step of a
+// few rows waits on that stream (2-3x faster at 1-4 rows, ~1.1x at 64, equal at prefill sizes).
+constexpr int64_t CODE_BLOCK = 32;
+
+// slice: nullptr, or where to keep the rebuilt weights ([K][PANEL], columns [0, TILE_COLS)) for
+// the item's next row tiles (packed_linear's panel_tile then reads them from L2).
+template <int MB>
+inline void codes_tile(const float* x, int64_t ldx, const uint8_t* codes, const float* scales,
+                       int64_t K, const float* bias, float* out, int64_t ldo, int64_t cols,
+                       float* slice) {
+  vf c[MB][TILE_VECS];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < TILE_VECS; ++j)
+      c[i][j] = bias != nullptr ? vload_n(bias + W * j, cols - W * j) : vzero();
+  for (int64_t k0 = 0; k0 < K; k0 += CODE_BLOCK) {
+    const float* sc = scales + (k0 / CODE_BLOCK) * 2 * PANEL;
+    vf d[TILE_VECS], m[TILE_VECS];
+    for (int j = 0; j < TILE_VECS; ++j) {
+      d[j] = vload(sc + W * j);
+      m[j] = vload(sc + PANEL + W * j);
+    }
+    for (int64_t k = k0; k < k0 + CODE_BLOCK; ++k) {
+      const uint8_t* w = codes + k * PANEL;
+      __builtin_prefetch(w + 16 * PANEL, 0, 3);
+      vf wv[TILE_VECS];
+      for (int j = 0; j < TILE_VECS; ++j) wv[j] = vfmadd(vload_u8(w + W * j), d[j], m[j]);
+      if (slice != nullptr)
+        for (int j = 0; j < TILE_VECS; ++j) vstore(slice + k * PANEL + W * j, wv[j]);
+      for (int i = 0; i < MB; ++i) {
+        const vf xv = vset1(x[i * ldx + k]);
+        for (int j = 0; j < TILE_VECS; ++j) c[i][j] = vfmadd(xv, wv[j], c[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < TILE_VECS; ++j) {
+      if (cols >= W * (j + 1)) {
+        vstore(out + i * ldo + W * j, c[i][j]);
+      } else {
+        vstore_n(out + i * ldo + W * j, c[i][j], cols - W * j);
+      }
+    }
+}
+
+template <int MB = TILE_ROWS>
+inline void codes_rows(int64_t rows, const float* x, int64_t ldx, const uint8_t* codes,
+                       const float* scales, int64_t K, const float* bias, float* out, int64_t ldo,
+                       int64_t cols, float* slice) {
+  if constexpr (MB > 1) {
+    if (rows < MB)
+      return codes_rows<MB - 1>(rows, x, ldx, codes, scales, K, bias, out, ldo, cols, slice);
+  }
+  codes_tile<MB>(x, ldx, codes, scales, K, bias, out, ldo, cols, slice);
+}
+
+// x [M, K] (rows may be strided, k contiguous); codes [P, K, 48] uint8; scales
+// [P, K / 32, 2, 48]; bias [N] or empty.
+torch::Tensor codes_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                           torch::Tensor bias, int64_t N) {
+  check_f32(x, "x");
+  check_f32(scales, "scales");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 && codes.is_contiguous() &&
+              codes.size(2) == PANEL && codes.size(1) == K && K % CODE_BLOCK == 0 &&
+              codes.size(0) * PANEL >= N && codes.size(0) * PANEL < N + PANEL,
+              "weight codes do not match x / N");
+  TORCH_CHECK(scales.dim() == 4 && scales.is_contiguous() && scales.size(0) == codes.size(0) &&
+              scales.size(1) == K / CODE_BLOCK && scales.size(2) == 2 && scales.size(3) == PANEL,
+              "weight scales do not match the codes");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  if (has_bias) {
+    check_f32(bias, "bias");
+    TORCH_CHECK(bias.is_contiguous() && bias.numel() == N, "bias must be [N]");
+  }
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  constexpr int64_t tiles_per_panel = PANEL / TILE_COLS;
+  const int64_t items = (N + TILE_COLS - 1) / TILE_COLS;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    // More rows than one tile: the first row tile keeps the weights it rebuilds here, for the
+    // others (from L2, as packed_linear's panels).
+    std::vector<float> slice(M > TILE_ROWS ? K * PANEL : 0);
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t p = item / tiles_per_panel;
+      const int64_t c0 = (item % tiles_per_panel) * TILE_COLS;
+      const int64_t n0 = p * PANEL + c0;
+      const int64_t cols = std::min<int64_t>(TILE_COLS, N - n0);
+      const uint8_t* pc = cp + p * K * PANEL + c0;
+      const float* ps = sp + p * (K / CODE_BLOCK) * 2 * PANEL + c0;
+      const float* bias = bp != nullptr ? bp + n0 : nullptr;
+      codes_rows(std::min<int64_t>(M, TILE_ROWS), xp, ldx, pc, ps, K, bias, op + n0, N, cols,
+                 M > TILE_ROWS ? slice.data() : nullptr);
+      for (int64_t m = TILE_ROWS; m < M; m += TILE_ROWS)
+        panel_rows(std::min<int64_t>(TILE_ROWS, M - m), xp + m * ldx, ldx, slice.data(), 0, K,
+                   bias, 0, op + m * N + n0, N, cols);
+    }
+  });
+  return out;
+}
+
+// A projection's weight as the stack holds it: its codes where it has them (then it has no fp32
+// panels: the codes give the same bits at every batch size, from a third of the memory), else
+// its fp32 panels.
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor codes,
+                     torch::Tensor scales, torch::Tensor bias, int64_t N) {
+  if (codes.defined() && codes.numel() > 0) return codes_linear(x, codes, scales, bias, N);
+  return packed_linear(x, packed, bias, N);
+}
+
 // SwiGLU's elementwise half: gate_up [T, 2I] (gate | up, rows may be strided) ->
 // silu(gate) * up [T, I], in one pass. silu(g) = g / (1 + exp(-g)), torch's expression.
 torch::Tensor silu_mul(torch::Tensor gate_up) {
@@ -667,9 +790,8 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& key
 
 torch::Tensor decoder_layer(
     torch::Tensor x, torch::Tensor in_norm, torch::Tensor post_norm, double eps,
-    torch::Tensor qkv_w, torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b,
-    torch::Tensor gate_up_w, torch::Tensor down_w, int64_t num_heads, int64_t num_kv_heads,
-    int64_t intermediate, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_cache,
+    const std::vector<torch::Tensor>& w, int64_t num_heads,
+    int64_t num_kv_heads, int64_t intermediate, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_cache,
     torch::Tensor value_cache, torch::Tensor slot_mapping, double scale, torch::Tensor dec_rows,
     torch::Tensor dec_tables, torch::Tensor dec_lens, torch::Tensor pre_tables,
     torch::Tensor pre_lens, torch::Tensor pre_starts, torch::Tensor pre_qlens) {
@@ -677,7 +799,12 @@ torch::Tensor decoder_layer(
   const int64_t T = x.size(0), C = x.size(1), D = key_cache.size(3);
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
   const auto none = torch::Tensor();
-  auto qkv = packed_linear(rms_norm(x, in_norm, eps), qkv_w, qkv_b, q_size + 2 * kv_size);
+  // w: per projection (qkv, o, gate_up, down) its panels, codes and scales; then qkv's and o's
+  // biases (LayerStack::add's order).
+  auto proj = [&](const torch::Tensor& in, int i, const torch::Tensor& b, int64_t n) {
+    return linear(in, w[3 * i], w[3 * i + 1], w[3 * i + 2], b, n);
+  };
+  auto qkv = proj(rms_norm(x, in_norm, eps), 0, w[12], q_size + 2 * kv_size);
   rope_(qkv, cos, sin, num_heads + num_kv_heads, D);
   auto q = qkv.narrow(1, 0, q_size).view({T, num_heads, D});
   write_kv(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), key_cache,
@@ -695,10 +822,9 @@ torch::Tensor decoder_layer(
       prefill_attention(q, key_cache, value_cache, pre_tables, pre_lens, pre_starts, pre_qlens,
                         scale, attn);
   }
-  auto h = x + packed_linear(attn.view({T, q_size}), o_w, o_b, C);
-  auto mlp = packed_linear(silu_mul(packed_linear(rms_norm(h, post_norm, eps), gate_up_w, none,
-                                                  2 * intermediate)),
-                           down_w, none, C);
+  auto h = x + proj(attn.view({T, q_size}), 1, w[13], C);
+  auto mlp = proj(silu_mul(proj(rms_norm(h, post_norm, eps), 2, none, 2 * intermediate)), 3, none,
+                  C);
   return h.add_(mlp);
 }
 
@@ -707,15 +833,20 @@ torch::Tensor decoder_layer(
 struct LayerStack {
   double eps;
   int64_t num_heads, num_kv_heads, intermediate;
-  std::vector<std::vector<torch::Tensor>> layers;  // in_norm, post_norm, qkv, qkv_b, o, o_b, gu, down
+  std::vector<torch::Tensor> norms;                  // in_norm, post_norm per layer
+  std::vector<std::vector<torch::Tensor>> weights;   // decoder_layer's ``w`` per layer
 
   LayerStack(double eps_, int64_t heads, int64_t kv_heads, int64_t inter)
       : eps(eps_), num_heads(heads), num_kv_heads(kv_heads), intermediate(inter) {}
 
-  void add(torch::Tensor in_norm, torch::Tensor post_norm, torch::Tensor qkv_w,
-           torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b, torch::Tensor gate_up_w,
-           torch::Tensor down_w) {
-    layers.push_back({in_norm, post_norm, qkv_w, qkv_b, o_w, o_b, gate_up_w, down_w});
+  // projections: qkv, o, gate_up, down, each as (panels, codes, scales), the panels empty where
+  // the weight has codes and the codes and scales empty where it has none; then the qkv and o
+  // biases (empty when none).
+  void add(torch::Tensor in_norm, torch::Tensor post_norm, std::vector<torch::Tensor> w) {
+    TORCH_CHECK(w.size() == 14, "LayerStack.add: want 4 x (panels, codes, scales) + 2 biases");
+    norms.push_back(in_norm);
+    norms.push_back(post_norm);
+    weights.push_back(std::move(w));
   }
 
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
@@ -724,11 +855,10 @@ struct LayerStack {
                         double scale, torch::Tensor dec_rows, torch::Tensor dec_tables,
                         torch::Tensor dec_lens, torch::Tensor pre_tables, torch::Tensor pre_lens,
                         torch::Tensor pre_starts, torch::Tensor pre_qlens) {
-    TORCH_CHECK(key_caches.size() == layers.size() && value_caches.size() == layers.size(),
+    TORCH_CHECK(key_caches.size() == weights.size() && value_caches.size() == weights.size(),
                 "one KV cache per layer");
-    for (size_t i = 0; i < layers.size(); ++i) {
-      const auto& w = layers[i];
-      x = decoder_layer(x, w[0], w[1], eps, w[2], w[3], w[4], w[5], w[6], w[7], num_heads,
+    for (size_t i = 0; i < weights.size(); ++i) {
+      x = decoder_layer(x, norms[2 * i], norms[2 * i + 1], eps, weights[i], num_heads,
                         num_kv_heads, intermediate, cos, sin, key_caches[i], value_caches[i],
                         slot_mapping, scale, dec_rows, dec_tables, dec_lens, pre_tables, pre_lens,
                         pre_starts, pre_qlens);

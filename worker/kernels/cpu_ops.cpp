@@ -86,6 +86,8 @@ bool cpu_supports(const std::string& isa) {
     sub.def("rms_norm", &NS::rms_norm, release());                                            \
     sub.def("rope_", &NS::rope_, release());                                                  \
     sub.def("packed_linear", &NS::packed_linear, release());                                  \
+    sub.def("codes_linear", &NS::codes_linear, release());                                    \
+    sub.def("linear", &NS::linear, release());                                                \
     sub.def("silu_mul", &NS::silu_mul, release());                                            \
     sub.def("greedy_sample", &NS::greedy_sample, release());                                  \
     sub.def("prefill_attention", &NS::prefill_attention, release());                          \
@@ -93,7 +95,7 @@ bool cpu_supports(const std::string& isa) {
     pybind11::class_<NS::LayerStack>(sub, "LayerStack")                                       \
         .def(pybind11::init<double, int64_t, int64_t, int64_t>())                            \
         .def("add", &NS::LayerStack::add)                                                     \
-        .def("__len__", [](const NS::LayerStack& s) { return s.layers.size(); })            \
+        .def("__len__", [](const NS::LayerStack& s) { return s.weights.size(); })           \
         .def("forward", &NS::LayerStack::forward, release());                                 \
   }
 

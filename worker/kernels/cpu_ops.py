@@ -1,6 +1,8 @@
 """Fused fp32 CPU kernels (``cpu_ops.cpp``): paged decode and prefill attention, RMSNorm,
 in-place RoPE, SwiGLU's silu(gate) * up, the dense projections (``packed_linear`` over weights
-packed by ``pack_weight``), greedy sampling, and a whole decoder stack in one call.
+packed by ``pack_weight``, or ``codes_linear`` over the exact 8-bit codes ``weight_codes`` finds
+in weights dequantized from GGUF: the same bits from a third of the bytes), greedy sampling, and
+a whole decoder stack in one call.
 
 One library holds every variant: ``avx512``, ``avx2`` (AVX2 + FMA) and ``portable`` (any CPU,
 aarch64 included; on other than x86-64 with GCC it is the only one). ``load()`` returns the
@@ -39,6 +41,8 @@ PANEL = 48  # output columns per packed panel; must equal PANEL in cpu_kernels.h
 ISAS = ("avx512", "avx2", "portable")  # best first
 ENV_ISA = "PAGEDSERVE_CPU_ISA"
 ENV_ENABLE = "PAGEDSERVE_CPU_KERNELS"
+ENV_CODES = "PAGEDSERVE_CPU_WEIGHT_CODES"
+CODE_BLOCK = 32  # k positions sharing one scale and offset; must equal CODE_BLOCK in cpu_kernels.h
 
 _lock = threading.Lock()
 _library: ModuleType | None = None
@@ -111,6 +115,86 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(panels * PANEL, k, dtype=weight.dtype, device=weight.device)
     padded[:n] = weight
     return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def weight_codes_enabled() -> bool:
+    """Whether projections that have exact 8-bit codes are held as them instead of fp32 panels
+    (``PAGEDSERVE_CPU_WEIGHT_CODES``, default on; ``0``: fp32 panels for every projection)."""
+    return os.environ.get(ENV_CODES, "1").strip() != "0"
+
+
+def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An fp32 ``nn.Linear`` weight ``[N, K]`` as the 8-bit codes ``codes_linear`` reads, or
+    ``None`` when it has no exact such form.
+
+    Weights dequantized from GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 are, per output row and
+    block of 32 along k, ``scale * code + offset`` with integer codes (0..255 once shifted by
+    the block's minimum). This finds a scale and offset per block, checks that ``scale * code``
+    is exact in fp32 and that ``scale * code + offset`` rebuilds every weight exactly (so the
+    kernel's fused multiply-add, one rounding, gives the same fp32 weight; a -0.0 may come back
+    as +0.0, which no sum from a +0.0 start tells apart), and packs ``codes [ceil(N / 48), K,
+    48]`` uint8 like ``pack_weight``'s panels and ``scales [ceil(N / 48), K / 32, 2, 48]``
+    (scale, offset). A weight with a block that does not rebuild exactly (trained fp32 weights,
+    K-quants' two-level scales) gets ``None`` and keeps its fp32 panels.
+    """
+    n, k = weight.shape
+    if weight.dtype != torch.float32 or k % CODE_BLOCK or n == 0:
+        return None
+    x = weight.detach().reshape(-1, CODE_BLOCK)
+    lo = x.amin(dim=1, keepdim=True)
+    hi = x.amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        return None
+    absmax = torch.maximum(hi.abs(), lo.abs())
+    scale = torch.zeros_like(lo)
+    codes = torch.zeros(x.shape, dtype=torch.uint8)
+    pending = torch.ones(x.shape[0], dtype=torch.bool)
+
+    def fit(d: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For blocks ``idx`` with scales ``d``: which rebuild exactly, and their codes."""
+        m, xs = lo[idx], x[idx]
+        q = ((xs - m) / torch.where(d > 0, d, torch.ones_like(d))).round_()
+        q = torch.where(d > 0, q, torch.zeros_like(q))
+        fits = (q >= 0).all(dim=1) & (q <= 255).all(dim=1)
+        q = q.clamp_(0, 255)
+        product = d * q  # must be exact, so the kernel's fused multiply-add rounds only once
+        exact = product.double() == d.double() * q.double()
+        rebuilt = (product + m) == xs  # -0.0 == 0.0: a sum cannot tell them apart here
+        return (rebuilt & exact).all(dim=1) & fits, q
+
+    # Q4_1 / Q5_1: (max - min) / 15 or 31 (fp16 scales); Q8_0: absmax / 127; Q4_0 / Q5_0:
+    # absmax / 8 or 16. The candidate that fits most of a sample of blocks goes first (one full
+    # pass, usually).
+    cands = [c for raw in ((hi - lo) / 15, (hi - lo) / 31, absmax / 127, absmax / 8, absmax / 16)
+             for c in (raw.half().float(), raw)]
+    sample = torch.arange(min(256, x.shape[0]))
+    sample_fits = [fit(c[sample], sample)[0] for c in cands]
+    if not bool(torch.stack(sample_fits).any(dim=0).all()):
+        return None  # a block of the sample fits no candidate: not a coded weight
+    order = sorted(range(len(cands)), key=lambda i: -int(sample_fits[i].sum()))
+    cands = [cands[i] for i in order]
+    for cand in cands:
+        idx = pending.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        exact, q = fit(cand[idx], idx)
+        done = idx[exact]
+        scale[done] = cand[done]
+        codes[done] = q[exact].to(torch.uint8)
+        pending[done] = False
+    if bool(pending.any()):
+        return None
+    panels = -(-n // PANEL)
+    blocks = k // CODE_BLOCK
+
+    def padded(t: torch.Tensor, cols: int) -> torch.Tensor:
+        out = torch.zeros(panels * PANEL, cols, dtype=t.dtype)
+        out[:n] = t.reshape(n, cols)
+        return out.view(panels, PANEL, cols)
+
+    packed_codes = padded(codes, k).transpose(1, 2).contiguous()
+    scales = torch.stack((padded(scale, blocks), padded(lo, blocks)), dim=2)  # [P, 48, 2, KB]
+    return packed_codes, scales.permute(0, 3, 2, 1).contiguous()
 
 
 def _build() -> ModuleType | None:

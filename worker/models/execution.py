@@ -146,6 +146,13 @@ class Execution:
     def describe(self) -> str:
         return f"{self.path.value} ({self.choice.reason})"
 
+    @property
+    def weight_format(self) -> str:
+        """How the projection weights are held: ``codes`` (all as 8-bit codes), ``fp32`` (fp32
+        panels), ``mixed`` (some of each) on the CPU paths; ``torch`` (the model's own tensors)
+        elsewhere."""
+        return "torch"
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         """``LlamaForCausalLM.forward``: final-normed hidden states ``[T, hidden]``; the K/V of
@@ -165,6 +172,21 @@ class CpuOpsExecution(Execution):
         self.kernels = kernels
         pack_projections(model, kernels)
         model.use_ops(CpuKernelOps(kernels))
+        linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        self.coded = sum(m.has_codes for m in linears)
+        self.projections = len(linears)
+
+    def describe(self) -> str:
+        how = ("" if cpu_ops.weight_codes_enabled()
+               else f"; {cpu_ops.ENV_CODES}=0")
+        return (f"{super().describe()}; weights: {self.coded} of {self.projections} projections "
+                f"as exact 8-bit codes, the rest fp32 panels{how}")
+
+    @property
+    def weight_format(self) -> str:
+        if self.coded == self.projections:
+            return "codes"
+        return "fp32" if self.coded == 0 else "mixed"
 
 
 class FusedCpuStackExecution(CpuOpsExecution):
@@ -220,27 +242,49 @@ class CpuKernelOps(LayerOps):
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` on fp32 CPU with its weight in the panel layout of ``cpu_ops.packed_linear``
-    (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here). Same function; the weight is packed
-    once and the original freed. The output is fp32 (so is the input)."""
+    (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here), or as 8-bit codes where the weight is
+    exactly scale * code + offset per block (``cpu_ops.weight_codes``: weights dequantized from
+    GGUF's Q4_0/Q4_1/Q8_0; ``PAGEDSERVE_CPU_WEIGHT_CODES=0`` keeps fp32 panels): same bits, from
+    a third of the memory and faster at decode sizes. Same function; the weight is packed once
+    and the original freed. The output is fp32 (so is the input)."""
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None,
-                 kernels: ModuleType) -> None:
+                 kernels: ModuleType, use_codes: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed: torch.Tensor
-        self.register_buffer("packed", cpu_ops.pack_weight(weight.detach()))
+        self.codes: torch.Tensor
+        self.scales: torch.Tensor
+        coded = cpu_ops.weight_codes(weight) if use_codes else None
+        if coded is None:
+            packed = cpu_ops.pack_weight(weight.detach())
+            codes, scales = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+        else:
+            packed, (codes, scales) = torch.empty(0), coded
+        self.register_buffer("packed", packed)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
         self.bias = bias
         self._no_bias = torch.empty(0)
         self.kernels = kernels
 
+    @property
+    def has_codes(self) -> bool:
+        return self.codes.numel() > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         bias = self._no_bias if self.bias is None else self.bias
-        out = self.kernels.packed_linear(flat, self.packed, bias, self.out_features)
+        out = self.kernels.linear(flat, self.packed, self.codes, self.scales, bias,
+                                  self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
     def bias_or_empty(self) -> torch.Tensor:
         return self._no_bias if self.bias is None else self.bias.detach()
+
+    def stack_weights(self) -> list[torch.Tensor]:
+        """As ``cpu_ops.LayerStack.add`` takes a projection: panels, codes, scales."""
+        return [self.packed, self.codes, self.scales]
 
 
 def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
@@ -250,11 +294,13 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
     row-parallel all-reduce lives on the attention and MLP modules, not on the projections, so
     it stays around the packed ones."""
 
+    use_codes = cpu_ops.weight_codes_enabled()
+
     def packed(linear: nn.Module) -> PackedLinear:
         if isinstance(linear, PackedLinear):
             return linear
         assert isinstance(linear, nn.Linear)
-        return PackedLinear(linear.weight, linear.bias, kernels)
+        return PackedLinear(linear.weight, linear.bias, kernels, use_codes)
 
     for layer in model.decoder_layers():
         attn, mlp = layer.self_attn, layer.mlp
@@ -263,21 +309,23 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
     if not model.computes_logits:
         return
     if model.lm_head is None:
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None, kernels)
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, kernels, use_codes)
     else:
         model.lm_head = packed(model.lm_head)
 
 
-def _stack_weights(layer: LlamaDecoderLayer) -> tuple[torch.Tensor, ...]:
-    """One layer's weights as ``cpu_ops.LayerStack.add`` takes them: norms, packed projections
-    and their biases."""
+def _stack_weights(layer: LlamaDecoderLayer) -> tuple[torch.Tensor, torch.Tensor,
+                                                     list[torch.Tensor]]:
+    """One layer's weights as ``cpu_ops.LayerStack.add`` takes them: the norms, then each
+    projection's panels, codes and scales, then the qkv and o biases."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv, o, gate_up, down = attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
     assert (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)
             and isinstance(gate_up, PackedLinear) and isinstance(down, PackedLinear))
+    weights = [*qkv.stack_weights(), *o.stack_weights(), *gate_up.stack_weights(),
+               *down.stack_weights(), qkv.bias_or_empty(), o.bias_or_empty()]
     return (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-            qkv.packed, qkv.bias_or_empty(), o.packed, o.bias_or_empty(), gate_up.packed,
-            down.packed)
+            weights)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
