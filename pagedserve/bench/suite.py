@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_prefix(prefix), flush=True)
     throughput = run_throughput(spec, args.model, repeat=args.repeat)
     print(format_report(throughput), flush=True)
+    from pagedserve.bench.decode_step import format_weights, run_weights
     from pagedserve.bench.memory import memory_table
     from pagedserve.bench.preemption import run_preemption
     from pagedserve.bench.tensor_parallel import run_tensor_parallel
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     memory = memory_table()
     preemption = run_preemption(args.model)
     tensor_parallel = run_tensor_parallel(args.model)
+    weights = run_weights(args.model)
+    print(format_weights(weights), flush=True)
 
     rows = (_rows(throughput, sched, prefix) + _memory_rows(memory)
-            + _preemption_rows(preemption) + _tensor_parallel_rows(tensor_parallel))
+            + _preemption_rows(preemption) + _tensor_parallel_rows(tensor_parallel)
+            + _weights_rows(weights))
     table = _table(rows)
     print("\n" + table)
     with open(args.out, "w") as f:
@@ -121,6 +125,17 @@ def _tensor_parallel_rows(results) -> list[tuple[str, str, str, str, str]]:
         ("TP=2 weight MiB per rank", " / ".join(mib[1]), f"TP=1 {mib[0][0]}",
          f"{max(two.weight_bytes) / one.weight_bytes[0]:.2f}x largest rank", "< 1x"),
     ]
+
+
+def _weights_rows(results) -> list[tuple[str, str, str, str, str]]:
+    first = results[0]
+    rows = [(f"decode step, batch {r.batch}, weights as exact 8-bit codes", f"{r.codes_ms:.1f} ms",
+             f"fp32 panels {r.fp32_ms:.1f} ms", f"{r.fp32_ms / r.codes_ms:.2f}x",
+             "same output bits") for r in results]
+    rows.append(("weight MiB, exact 8-bit codes", f"{first.codes_weight_bytes / 2**20:.0f}",
+                 f"fp32 panels {first.fp32_weight_bytes / 2**20:.0f}",
+                 f"{first.codes_weight_bytes / first.fp32_weight_bytes:.2f}x", "< 1x"))
+    return rows
 
 
 def _table(rows: list[tuple[str, str, str, str, str]]) -> str:
