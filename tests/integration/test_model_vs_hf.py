@@ -22,7 +22,12 @@ from tests.support.worker_factory import cpu_worker
 from worker.attention.torch_backend import TorchAttentionBackend
 from worker.kernels import cpu_ops
 from worker.model_runner import ModelRunner, ScheduledWork
-from worker.models.execution import ExecutionPath, FusedCpuStackExecution, PackedLinear
+from worker.models.execution import (
+    CodedEmbedding,
+    ExecutionPath,
+    FusedCpuStackExecution,
+    PackedLinear,
+)
 from worker.models.loader import load_model
 from worker.sampler import ResolvedParams, Sampler
 from worker.sequence_state import SequenceState
@@ -284,43 +289,52 @@ def test_fused_cpu_layer_equals_the_op_by_op_layer(cpu_isa: str | None) -> None:
     assert torch.equal(run(None), run(ExecutionPath.CPU_OPS))
 
 
-def _quantize_projections(model: torch.nn.Module, kind: str) -> None:
+def _quantize_weights(model: torch.nn.Module, kind: str) -> None:
     """Every projection weight of ``model`` replaced by its GGUF ``kind`` round trip (gguf-py's
-    quantizer, then dequantized to fp32): what a GGUF model's loader hands over."""
+    quantizer, then dequantized to fp32), the embedding table by its Q8_0 round trip: what a
+    GGUF model's loader hands over (SmolLM2's file: Q4_1 projections, a Q8_0 table)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    qtype = GGMLQuantizationType[kind]
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+                qtype = GGMLQuantizationType[kind if isinstance(module, torch.nn.Linear)
+                                             else "Q8_0"]
                 w = module.weight.detach().numpy()
                 module.weight.copy_(torch.from_numpy(np.ascontiguousarray(
                     dequantize(quantize(w, qtype), qtype), dtype=np.float32)))
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize(("kind", "tied"), [("Q4_1", False), ("Q8_0", False), ("Q4_1", True)])
 def test_weight_codes_give_the_hidden_states_of_fp32_panels(
-        cpu_isa: str | None, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model whose projections came from a GGUF quantization keeps them as exact 8-bit codes
-    (``PAGEDSERVE_CPU_WEIGHT_CODES``, on by default): the same hidden states bit for bit as the
-    fp32 panels, on the fused stack and op by op, in a third of the memory."""
+        cpu_isa: str | None, kind: str, tied: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose weights came from a GGUF quantization keeps them as exact 8-bit codes
+    (``PAGEDSERVE_CPU_WEIGHT_CODES``, on by default), its embedding table too (with tied
+    embeddings the lookups share the logits projection's codes): the same hidden states and
+    logits bit for bit as fp32 panels and table, on the fused stack and op by op, in a third of
+    the memory."""
     if cpu_isa is None:
         pytest.skip("fused CPU kernels off (PAGEDSERVE_CPU_KERNELS=0) or not built")
-    path = tiny_llama_dir(architecture="qwen2")
+    path = (tiny_llama_dir(tie_word_embeddings=True) if tied
+            else tiny_llama_dir(architecture="qwen2"))
 
     def run(codes: bool, execution_path: ExecutionPath | None = None) -> tuple[torch.Tensor, int]:
         monkeypatch.setenv(cpu_ops.ENV_CODES, "1" if codes else "0")
         model, config = load_model(path, torch.float32, "cpu", TorchAttentionBackend())
-        _quantize_projections(model, kind)
+        _quantize_weights(model, kind)
         runner = ModelRunner(model, Sampler(config.eos_token_ids), 4, torch.device("cpu"),
                              path=execution_path)
         linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
         assert all(m.has_codes == codes for m in linears)
+        assert isinstance(model.embed_tokens, CodedEmbedding) == codes
         assert runner.execution.weight_format == ("codes" if codes else "fp32")
         assert f"{len(linears) if codes else 0} of {len(linears)} projections" in \
             runner.execution.describe()
-        weight_bytes = sum(t.numel() * t.element_size() for m in linears for t in m.buffers())
+        weight_bytes = sum(t.numel() * t.element_size()
+                           for t in {id(t): t for t in model.buffers()}.values())
+        weight_bytes += sum(p.numel() * p.element_size() for p in model.parameters()
+                            if p.dim() == 2)  # an fp32 embedding table
         hidden = _two_steps(runner, config)
         return torch.cat([hidden, runner.execution.compute_logits(hidden)], dim=1), weight_bytes
 

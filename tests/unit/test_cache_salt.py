@@ -11,8 +11,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from pagedserve.core.errors import InvalidArgument
-from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
-from protos.pagedserve.v1 import common_pb2, generation_pb2
+from protos.pagedserve.v1 import generation_pb2
 from router.cache_salt import (
     MAX_CACHE_SALT_BYTES,
     CacheIsolation,
@@ -22,26 +21,14 @@ from router.cache_salt import (
 from router.config import RouterConfig
 from router.openai_protocol import parse_chat_request, parse_completion_request
 from scheduler.block_hash import chain_root, hash_full_blocks, is_chain_root
-from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine_core import CoreRequest, EngineCore
 from scheduler.placement import choose_worker
+from tests.support.engine_core import resolved_params, shadow_core
 from tests.support.shadow_worker import ShadowWorker, reference_output
 
 BLOCK_SIZE = 4
 PROMPT = list(range(1, 18))  # 4 full blocks and one token
 NUM_CACHEABLE = 16  # the last prompt token is always computed
-
-
-def _core(worker: ShadowWorker, name: str = "shadow", budget: int = 64) -> EngineCore:
-    config = SchedulerConfig(batching=BatchingConfig(max_num_batched_tokens=budget),
-                             cache=CacheConfig(preemption_mode="recompute"))
-    return EngineCore(name, config, worker.info())
-
-
-def _params(prompt: list[int], **kw) -> common_pb2.SamplingParams:
-    kw.setdefault("ignore_eos", True)
-    return resolve_sampling_params(make_sampling_params(**kw), num_prompt_tokens=len(prompt),
-                                   max_model_len=4096, max_tokens_limit=4096, eos_token_ids=[0])
 
 
 def _run(core: EngineCore, worker: ShadowWorker) -> None:
@@ -54,7 +41,7 @@ def _run(core: EngineCore, worker: ShadowWorker) -> None:
 def _serve(core: EngineCore, worker: ShadowWorker, rid: str, salt: bytes,
            prompt: list[int] = PROMPT, max_tokens: int = 4,
            generated: list[int] | None = None) -> CoreRequest:
-    req = core.add_request(rid, prompt, _params(prompt, max_tokens=max_tokens),
+    req = core.add_request(rid, prompt, resolved_params(prompt, max_tokens=max_tokens),
                            generated or [], cache_salt=salt)
     _run(core, worker)
     return req
@@ -66,7 +53,7 @@ def _cached(req: CoreRequest) -> int:
 
 def test_different_salts_never_share_blocks_and_the_same_salt_shares_as_unsalted_requests_do():
     worker = ShadowWorker(num_gpu_blocks=128, block_size=BLOCK_SIZE)
-    core = _core(worker)
+    core = shadow_core(worker)
     reference = reference_output(PROMPT, 4, None)
     first_a = _serve(core, worker, "a1", b"tenant-a")
     other_b = _serve(core, worker, "b1", b"tenant-b")
@@ -85,7 +72,7 @@ def test_different_salts_never_share_blocks_and_the_same_salt_shares_as_unsalted
 
 def test_salted_chains_are_not_found_without_their_salt_and_hash_from_the_salted_root():
     worker = ShadowWorker(num_gpu_blocks=128, block_size=BLOCK_SIZE)
-    core = _core(worker)
+    core = shadow_core(worker)
     _serve(core, worker, "a", b"tenant-a")
     kv = core.kv
     root = chain_root(b"tenant-a")
@@ -100,10 +87,10 @@ def test_salted_chains_are_not_found_without_their_salt_and_hash_from_the_salted
 
 def test_forks_recomputes_and_continuations_keep_the_salt():
     worker = ShadowWorker(num_gpu_blocks=128, block_size=BLOCK_SIZE)
-    core = _core(worker, budget=8)
+    core = shadow_core(worker, budget=8)
     salt = b"tenant-a"
     prompt = PROMPT[:3]  # no full block: the samples start their chains from the root
-    req = core.add_request("n", prompt, _params(prompt, max_tokens=9, n=3, temperature=1.0,
+    req = core.add_request("n", prompt, resolved_params(prompt, max_tokens=9, n=3, temperature=1.0,
                                                  seed=7), cache_salt=salt)
     _run(core, worker)
     assert len(req.group.seqs) == 3
@@ -126,9 +113,9 @@ def test_forks_recomputes_and_continuations_keep_the_salt():
 
     # A recompute keeps the root: the evacuated request finds its salted prefix elsewhere.
     worker_b = ShadowWorker(num_gpu_blocks=128, block_size=BLOCK_SIZE, name="b")
-    core_b = _core(worker_b, name="b")
+    core_b = shadow_core(worker_b, name="b")
     _serve(core_b, worker_b, "warm", salt)
-    moving = core.add_request("m", PROMPT, _params(PROMPT, max_tokens=4), cache_salt=salt)
+    moving = core.add_request("m", PROMPT, resolved_params(PROMPT, max_tokens=4), cache_salt=salt)
     core.schedule()  # planned on core, then its worker fails before the step runs
     [moved] = core.evacuate()
     assert moved is moving and moving.group.seqs[0].hash_root == chain_root(salt)
@@ -140,16 +127,16 @@ def test_forks_recomputes_and_continuations_keep_the_salt():
 
 def test_placement_follows_the_prefix_of_the_requests_own_salt():
     workers = [ShadowWorker(num_gpu_blocks=128, block_size=BLOCK_SIZE, name=n) for n in "ab"]
-    cores = [_core(w, name=w.name) for w in workers]
+    cores = [shadow_core(w, name=w.name) for w in workers]
     _serve(cores[0], workers[0], "shared", b"")  # the unsalted prefix on a
     _serve(cores[1], workers[1], "alice", b"tenant-a")  # alice's on b
     for salt, expected in ((b"", "a"), (b"tenant-a", "b")):
-        probe = cores[0].add_request(f"probe-{salt!r}", PROMPT, _params(PROMPT, max_tokens=4),
-                                     cache_salt=salt)
+        probe = cores[0].add_request(f"probe-{salt!r}", PROMPT,
+                                     resolved_params(PROMPT, max_tokens=4), cache_salt=salt)
         core, reason = choose_worker(cores, probe.group.seqs[0], 8)
         assert (core.name, reason) == (expected, "prefix")
         cores[0].abort(probe.request_id)
-    bob = cores[0].add_request("bob", PROMPT, _params(PROMPT, max_tokens=4),
+    bob = cores[0].add_request("bob", PROMPT, resolved_params(PROMPT, max_tokens=4),
                                cache_salt=b"tenant-b")
     assert choose_worker(cores, bob.group.seqs[0], 8)[1] == "least_loaded"
 

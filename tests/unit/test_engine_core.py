@@ -9,25 +9,12 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.core.errors import Unavailable
-from pagedserve.core.sampling import make_sampling_params, resolve_sampling_params
 from pagedserve.core.step import WorkerResult, WorkerStep
 from protos.pagedserve.v1 import common_pb2
-from scheduler.config import BatchingConfig, CacheConfig, SchedulerConfig
 from scheduler.engine_core import CoreRequest, EngineCore, FinishedRequest
 from scheduler.sequence import SequenceStatus
+from tests.support.engine_core import resolved_params, shadow_core
 from tests.support.shadow_worker import ShadowWorker, next_token, reference_output
-
-
-def _core(worker: ShadowWorker, budget: int = 64, name: str = "shadow") -> EngineCore:
-    config = SchedulerConfig(batching=BatchingConfig(max_num_batched_tokens=budget),
-                             cache=CacheConfig(preemption_mode="recompute"))
-    return EngineCore(name, config, worker.info())
-
-
-def _params(prompt: list[int], **kw) -> common_pb2.SamplingParams:
-    kw.setdefault("ignore_eos", True)
-    return resolve_sampling_params(make_sampling_params(**kw), num_prompt_tokens=len(prompt),
-                                   max_model_len=4096, max_tokens_limit=4096, eos_token_ids=[0])
 
 
 def _run(core: EngineCore, worker: ShadowWorker, max_steps: int = 500
@@ -57,9 +44,9 @@ def _outputs(req: CoreRequest) -> list[list[int]]:
 
 def test_greedy_requests_stream_the_reference_tokens_and_end_by_length():
     worker = ShadowWorker(num_gpu_blocks=128)
-    core = _core(worker, budget=16)
+    core = shadow_core(worker, budget=16)
     prompts = {f"r{i}": [i * 7 + j for j in range(1, 3 + 5 * i)] for i in range(4)}
-    reqs = {rid: core.add_request(rid, p, _params(p, max_tokens=6 + i))
+    reqs = {rid: core.add_request(rid, p, resolved_params(p, max_tokens=6 + i))
             for i, (rid, p) in enumerate(prompts.items())}
     finished = _run(core, worker)
     assert finished.keys() == prompts.keys()
@@ -72,9 +59,9 @@ def test_greedy_requests_stream_the_reference_tokens_and_end_by_length():
 
 def test_updated_lists_a_request_once_until_its_consumer_takes():
     worker = ShadowWorker()
-    core = _core(worker)
+    core = shadow_core(worker)
     prompt = [5, 6, 7]
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=4))
+    req = core.add_request("r", prompt, resolved_params(prompt, max_tokens=4))
     first = core.step(worker)
     second = core.step(worker)
     assert first is not None and second is not None
@@ -87,12 +74,13 @@ def test_updated_lists_a_request_once_until_its_consumer_takes():
 
 def test_a_stop_token_ends_the_output_with_it_and_frees_the_blocks():
     worker = ShadowWorker()
-    core = _core(worker)
+    core = shadow_core(worker)
     prompt = [11, 12, 13, 14, 15]
     ref = reference_output(prompt, 12, None)
     stop_id = next(t for i, t in enumerate(ref) if i >= 2 and t not in ref[:i])
     end = ref.index(stop_id) + 1
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=12, stop_token_ids=[stop_id]))
+    req = core.add_request("r", prompt,
+                           resolved_params(prompt, max_tokens=12, stop_token_ids=[stop_id]))
     finished = _run(core, worker)
     assert _outputs(req) == [ref[:end]]
     assert req.group.seqs[0].status is SequenceStatus.FINISHED_STOPPED
@@ -102,9 +90,9 @@ def test_a_stop_token_ends_the_output_with_it_and_frees_the_blocks():
 
 def test_parallel_samples_each_follow_their_own_seed():
     worker = ShadowWorker(num_gpu_blocks=128)
-    core = _core(worker)
+    core = shadow_core(worker)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=7, n=3, seed=21))
+    req = core.add_request("r", prompt, resolved_params(prompt, max_tokens=7, n=3, seed=21))
     _run(core, worker)
     assert _outputs(req) == [reference_output(prompt, 7, 21 + i) for i in range(3)]
     _assert_all_freed(core, worker)
@@ -112,9 +100,10 @@ def test_parallel_samples_each_follow_their_own_seed():
 
 def test_best_of_streams_nothing_and_hands_over_n_whole_outputs_at_the_end():
     worker = ShadowWorker(num_gpu_blocks=128)
-    core = _core(worker)
+    core = shadow_core(worker)
     prompt = [2, 7, 1, 8, 2, 8]
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=5, n=2, best_of=4, seed=3))
+    req = core.add_request("r", prompt,
+                           resolved_params(prompt, max_tokens=5, n=2, best_of=4, seed=3))
     news = []
     while (outputs := core.step(worker)) is not None:
         news.extend(outputs.updated)
@@ -144,9 +133,9 @@ class BeamShadow(ShadowWorker):
 
 def test_beam_search_forks_and_frees_beams_and_hands_over_the_best_hypotheses():
     worker = BeamShadow(num_gpu_blocks=128)
-    core = _core(worker)
+    core = shadow_core(worker)
     prompt = [9, 8, 7, 6, 5]
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=6, beam_width=2, n=2))
+    req = core.add_request("r", prompt, resolved_params(prompt, max_tokens=6, beam_width=2, n=2))
     num_forks = 0
     while core.step(worker) is not None:
         num_forks += sum(1 for s in req.group.seqs if s.fork_of is not None)
@@ -161,10 +150,10 @@ def test_beam_search_forks_and_frees_beams_and_hands_over_the_best_hypotheses():
 
 def test_abort_mid_run_frees_every_block_and_the_others_finish_unchanged():
     worker = ShadowWorker(num_gpu_blocks=64)
-    core = _core(worker, budget=8)
+    core = shadow_core(worker, budget=8)
     keep_prompt, drop_prompt = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15]
-    keep = core.add_request("keep", keep_prompt, _params(keep_prompt, max_tokens=10))
-    core.add_request("drop", drop_prompt, _params(drop_prompt, max_tokens=10, n=2, seed=1))
+    keep = core.add_request("keep", keep_prompt, resolved_params(keep_prompt, max_tokens=10))
+    core.add_request("drop", drop_prompt, resolved_params(drop_prompt, max_tokens=10, n=2, seed=1))
     for _ in range(4):
         core.step(worker)
     aborted = core.abort("drop")
@@ -182,9 +171,9 @@ def test_abort_mid_run_frees_every_block_and_the_others_finish_unchanged():
 
 def test_a_malformed_worker_result_fails_the_step_and_its_requests_continue_elsewhere():
     worker = ShadowWorker(num_gpu_blocks=64, name="a")
-    core = _core(worker, name="a")
+    core = shadow_core(worker, name="a")
     prompt = [4, 4, 2, 1, 3]
-    req = core.add_request("r", prompt, _params(prompt, max_tokens=8))
+    req = core.add_request("r", prompt, resolved_params(prompt, max_tokens=8))
     for _ in range(3):
         core.step(worker)
     step = core.schedule()
@@ -198,7 +187,7 @@ def test_a_malformed_worker_result_fails_the_step_and_its_requests_continue_else
     seq = req.group.seqs[0]
     assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens == 0
     other_worker = ShadowWorker(num_gpu_blocks=64, name="b")
-    other = _core(other_worker, name="b")
+    other = shadow_core(other_worker, name="b")
     other.add(req)  # a continuation: prompt plus the tokens generated so far, recomputed
     finished = _run(other, other_worker)
     assert "r" in finished

@@ -113,7 +113,9 @@ def prepare_execution(model: LlamaForCausalLM, device: torch.device,
     ``tensor_parallel_size`` ranks) and prepares the model for it. ``path`` forces a slower
     path than the chosen one (one it can run; ValueError otherwise). Call once per model:
     preparing packs its projections."""
-    dtype = model.embed_tokens.weight.dtype
+    table = model.embed_tokens
+    assert isinstance(table, nn.Embedding), "prepare a model once"
+    dtype = table.weight.dtype
     kernels = cpu_ops.load() if device.type == "cpu" and dtype == torch.float32 else None
     choice = choose_path(device, dtype, kernels, model.backend, model.config.head_dim,
                          tensor_parallel_size)
@@ -179,8 +181,10 @@ class CpuOpsExecution(Execution):
     def describe(self) -> str:
         how = ("" if cpu_ops.weight_codes_enabled()
                else f"; {cpu_ops.ENV_CODES}=0")
+        table = ("codes" if isinstance(self.model.embed_tokens, CodedEmbedding)
+                 else "an fp32 table")
         return (f"{super().describe()}; weights: {self.coded} of {self.projections} projections "
-                f"as exact 8-bit codes, the rest fp32 panels{how}")
+                f"as exact 8-bit codes, the rest fp32 panels; embeddings: {table}{how}")
 
     @property
     def weight_format(self) -> str:
@@ -306,12 +310,45 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = packed(attn.qkv_proj), packed(attn.o_proj)
         mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
-    if not model.computes_logits:
-        return
-    if model.lm_head is None:
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None, kernels, use_codes)
-    else:
-        model.lm_head = packed(model.lm_head)
+    table = model.embed_tokens
+    assert isinstance(table, nn.Embedding)
+    if model.computes_logits:
+        if model.lm_head is None:
+            model.lm_head = PackedLinear(table.weight, None, kernels, use_codes)
+            if isinstance(model.lm_head, PackedLinear) and model.lm_head.has_codes:
+                # tied: the lookups read the logits projection's codes; the fp32 table goes
+                model.embed_tokens = CodedEmbedding(model.lm_head.codes, model.lm_head.scales,
+                                                    *table.weight.shape)
+                return
+        else:
+            model.lm_head = packed(model.lm_head)
+    coded = cpu_ops.weight_codes(table.weight) if use_codes else None
+    if coded is not None:
+        model.embed_tokens = CodedEmbedding(*coded, *table.weight.shape)
+
+
+class CodedEmbedding(nn.Module):
+    """An embedding table held as ``cpu_ops.weight_codes``' exact 8-bit codes (in the panel
+    layout: row ``i`` is column ``i % 48`` of panel ``i // 48``): a lookup rebuilds its rows as
+    ``scale * code + offset`` (the product exact, so the same fp32 values as the table), from a
+    third of the memory. With tied embeddings it shares the logits projection's codes."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, num_embeddings: int,
+                 embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.codes: torch.Tensor
+        self.scales: torch.Tensor
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = input_ids.reshape(-1)
+        panel, col = flat // cpu_ops.PANEL, flat % cpu_ops.PANEL
+        codes = self.codes[panel, :, col].view(flat.numel(), -1, cpu_ops.CODE_BLOCK)
+        scales = self.scales[panel, :, :, col]  # [T, K / 32, 2]
+        rows = codes.float() * scales[..., 0:1] + scales[..., 1:2]
+        return rows.view(*input_ids.shape, self.embedding_dim)
 
 
 def _stack_weights(layer: LlamaDecoderLayer) -> tuple[torch.Tensor, torch.Tensor,

@@ -248,7 +248,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.backend = backend
         self.computes_logits = computes_logits
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding; on the CPU paths it may become execution.CodedEmbedding (same lookups)
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, backend) for _ in range(config.num_layers)
         )
@@ -304,6 +305,7 @@ class LlamaForCausalLM(nn.Module):
             raise RuntimeError("this rank computes no logits: the leader rank samples")
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
+        assert isinstance(self.embed_tokens, nn.Embedding)  # tied, never re-held as codes
         return F.linear(hidden, self.embed_tokens.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
