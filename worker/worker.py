@@ -100,6 +100,10 @@ class Worker:
         )
         self.seqs: dict[int, SequenceState] = {}
         self.metrics: WorkerMetrics | None = None  # set by the server when metrics are on
+        # Seconds spent in the model forward (logits included) and in sampling, all steps so
+        # far: where a step's time goes, for benchmarks (the metrics have them per step).
+        self.forward_seconds = 0.0
+        self.sample_seconds = 0.0
         self._lock = threading.Lock()
         self.instance_id = uuid.uuid4().hex
         self.block_hashes: dict[int, bytes] = {}  # block id -> content hash (cached_blocks)
@@ -243,6 +247,8 @@ class Worker:
             result.output.token_ids = self.group.share_token_ids(result.output.token_ids,
                                                                  len(result.seq_ids))
         self._append_samples(result)
+        self.forward_seconds += result.forward_seconds
+        self.sample_seconds += result.sample_seconds
         logger.debug("step %d: %d seqs, %d sampled, forward %.4fs", step.step_id, len(work),
                      len(result.seq_ids), result.forward_seconds)
         if self.metrics is not None:

@@ -75,12 +75,16 @@ def _check_lengths(name: str, requests: Sequence[Request], outputs: Sequence[int
 def run_offline(llm: LLM, requests: Sequence[Request]) -> tuple[RunResult, list[list[int]]]:
     """``llm`` is a ``pagedserve.LLM``; returns the result and every request's output ids."""
     llm.generate([[1, 2, 3]], make_sampling_params(max_tokens=2, temperature=0.0))  # warm up
+    worker = llm.worker
+    forward0, sample0 = worker.forward_seconds, worker.sample_seconds
     start = time.perf_counter()
     outs = llm.generate([r.prompt_token_ids for r in requests], [_params(r) for r in requests])
     seconds = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
     count = _check_lengths("offline", requests, [len(t) for t in tokens])
-    return RunResult("offline", seconds, len(requests), count), tokens
+    note = (f"forward {worker.forward_seconds - forward0:.2f} s, sampling "
+            f"{worker.sample_seconds - sample0:.2f} s")
+    return RunResult("offline", seconds, len(requests), count, note), tokens
 
 
 # ------------------------------------------------------------------------------------ cluster
