@@ -240,26 +240,27 @@ constexpr int TILE_VECS = 3;  // vectors per row of a tile
 constexpr int64_t TILE_COLS = TILE_VECS * W;
 static_assert(PANEL % TILE_COLS == 0, "a panel is a whole number of tiles");
 
+// The pieces of an MB x TILE_VECS register tile that panel_tile and codes_tile share: start it
+// from init (rows ldi apart; ldi = 0 repeats one row, the bias; nullptr: zeros), add x[., k] *
+// one k-row of weights, store its cols existing columns.
 template <int MB>
-inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1,
-                       const float* init, int64_t ldi, float* out, int64_t ldo, int64_t cols) {
-  // init: the partial sums so far (ldi = ldo), or the bias (ldi = 0), or nullptr for zeros.
-  // cols: the tile's columns that exist in out (< TILE_COLS only in the last panel).
-  vf c[MB][TILE_VECS];
+inline void tile_start(vf (&c)[MB][TILE_VECS], const float* init, int64_t ldi, int64_t cols) {
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < TILE_VECS; ++j)
       c[i][j] = init != nullptr ? vload_n(init + i * ldi + W * j, cols - W * j) : vzero();
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* w = panel + k * PANEL;
-    for (int64_t line = 0; line < TILE_COLS * 4; line += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + 16 * PANEL) + line, 0, 3);
-    vf wv[TILE_VECS];
-    for (int j = 0; j < TILE_VECS; ++j) wv[j] = vload(w + W * j);
-    for (int i = 0; i < MB; ++i) {
-      const vf xv = vset1(x[i * ldx + k]);
-      for (int j = 0; j < TILE_VECS; ++j) c[i][j] = vfmadd(xv, wv[j], c[i][j]);
-    }
+}
+
+template <int MB>
+inline void tile_fma(vf (&c)[MB][TILE_VECS], const float* x, int64_t ldx, int64_t k,
+                     const vf (&wv)[TILE_VECS]) {
+  for (int i = 0; i < MB; ++i) {
+    const vf xv = vset1(x[i * ldx + k]);
+    for (int j = 0; j < TILE_VECS; ++j) c[i][j] = vfmadd(xv, wv[j], c[i][j]);
   }
+}
+
+template <int MB>
+inline void tile_store(const vf (&c)[MB][TILE_VECS], float* out, int64_t ldo, int64_t cols) {
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < TILE_VECS; ++j) {
       if (cols >= W * (j + 1)) {
@@ -268,6 +269,24 @@ inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t 
         vstore_n(out + i * ldo + W * j, c[i][j], cols - W * j);
       }
     }
+}
+
+template <int MB>
+inline void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t k0, int64_t k1,
+                       const float* init, int64_t ldi, float* out, int64_t ldo, int64_t cols) {
+  // init: the partial sums so far (ldi = ldo), or the bias (ldi = 0), or nullptr for zeros.
+  // cols: the tile's columns that exist in out (< TILE_COLS only in the last panel).
+  vf c[MB][TILE_VECS];
+  tile_start<MB>(c, init, ldi, cols);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* w = panel + k * PANEL;
+    for (int64_t line = 0; line < TILE_COLS * 4; line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(w + 16 * PANEL) + line, 0, 3);
+    vf wv[TILE_VECS];
+    for (int j = 0; j < TILE_VECS; ++j) wv[j] = vload(w + W * j);
+    tile_fma<MB>(c, x, ldx, k, wv);
+  }
+  tile_store<MB>(c, out, ldo, cols);
 }
 
 // panel_tile for the last row tile too, which may have 1 .. MB rows.
@@ -279,6 +298,25 @@ inline void panel_rows(int64_t rows, const float* x, int64_t ldx, const float* p
     if (rows < MB) return panel_rows<MB - 1>(rows, x, ldx, panel, k0, k1, init, ldi, out, ldo, cols);
   }
   panel_tile<MB>(x, ldx, panel, k0, k1, init, ldi, out, ldo, cols);
+}
+
+// Runs body(panel, first column in the panel, first output column, columns) for every tile of
+// TILE_COLS output columns, on all threads. Work items are handed out one at a time, not in
+// fixed halves: a thread that loses its core for a while (the router's or scheduler's Python in
+// a local cluster) does not stall the other.
+template <class Body>
+inline void for_each_column_tile(int64_t N, const Body& body) {
+  constexpr int64_t tiles_per_panel = PANEL / TILE_COLS;
+  const int64_t items = (N + TILE_COLS - 1) / TILE_COLS;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t p = item / tiles_per_panel;
+      const int64_t c0 = (item % tiles_per_panel) * TILE_COLS;
+      const int64_t n0 = p * PANEL + c0;
+      body(p, c0, n0, std::min<int64_t>(TILE_COLS, N - n0));
+    }
+  });
 }
 
 // x [M, K] (rows may be strided, k contiguous); packed [P, K, 48]; bias [N] or empty.
@@ -302,29 +340,17 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor
   const float* pp = packed.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  // Work items are (panel, tile of columns) pairs, handed out one at a time, not in fixed
-  // halves: a thread that loses its core for a while (the router's or scheduler's Python in a
-  // local cluster) does not stall the other.
-  constexpr int64_t tiles_per_panel = PANEL / TILE_COLS;
-  const int64_t items = (N + TILE_COLS - 1) / TILE_COLS;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t item = next++; item < items; item = next++) {
-      const int64_t p = item / tiles_per_panel;
-      const int64_t c0 = (item % tiles_per_panel) * TILE_COLS;
-      const int64_t n0 = p * PANEL + c0;
-      const int64_t cols = std::min<int64_t>(TILE_COLS, N - n0);
-      const float* panel = pp + p * K * PANEL + c0;
-      for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK) {
-        const int64_t k1 = std::min(K, k0 + K_CHUNK);
-        for (int64_t m = 0; m < M; m += TILE_ROWS) {
-          const float* xm = xp + m * ldx;
-          float* om = op + m * N + n0;
-          const float* init = k0 > 0 ? om : (bp != nullptr ? bp + n0 : nullptr);
-          const int64_t ldi = k0 > 0 ? N : 0;
-          panel_rows(std::min<int64_t>(TILE_ROWS, M - m), xm, ldx, panel, k0, k1, init, ldi, om,
-                     N, cols);
-        }
+  for_each_column_tile(N, [&](int64_t p, int64_t c0, int64_t n0, int64_t cols) {
+    const float* panel = pp + p * K * PANEL + c0;
+    for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK) {
+      const int64_t k1 = std::min(K, k0 + K_CHUNK);
+      for (int64_t m = 0; m < M; m += TILE_ROWS) {
+        const float* xm = xp + m * ldx;
+        float* om = op + m * N + n0;
+        const float* init = k0 > 0 ? om : (bp != nullptr ? bp + n0 : nullptr);
+        const int64_t ldi = k0 > 0 ? N : 0;
+        panel_rows(std::min<int64_t>(TILE_ROWS, M - m), xm, ldx, panel, k0, k1, init, ldi, om, N,
+                   cols);
       }
     }
   });
@@ -349,9 +375,7 @@ inline void codes_tile(const float* x, int64_t ldx, const uint8_t* codes, const 
                        int64_t K, const float* bias, float* out, int64_t ldo, int64_t cols,
                        float* slice) {
   vf c[MB][TILE_VECS];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < TILE_VECS; ++j)
-      c[i][j] = bias != nullptr ? vload_n(bias + W * j, cols - W * j) : vzero();
+  tile_start<MB>(c, bias, 0, cols);
   for (int64_t k0 = 0; k0 < K; k0 += CODE_BLOCK) {
     const float* sc = scales + (k0 / CODE_BLOCK) * 2 * PANEL;
     vf d[TILE_VECS], m[TILE_VECS];
@@ -366,20 +390,10 @@ inline void codes_tile(const float* x, int64_t ldx, const uint8_t* codes, const 
       for (int j = 0; j < TILE_VECS; ++j) wv[j] = vfmadd(vload_u8(w + W * j), d[j], m[j]);
       if (slice != nullptr)
         for (int j = 0; j < TILE_VECS; ++j) vstore(slice + k * PANEL + W * j, wv[j]);
-      for (int i = 0; i < MB; ++i) {
-        const vf xv = vset1(x[i * ldx + k]);
-        for (int j = 0; j < TILE_VECS; ++j) c[i][j] = vfmadd(xv, wv[j], c[i][j]);
-      }
+      tile_fma<MB>(c, x, ldx, k, wv);
     }
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < TILE_VECS; ++j) {
-      if (cols >= W * (j + 1)) {
-        vstore(out + i * ldo + W * j, c[i][j]);
-      } else {
-        vstore_n(out + i * ldo + W * j, c[i][j], cols - W * j);
-      }
-    }
+  tile_store<MB>(c, out, ldo, cols);
 }
 
 template <int MB = TILE_ROWS>
@@ -420,27 +434,19 @@ torch::Tensor codes_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   const float* sp = scales.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  constexpr int64_t tiles_per_panel = PANEL / TILE_COLS;
-  const int64_t items = (N + TILE_COLS - 1) / TILE_COLS;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  for_each_column_tile(N, [&](int64_t p, int64_t c0, int64_t n0, int64_t cols) {
     // More rows than one tile: the first row tile keeps the weights it rebuilds here, for the
-    // others (from L2, as packed_linear's panels).
-    std::vector<float> slice(M > TILE_ROWS ? K * PANEL : 0);
-    for (int64_t item = next++; item < items; item = next++) {
-      const int64_t p = item / tiles_per_panel;
-      const int64_t c0 = (item % tiles_per_panel) * TILE_COLS;
-      const int64_t n0 = p * PANEL + c0;
-      const int64_t cols = std::min<int64_t>(TILE_COLS, N - n0);
-      const uint8_t* pc = cp + p * K * PANEL + c0;
-      const float* ps = sp + p * (K / CODE_BLOCK) * 2 * PANEL + c0;
-      const float* bias = bp != nullptr ? bp + n0 : nullptr;
-      codes_rows(std::min<int64_t>(M, TILE_ROWS), xp, ldx, pc, ps, K, bias, op + n0, N, cols,
-                 M > TILE_ROWS ? slice.data() : nullptr);
-      for (int64_t m = TILE_ROWS; m < M; m += TILE_ROWS)
-        panel_rows(std::min<int64_t>(TILE_ROWS, M - m), xp + m * ldx, ldx, slice.data(), 0, K,
-                   bias, 0, op + m * N + n0, N, cols);
-    }
+    // others (from L2, as packed_linear's panels). One buffer per thread, kept across calls.
+    thread_local std::vector<float> slice;
+    if (M > TILE_ROWS && static_cast<int64_t>(slice.size()) < K * PANEL) slice.resize(K * PANEL);
+    const uint8_t* pc = cp + p * K * PANEL + c0;
+    const float* ps = sp + p * (K / CODE_BLOCK) * 2 * PANEL + c0;
+    const float* bias = bp != nullptr ? bp + n0 : nullptr;
+    codes_rows(std::min<int64_t>(M, TILE_ROWS), xp, ldx, pc, ps, K, bias, op + n0, N, cols,
+               M > TILE_ROWS ? slice.data() : nullptr);
+    for (int64_t m = TILE_ROWS; m < M; m += TILE_ROWS)
+      panel_rows(std::min<int64_t>(TILE_ROWS, M - m), xp + m * ldx, ldx, slice.data(), 0, K, bias,
+                 0, op + m * N + n0, N, cols);
   });
   return out;
 }
