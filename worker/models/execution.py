@@ -248,9 +248,9 @@ class PackedLinear(nn.Module):
     """``nn.Linear`` on fp32 CPU with its weight in the panel layout of ``cpu_ops.packed_linear``
     (``cpu_ops.cpp`` says why: MKL is 1.2-5x slower here), or as 8-bit codes where the weight is
     exactly scale * code + offset per block (``cpu_ops.weight_codes``: weights dequantized from
-    GGUF's Q4_0/Q4_1/Q8_0; ``PAGEDSERVE_CPU_WEIGHT_CODES=0`` keeps fp32 panels): same bits, from
-    a third of the memory and faster at decode sizes. Same function; the weight is packed once
-    and the original freed. The output is fp32 (so is the input)."""
+    GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; ``PAGEDSERVE_CPU_WEIGHT_CODES=0`` keeps fp32 panels): same
+    bits, from a third of the memory and faster at decode sizes. Same function; the weight is
+    packed once and the original freed. The output is fp32 (so is the input)."""
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None,
                  kernels: ModuleType, use_codes: bool = False) -> None:
@@ -296,7 +296,8 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
     embeddings keep their table for lookups and gain a packed copy for the logits (one more
     vocab x hidden matrix) as ``model.lm_head`` (on a rank that computes logits). The
     row-parallel all-reduce lives on the attention and MLP modules, not on the projections, so
-    it stays around the packed ones."""
+    it stays around the packed ones. An embedding table with exact 8-bit codes becomes a
+    ``CodedEmbedding`` (tied: over the logits projection's codes, the fp32 table dropped)."""
 
     use_codes = cpu_ops.weight_codes_enabled()
 
