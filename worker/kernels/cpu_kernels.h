@@ -359,9 +359,9 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor
 
 // The same projection from weights kept as 8-bit codes: a weight that is exactly
 // scale * code + offset (one scale and offset per output column and block of 32 along k, as
-// in weights dequantized from GGUF's Q4_0/Q4_1/Q8_0) is stored as its code, packed like the fp32
-// panels (codes[p][k][0..47], one byte each), with scales[p][k / 32][0 | 1][0..47] holding the
-// block's scale and offset. The tile rebuilds each fp32 weight as fma(code, scale, offset) --
+// in weights dequantized from GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) is stored as its code, packed
+// like the fp32 panels (codes[p][k][0..47], one byte each), with scales[p][k / 32][0 | 1][0..47]
+// holding the block's scale and offset. The tile rebuilds each fp32 weight as fma(code, scale, offset) --
 // scale * code is exact, checked with the rest bit for bit when the codes are made (cpu_ops.py),
 // so one rounding or two give the same weight -- and then runs the FMA chain of packed_linear,
 // so both give the same bits. It streams 1.25 bytes per weight instead of 4: a decode step of a
@@ -796,8 +796,8 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& key
 
 torch::Tensor decoder_layer(
     torch::Tensor x, torch::Tensor in_norm, torch::Tensor post_norm, double eps,
-    const std::vector<torch::Tensor>& w, int64_t num_heads,
-    int64_t num_kv_heads, int64_t intermediate, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_cache,
+    const std::vector<torch::Tensor>& w, int64_t num_heads, int64_t num_kv_heads,
+    int64_t intermediate, torch::Tensor cos, torch::Tensor sin, torch::Tensor key_cache,
     torch::Tensor value_cache, torch::Tensor slot_mapping, double scale, torch::Tensor dec_rows,
     torch::Tensor dec_tables, torch::Tensor dec_lens, torch::Tensor pre_tables,
     torch::Tensor pre_lens, torch::Tensor pre_starts, torch::Tensor pre_qlens) {

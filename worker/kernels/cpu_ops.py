@@ -184,17 +184,10 @@ def weight_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
         pending[done] = False
     if bool(pending.any()):
         return None
-    panels = -(-n // PANEL)
     blocks = k // CODE_BLOCK
-
-    def padded(t: torch.Tensor, cols: int) -> torch.Tensor:
-        out = torch.zeros(panels * PANEL, cols, dtype=t.dtype)
-        out[:n] = t.reshape(n, cols)
-        return out.view(panels, PANEL, cols)
-
-    packed_codes = padded(codes, k).transpose(1, 2).contiguous()
-    scales = torch.stack((padded(scale, blocks), padded(lo, blocks)), dim=2)  # [P, 48, 2, KB]
-    return packed_codes, scales.permute(0, 3, 2, 1).contiguous()
+    offset = lo.view(n, blocks)
+    scales = torch.stack((pack_weight(scale.view(n, blocks)), pack_weight(offset)), dim=2)
+    return pack_weight(codes.view(n, k)), scales  # [P, K, 48], [P, K / 32, 2, 48]
 
 
 def _build() -> ModuleType | None:

@@ -313,16 +313,15 @@ def pack_projections(model: LlamaForCausalLM, kernels: ModuleType) -> None:
         mlp.gate_up_proj, mlp.down_proj = packed(mlp.gate_up_proj), packed(mlp.down_proj)
     table = model.embed_tokens
     assert isinstance(table, nn.Embedding)
-    if model.computes_logits:
-        if model.lm_head is None:
-            model.lm_head = PackedLinear(table.weight, None, kernels, use_codes)
-            if isinstance(model.lm_head, PackedLinear) and model.lm_head.has_codes:
-                # tied: the lookups read the logits projection's codes; the fp32 table goes
-                model.embed_tokens = CodedEmbedding(model.lm_head.codes, model.lm_head.scales,
-                                                    *table.weight.shape)
-                return
-        else:
-            model.lm_head = packed(model.lm_head)
+    tied = model.computes_logits and model.lm_head is None
+    if tied:
+        head = PackedLinear(table.weight, None, kernels, use_codes)
+        model.lm_head = head
+        if head.has_codes:  # the lookups read the logits projection's codes; the table goes
+            model.embed_tokens = CodedEmbedding(head.codes, head.scales, *table.weight.shape)
+        return
+    if model.computes_logits and model.lm_head is not None:
+        model.lm_head = packed(model.lm_head)
     coded = cpu_ops.weight_codes(table.weight) if use_codes else None
     if coded is not None:
         model.embed_tokens = CodedEmbedding(*coded, *table.weight.shape)
