@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from worker.config import add_worker_arguments, worker_config_from_args
@@ -24,7 +25,15 @@ def main(argv: list[str] | None = None) -> None:
         config = worker_config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    sys.exit(asyncio.run(serve(config)))
+    status = asyncio.run(serve(config))
+    if status != 0:
+        # This rank's tensor-parallel group failed. Its process group is left as is (tearing it
+        # down would wait on the dead peer), so its C++ threads are still running: interpreter
+        # exit would destroy them joinable, and std::terminate turns the exit status into
+        # SIGABRT. Leave at once, with the log flushed, so the supervisor sees the 1.
+        logging.shutdown()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
