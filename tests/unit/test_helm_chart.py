@@ -443,8 +443,9 @@ def _run_worker_cli(container: dict[str, Any], env: dict[str, str],
 
     served = []
 
-    async def serve(config: Any) -> None:
+    async def serve(config: Any) -> int:
         served.append(config)
+        return 0
 
     monkeypatch.setattr(worker.__main__, "serve", serve)
     for name, value in env.items():
@@ -453,7 +454,7 @@ def _run_worker_cli(container: dict[str, Any], env: dict[str, str],
         code = main(container["args"])
     except SystemExit as exc:  # the worker's exit status is its server's (0 once it stopped)
         code = exc.code
-    assert code in (0, None) and len(served) == 1
+    assert code == 0 and len(served) == 1
     return served[0]
 
 
