@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -34,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from pagedserve.core.errors import InvalidArgument, PagedServeError, Unauthenticated
-from pagedserve.core.grpc_util import retry_after
+from pagedserve.core.grpc_util import TlsConfig, retry_after, server_ssl_context
 from protos.pagedserve.v1 import generation_pb2
 from router.generation import CallInfo, GenerationService
 from router.openai_protocol import (
@@ -365,6 +364,7 @@ class HttpServer:
     host: str
     port: int
     tls: bool = False
+    cert_watch: asyncio.Task[None] | None = None  # reloads rotated certificates (HTTPS)
 
     @property
     def url(self) -> str:
@@ -376,22 +376,26 @@ class HttpServer:
 
     async def stop(self) -> None:
         self.api.serving = False
+        if self.cert_watch is not None:
+            self.cert_watch.cancel()
         await self.runner.cleanup()
 
 
 async def start_http_server(service: GenerationService, host: str, port: int,
-                            grace_s: float, ssl_context: ssl.SSLContext | None = None
-                            ) -> HttpServer:
-    """Binds ``host:port`` (0 = any free port) on the running event loop, HTTPS with
-    ``ssl_context`` (``pagedserve.core.grpc_util.server_ssl_context``); ``/health`` answers 503
-    until ``set_serving(True)``."""
+                            grace_s: float, tls: TlsConfig | None = None) -> HttpServer:
+    """Binds ``host:port`` (0 = any free port) on the running event loop, HTTPS when ``tls``
+    has a certificate (rotated files are picked up without a restart:
+    ``pagedserve.core.grpc_util.ServerSslContext``); ``/health`` answers 503 until
+    ``set_serving(True)``."""
     api = HttpApi(service)
     runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=grace_s,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    https = server_ssl_context(tls) if tls is not None else None
+    site = web.TCPSite(runner, host, port, ssl_context=https.context if https else None)
     await site.start()
     bound = runner.addresses[0][1]
     logger.info("router OpenAI-compatible HTTP API on %s:%d%s", host, bound,
-                " (HTTPS)" if ssl_context is not None else "")
-    return HttpServer(api, runner, host, bound, ssl_context is not None)
+                " (HTTPS)" if https is not None else "")
+    return HttpServer(api, runner, host, bound, https is not None,
+                      asyncio.create_task(https.watch()) if https is not None else None)

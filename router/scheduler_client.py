@@ -19,7 +19,7 @@ import grpc
 
 from pagedserve.core.deadline import expire_after
 from pagedserve.core.errors import InvalidArgument, PagedServeError
-from pagedserve.core.grpc_util import TlsConfig, aio_channel
+from pagedserve.core.grpc_util import ServiceChannel, TlsConfig
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -160,18 +160,18 @@ class _Link:
 
 class SchedulerClient:
     """Owns the channel to the scheduler and the current ``Connect`` call. ``tls``: the
-    router's certificate and the CA that verifies the scheduler (None = plaintext)."""
+    router's certificate and the CA that verifies the scheduler (None = plaintext); a rotated
+    certificate is taken up when the next call opens (``ServiceChannel``)."""
 
     def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
         self.address = address
-        self._channel = aio_channel(address, tls)
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._channel = ServiceChannel(address, tls, scheduler_pb2_grpc.SchedulerStub)
         self._link: _Link | None = None
 
     async def model_info(self, timeout_s: float) -> scheduler_pb2.SchedulerModelInfo:
         """Waits up to ``timeout_s`` for the scheduler to be reachable, then asks what it serves."""
         try:
-            return await self._stub.GetModelInfo(
+            return await self._channel.stub().GetModelInfo(
                 scheduler_pb2.SchedulerModelInfoRequest(), timeout=timeout_s, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
@@ -183,7 +183,7 @@ class SchedulerClient:
         The caller iterates the stream and must ``cancel`` it."""
         link = self._link
         if link is None or link.broken or link.draining:
-            link = self._link = _Link(self._stub)
+            link = self._link = _Link(self._channel.stub())
         if request.request_id in link.streams:
             raise InvalidArgument("request_id", f"{request.request_id!r} is already running")
         stream = SubmitStream(link, request.request_id, request.timeout_s)

@@ -17,7 +17,6 @@ from pagedserve.core.grpc_util import (
     add_port,
     add_servicer_parsing_requests,
     server_options,
-    server_ssl_context,
     set_serving,
 )
 from pagedserve.core.metrics_server import MetricsServer, new_registry, serve_metrics
@@ -113,7 +112,7 @@ async def start_router(cfg: RouterConfig, tokenizer: Tokenizer | None = None) ->
     http = None
     if cfg.server.http_port is not None:  # bound before gRPC says SERVING: both are up then
         http = await start_http_server(service, cfg.server.host, cfg.server.http_port,
-                                       cfg.server.grace_s, server_ssl_context(tls))
+                                       cfg.server.grace_s, tls)
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     if http is not None:

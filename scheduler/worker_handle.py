@@ -32,8 +32,8 @@ from pagedserve.core.grpc_util import (
     SEQ_ID_METADATA_KEY,
     WORKER_CHANNEL_OPTIONS,
     WORKER_INSTANCE_METADATA,
+    ServiceChannel,
     TlsConfig,
-    aio_channel,
 )
 from pagedserve.core.step import WorkerResult, WorkerStep
 from pagedserve.core.step_codec import decode_result, encode_step
@@ -107,18 +107,18 @@ class GrpcWorkerHandle:
         self.name = address
         self.address = address
         self.step_timeout = step_timeout
-        self._channel = aio_channel(address, tls, [*WORKER_CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
-        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._channel = ServiceChannel(address, tls, worker_pb2_grpc.WorkerStub,
+                                       [*WORKER_CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
         self._instance: tuple[tuple[str, str], ...] = ()  # step metadata, once info() is known
 
     async def info(self) -> worker_pb2.WorkerInfo:
         info: worker_pb2.WorkerInfo = await self._call(
-            self._stub.GetInfo, worker_pb2.WorkerInfoRequest(), 30.0)
+            "GetInfo", worker_pb2.WorkerInfoRequest(), 30.0)
         self._instance = ((WORKER_INSTANCE_METADATA, info.instance_id),) if info.instance_id else ()
         return info
 
     async def step(self, step: WorkerStep) -> WorkerResult:
-        response = await self._call(self._stub.Step, encode_step(step), self.step_timeout,
+        response = await self._call("Step", encode_step(step), self.step_timeout,
                                     self._instance)
         try:
             return decode_result(response)
@@ -126,15 +126,16 @@ class GrpcWorkerHandle:
             raise Unavailable(f"worker {self.address} answered a malformed step: {exc}") from exc
 
     async def reset(self) -> None:
-        await self._call(self._stub.Reset, worker_pb2.ResetRequest(), 30.0)
+        await self._call("Reset", worker_pb2.ResetRequest(), 30.0)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, timeout: float,
+    async def _call(self, method: str, request: Any, timeout: float,
                     metadata: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
-            return await method(request, timeout=timeout, metadata=metadata)
+            return await getattr(self._channel.stub(), method)(request, timeout=timeout,
+                                                                 metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             message = f"worker {self.address}: {exc.code().name}: {exc.details()}"
             if exc.code() in _REFUSALS:

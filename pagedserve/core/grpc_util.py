@@ -6,15 +6,21 @@ router's HTTP port), and the client-identity check that keeps internal APIs to t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
@@ -24,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve.core.errors import PagedServeError, RateLimited, SequenceRefused
 
 logger = logging.getLogger(__name__)
+StubT = TypeVar("StubT")
 
 # Metadata on every scheduler -> worker ``Step``: the worker process instance
 # (``WorkerInfo.instance_id``) the step was planned for; a restarted worker refuses other
@@ -262,13 +269,97 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+# How often at most a rotating service looks at its certificate files (three ``stat`` calls).
+CERT_CHECK_INTERVAL_S = 1.0
+
+
+class CertificateFiles:
+    """A ``TlsConfig``'s files as last read, re-read when they change on disk, so certificates
+    rotate without a restart (cert-manager renewing a Kubernetes secret swaps the mounted files).
+
+    ``refresh`` (at most every ``CERT_CHECK_INTERVAL_S``) compares each file's inode, size and
+    mtime with the last read; on a change it reads the set and checks it (the certificate
+    chain parses, the key is the first certificate's, the CA bundle parses) before taking it.
+    A set that does not check (a file half written, a key from another pair) is logged and
+    skipped; the last good one stays. Thread-safe: gRPC asks from its own threads."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self._paths = [p for p in (tls.cert_file, tls.key_file, tls.ca_file) if p is not None]
+        self._lock = threading.Lock()
+        self._stamp: tuple[tuple[int, int, int], ...] | None = self._stat()
+        self.cert, self.key, self.ca = self._load()  # bad files at start are the caller's error
+        self._checked = time.monotonic()
+
+    def refresh(self) -> bool:
+        """True when a changed, valid set was read since the last call."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < CERT_CHECK_INTERVAL_S:
+                return False
+            self._checked = now
+            try:
+                stamp: tuple[tuple[int, int, int], ...] | None = self._stat()
+            except OSError as exc:  # a file gone (mid-swap); said once, until it is back
+                stamp, missing = None, exc
+            if stamp == self._stamp:
+                return False
+            self._stamp = stamp  # a bad set is reported once, not at every look
+            try:
+                if stamp is None:
+                    raise missing
+                self.cert, self.key, self.ca = self._load()
+            except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                logger.warning("TLS files %s changed but do not load (%s); keeping the "
+                               "certificates read before", ", ".join(self._paths), exc)
+                return False
+            logger.info("TLS files changed; new connections use them: %s",
+                        ", ".join(self._paths))
+            return True
+
+    def server_configuration(self) -> grpc.ServerCertificateConfiguration:
+        assert self.key is not None and self.cert is not None
+        return grpc.ssl_server_certificate_configuration([(self.key, self.cert)],
+                                                         root_certificates=self.ca)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns)
+                     for st in (os.stat(p) for p in self._paths))
+
+    def _load(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        cert, key, ca = (_read(self.tls.cert_file), _read(self.tls.key_file),
+                         _read(self.tls.ca_file))
+        if ca is not None:
+            x509.load_pem_x509_certificates(ca)
+        if cert is not None and key is not None:
+            public = x509.load_pem_x509_certificates(cert)[0].public_key()
+            if _public_bytes(serialization.load_pem_private_key(key, None).public_key()) \
+                    != _public_bytes(public):
+                raise ValueError(f"{self.tls.key_file} is not the key of {self.tls.cert_file}")
+        return cert, key, ca
+
+
+def _public_bytes(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
-    """TLS server credentials; client certificates required when ``tls.ca_file`` is set."""
+    """TLS server credentials; client certificates required when ``tls.ca_file`` is set. The
+    files are looked at again on new connections (``CertificateFiles``): a rotated certificate
+    or CA bundle is presented and trusted from the next handshake on."""
     tls.check_server()
-    key, cert = _read(tls.key_file), _read(tls.cert_file)
-    assert key is not None and cert is not None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=_read(tls.ca_file),
-                                       require_client_auth=tls.mutual)
+    files = CertificateFiles(tls)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:  # gRPC asks at each handshake
+        return files.server_configuration() if files.refresh() else None
+
+    return grpc.dynamic_ssl_server_credentials(files.server_configuration(), fetch,
+                                               require_client_authentication=tls.mutual)
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig) -> int:
@@ -309,6 +400,57 @@ def _override(base: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]]
     return list({**dict(base), **dict(extra)}.items())
 
 
+# A channel replaced after a certificate rotation closes once its calls have ended, or after
+# this long (then they are cancelled).
+RETIRED_CHANNEL_GRACE_S = 3600.0
+
+
+class ServiceChannel(Generic[StubT]):
+    """A service's long-lived channel to another service (router -> scheduler, scheduler ->
+    worker) that follows its own TLS files: after they change (``CertificateFiles``),
+    ``stub()`` answers on a new channel that presents the rotated certificate and trusts the
+    rotated CA bundle, and the old channel closes when its calls end. Calls already running
+    keep their connection. Plaintext: one channel for good."""
+
+    def __init__(self, address: str, tls: TlsConfig | None, stub: Callable[[Any], StubT],
+                 extra_options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.address = address
+        self._tls = tls
+        self._extra_options = extra_options
+        self._files = CertificateFiles(tls) if tls is not None and tls.enabled else None
+        self._new_stub = stub
+        self.channel = self._open()
+        self._stub = stub(self.channel)
+        self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+
+    def stub(self) -> StubT:
+        """The stub on the current channel (from an event loop: a replaced channel is closed
+        by a task on it)."""
+        if self._files is not None and self._files.refresh():
+            old, self.channel = self.channel, self._open()
+            self._stub = self._new_stub(self.channel)
+            self._retired[old] = task = asyncio.get_running_loop().create_task(
+                old.close(grace=RETIRED_CHANNEL_GRACE_S))
+            task.add_done_callback(lambda _: self._retired.pop(old, None))
+        return self._stub
+
+    async def close(self) -> None:
+        retired = list(self._retired.items())
+        for _, task in retired:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in retired), return_exceptions=True)
+        for channel in [*(channel for channel, _ in retired), self.channel]:
+            await channel.close()
+
+    def _open(self) -> grpc.aio.Channel:
+        if self._files is None:
+            return aio_channel(self.address, None, self._extra_options)
+        assert self._tls is not None
+        return grpc.aio.secure_channel(
+            self.address, self._files.channel_credentials(),
+            options=_override(_channel_options(self._tls), self._extra_options))
+
+
 def sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     """``aio_channel`` for blocking code (``pagedserve up``'s health checks)."""
     if tls is None or not tls.enabled:
@@ -316,16 +458,44 @@ def sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
     return grpc.secure_channel(address, channel_credentials(tls), options=_channel_options(tls))
 
 
-def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """The same files for an HTTP server (the router's OpenAI API); None when TLS is off."""
+class ServerSslContext:
+    """The same files for an HTTP server (the router's OpenAI API), kept current: ``watch``
+    (run it as a task) loads a rotated certificate and key into ``context`` for the next
+    handshakes, and adds a rotated CA bundle's certificates to those client certificates are
+    checked against (OpenSSL cannot drop a CA from a live context: one removed from the bundle
+    stays trusted on the HTTP port until a restart; gRPC ports drop it)."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        assert tls.cert_file is not None and tls.key_file is not None
+        self.files = CertificateFiles(tls)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._load()
+        if tls.ca_file is not None:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            if self.files.refresh():
+                try:
+                    self._load()
+                except (OSError, ssl.SSLError) as exc:  # changed again since it was checked
+                    logger.warning("HTTPS certificate reload failed (%s); retrying on the "
+                                   "next change", exc)
+
+    def _load(self) -> None:
+        tls = self.files.tls
+        assert tls.cert_file is not None
+        self.context.load_cert_chain(tls.cert_file, tls.key_file)
+        if self.files.ca is not None:
+            self.context.load_verify_locations(cadata=self.files.ca.decode())
+
+
+def server_ssl_context(tls: TlsConfig) -> ServerSslContext | None:
+    """The router's HTTPS context over ``tls`` (None when TLS is off)."""
     if tls.cert_file is None or tls.key_file is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file is not None:
-        context.load_verify_locations(tls.ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    return ServerSslContext(tls)
 
 
 def client_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
