@@ -239,8 +239,12 @@ class Service:
         """Where the scheduler (or the router) reaches it: the leader's address."""
         return self.members[0].address
 
-    def first_exited(self) -> Member | None:
-        return next((m for m in self.members if m.proc.poll() is not None), None)
+    def exited(self) -> list[Member]:
+        """The members that have exited, one killed by a signal first: when a rank dies the
+        others exit 1 soon after (their group failed), often before anyone looks, and the
+        signal names the cause."""
+        gone = [m for m in self.members if m.proc.poll() is not None]
+        return sorted(gone, key=lambda m: m.proc.returncode >= 0)
 
 
 class Supervisor:
@@ -417,10 +421,10 @@ class Supervisor:
             if svc.restart_at is not None:
                 if now >= svc.restart_at:
                     self._restart(svc, now)
-            elif (dead := svc.first_exited()) is not None:
+            elif dead := svc.exited():
                 if self.args.no_restart:
                     logger.error("%s exited with code %s; stopping the cluster (--no-restart)",
-                                 dead.name, dead.proc.returncode)
+                                 dead[0].name, dead[0].proc.returncode)
                     return False
                 self._schedule_restart(svc, dead, now)
             elif not svc.serving and all(self.is_serving(m.address) for m in svc.members):
@@ -430,19 +434,19 @@ class Supervisor:
                     f"{time.monotonic() - svc.started:.1f}s")
         return True
 
-    def _schedule_restart(self, svc: Service, dead: Member, now: float) -> None:
+    def _schedule_restart(self, svc: Service, dead: list[Member], now: float) -> None:
         """``dead`` exited: ``svc`` starts again after the backoff. A group's other ranks are
         asked to stop now (SIGTERM; they would fail at their next collective anyway)."""
         up_for = now - svc.started
         svc.quick_failures = 1 if up_for >= STABLE_S else svc.quick_failures + 1
         delay = restart_delay(svc.quick_failures)
         svc.restart_at = now + delay
-        what = f"{dead.name} (pid {dead.proc.pid}) exited with code {dead.proc.returncode} " \
-               f"after {up_for:.0f}s"
+        what = ", ".join(f"{m.name} (pid {m.proc.pid}) exited with code {m.proc.returncode}"
+                         for m in dead) + f" after {up_for:.0f}s"
         if len(svc.members) == 1:
             say(f"{what}; restarting it in {delay:.0f}s")
             return
-        others = [m for m in svc.members if m is not dead and m.proc.poll() is None]
+        others = [m for m in svc.members if m not in dead and m.proc.poll() is None]
         for m in others:
             m.proc.terminate()
         stopping = ", ".join(f"{m.name} pid {m.proc.pid}" for m in others) or "none left"

@@ -37,6 +37,8 @@ from pagedserve.core.sampling import make_sampling_params
 from protos.pagedserve.v1 import common_pb2
 
 if TYPE_CHECKING:
+    import psutil
+
     from pagedserve.client import AsyncClient
     from pagedserve.llm import LLM
     from worker.worker import Worker
@@ -77,13 +79,14 @@ def run_offline(llm: LLM, requests: Sequence[Request]) -> tuple[RunResult, list[
     llm.generate([[1, 2, 3]], make_sampling_params(max_tokens=2, temperature=0.0))  # warm up
     worker = llm.worker
     forward0, sample0 = worker.forward_seconds, worker.sample_seconds
+    cpu0 = time.process_time()
     start = time.perf_counter()
     outs = llm.generate([r.prompt_token_ids for r in requests], [_params(r) for r in requests])
     seconds = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
     count = _check_lengths("offline", requests, [len(t) for t in tokens])
     note = (f"forward {worker.forward_seconds - forward0:.2f} s, sampling "
-            f"{worker.sample_seconds - sample0:.2f} s")
+            f"{worker.sample_seconds - sample0:.2f} s, CPU s {time.process_time() - cpu0:.1f}")
     return RunResult("offline", seconds, len(requests), count, note), tokens
 
 
@@ -102,7 +105,10 @@ def run_cluster(model: str | None, requests: Sequence[Request], kv_cache_memory_
                           start_new_session=True)
     try:
         _wait_for_up(up, startup_timeout)
+        services = _service_processes(up.pid)
+        cpu0 = _cpu_seconds(services)
         seconds, tokens = asyncio.run(_drive(f"127.0.0.1:{port}", requests))
+        cpu = {name: t - cpu0[name] for name, t in _cpu_seconds(services).items()}
     finally:
         up.send_signal(signal.SIGINT)  # up stops its children and exits
         try:
@@ -111,7 +117,27 @@ def run_cluster(model: str | None, requests: Sequence[Request], kv_cache_memory_
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
     count = _check_lengths("cluster", requests, [len(t) for t in tokens])
-    return RunResult("cluster", seconds, len(requests), count), tokens
+    note = "CPU s " + ", ".join(f"{name} {t:.1f}" for name, t in cpu.items())
+    return RunResult("cluster", seconds, len(requests), count, note), tokens
+
+
+def _service_processes(up_pid: int) -> dict[str, psutil.Process]:
+    """``up``'s children by service (``worker``, ``scheduler``, ``router``; ``python -m
+    <service>``), and this process as ``client``: where a cluster run's CPU time goes."""
+    import psutil
+
+    found = {"client": psutil.Process()}
+    for child in psutil.Process(up_pid).children(recursive=True):
+        cmdline = child.cmdline()
+        if "-m" in cmdline and cmdline.index("-m") + 1 < len(cmdline):
+            found[cmdline[cmdline.index("-m") + 1]] = child
+    return found
+
+
+def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds of each process so far (all its threads)."""
+    times = {name: p.cpu_times() for name, p in processes.items()}
+    return {name: t.user + t.system for name, t in times.items()}
 
 
 def _wait_for_up(up: subprocess.Popen[str], timeout: float) -> None:

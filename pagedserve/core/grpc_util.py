@@ -475,7 +475,7 @@ class ServerSslContext:
 
     async def watch(self) -> None:
         while True:
-            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            await asyncio.sleep(max(CERT_CHECK_INTERVAL_S, 0.1))
             if self.files.refresh():
                 try:
                     self._load()

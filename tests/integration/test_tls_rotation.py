@@ -39,7 +39,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(autouse=True)
 def look_at_every_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Services look at their files at most once a second; here, at every handshake."""
+    """Services look at their files at most once a second; here, at every handshake (the
+    router's HTTPS port, which has no handshake hook, every 0.1 s)."""
     monkeypatch.setattr(grpc_util, "CERT_CHECK_INTERVAL_S", 0.0)
 
 
@@ -98,6 +99,7 @@ def test_a_running_mtls_cluster_serves_rotated_certificates_on_new_connections(
                     "hello", max_tokens=4, ignore_eos=True, temperature=0.0, timeout=60)
             async with AsyncClient(cluster.router_address, tls=before) as client:
                 out["old client"] = await _code(client.model_info(timeout=10))
+            await asyncio.sleep(0.5)  # the HTTPS port looks at its files every 0.1 s here
             out["https"] = await _https_models(cluster.http_url, pki["client"])
             out["https old client"] = await _https_models(cluster.http_url, before)
             async with aio_channel(cluster.scheduler_address, pki["router"]) as channel:

@@ -228,6 +228,22 @@ def test_tensor_parallel_size_one_starts_plain_workers(monkeypatch: pytest.Monke
     assert _worker_config(worker.members[0].cmd).parallel.size == 1
 
 
+def test_a_group_whose_ranks_all_exited_before_the_look_names_the_killed_one_first(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed follower's leader exits 1 at once (its group failed): both are gone by the next
+    round, and the line leads with the rank a signal killed, the cause."""
+    h = GroupHarness(monkeypatch)
+    group = h.service("worker 0")
+    leader, follower = (m.proc for m in group.members)
+    capsys.readouterr()
+    leader.returncode, follower.returncode = 1, -9  # type: ignore[misc]
+    assert h.sup.supervise(group.started + 5.0)
+    assert f"up: worker-0-rank1 (pid {follower.pid}) exited with code -9, worker-0-rank0 (pid " \
+           f"{leader.pid}) exited with code 1 after 5s; stopping the rest of worker 0 (none " \
+           f"left) and restarting its 2 ranks in" in capsys.readouterr().err
+    assert not leader.signals  # type: ignore[attr-defined]
+
+
 def test_a_dead_follower_restarts_its_whole_group(monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     h = GroupHarness(monkeypatch)
