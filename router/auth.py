@@ -6,6 +6,12 @@ Keys come from ``--api-key-file`` (one entry a line, ``#`` comments) and from th
 the key, is what logs and metrics name. A key is at least 16 characters, without whitespace,
 "#", commas or colons.
 
+The file is read again when it changes (``pagedserve.core.file_watch``; looked at, at most once
+a second, when a call authenticates): a key added works and a key removed is refused from then
+on, without a restart (Kubernetes updates a mounted Secret in place). A changed file that does
+not parse, repeats an id or holds no key at all (which would turn authentication off) is
+logged, by line number and id only, and the keys read before stay.
+
 A call carries its key as ``authorization: Bearer KEY`` (gRPC metadata or HTTP header). The
 presented key's SHA-256 is compared with every stored digest by ``hmac.compare_digest``, all of
 them each time, so the time taken says nothing about which key came close. No keys configured =
@@ -17,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagedserve.core.errors import Unauthenticated
+from pagedserve.core.file_watch import FileWatch
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +81,46 @@ class ApiKeys:
     """The router's keys. Invariant: ids are unique (two keys never share a metric series)."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
-        self._keys = list(keys)
-        ids = [k.key_id for k in self._keys]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"API key ids must be unique: {', '.join(duplicates)} repeat")
+        self._keys = _unique(list(keys))
+        self._file: str | None = None
+        self._entries: tuple[str, ...] = ()
+        self._watch: FileWatch | None = None
+        self._listeners: list[Callable[[list[str]], None]] = []
 
     @classmethod
     def load(cls, api_key_file: str | None, entries: Sequence[str] = ()) -> ApiKeys:
-        return cls(read_entries(api_key_file, entries))
+        """The keys of the file and ``entries``; the file is watched for changes."""
+        keys = cls(read_entries(api_key_file, entries))
+        if api_key_file:
+            keys._file, keys._entries = api_key_file, tuple(entries)
+            keys._watch = FileWatch([api_key_file])
+        return keys
+
+    def on_reload(self, listener: Callable[[list[str]], None]) -> None:
+        """``listener(key_ids)`` after each reload that took (the router's per-key metrics)."""
+        self._listeners.append(listener)
+
+    def refresh(self) -> bool:
+        """Reads the key file again if it changed; True when the new keys took."""
+        if self._watch is None or not self._watch.changed():
+            return False
+        try:
+            keys = _unique(read_entries(self._file, self._entries))
+            if not keys:
+                raise ValueError("no key left: that would turn authentication off (restart "
+                                 "the router without keys to do that)")
+        except (OSError, ValueError) as exc:  # messages name lines and ids, never a key
+            logger.warning("API key file %s changed but does not load (%s); keeping the %d "
+                           "keys read before", self._file, exc, len(self._keys))
+            return False
+        before, after = set(self.key_ids), {k.key_id for k in keys}
+        self._keys = keys
+        logger.info("API key file %s reloaded: %d keys (added: %s; removed: %s)", self._file,
+                    len(keys), ", ".join(sorted(after - before)) or "none",
+                    ", ".join(sorted(before - after)) or "none")
+        for listener in self._listeners:
+            listener(self.key_ids)
+        return True
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +133,7 @@ class ApiKeys:
     def authenticate(self, metadata: Mapping[str, str]) -> str:
         """The calling key's id, from ``authorization: Bearer KEY``; ``ANONYMOUS`` while no
         keys are configured. Raises ``Unauthenticated`` for a missing or unknown key."""
+        self.refresh()
         if not self._keys:
             return ANONYMOUS
         presented = _bearer(metadata.get("authorization"))
@@ -108,6 +147,14 @@ class ApiKeys:
         if not matched:
             raise Unauthenticated("authorization: the API key is not valid")
         return matched
+
+
+def _unique(keys: list[ApiKey]) -> list[ApiKey]:
+    ids = [k.key_id for k in keys]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"API key ids must be unique: {', '.join(duplicates)} repeat")
+    return keys
 
 
 def _bearer(value: str | None) -> str | None:

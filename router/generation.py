@@ -148,6 +148,7 @@ class GenerationService:
         self._limiter = RateLimiter(rate_limits or RateLimitConfig())
         self._cache_isolation = cache_isolation
         self.metrics.add_keys(self._keys.key_ids or [ANONYMOUS])
+        self._keys.on_reload(self.metrics.add_keys)
 
     def authenticate(self, metadata: Mapping[str, str]) -> str:
         """The caller's API key id (``router/auth.py``); raises ``Unauthenticated``."""

@@ -12,7 +12,6 @@ import math
 import os
 import ssl
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -27,7 +26,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.core import file_watch
 from pagedserve.core.errors import PagedServeError, RateLimited, SequenceRefused
+from pagedserve.core.file_watch import FileWatch
 
 logger = logging.getLogger(__name__)
 StubT = TypeVar("StubT")
@@ -269,52 +270,36 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-# How often at most a rotating service looks at its certificate files (three ``stat`` calls).
-CERT_CHECK_INTERVAL_S = 1.0
-
-
 class CertificateFiles:
-    """A ``TlsConfig``'s files as last read, re-read when they change on disk, so certificates
-    rotate without a restart (cert-manager renewing a Kubernetes secret swaps the mounted files).
+    """A ``TlsConfig``'s files as last read, re-read when they change on disk
+    (``pagedserve.core.file_watch``), so certificates rotate without a restart (cert-manager
+    renewing a Kubernetes secret swaps the mounted files).
 
-    ``refresh`` (at most every ``CERT_CHECK_INTERVAL_S``) compares each file's inode, size and
-    mtime with the last read; on a change it reads the set and checks it (the certificate
-    chain parses, the key is the first certificate's, the CA bundle parses) before taking it.
-    A set that does not check (a file half written, a key from another pair) is logged and
+    On a change ``refresh`` reads the set and checks it (the certificate chain parses, the key
+    is the first certificate's, the CA bundle parses) before taking it. A set that does not
+    check (a file half written or missing, a key from another pair) is logged, once, and
     skipped; the last good one stays. Thread-safe: gRPC asks from its own threads."""
 
     def __init__(self, tls: TlsConfig) -> None:
         self.tls = tls
-        self._paths = [p for p in (tls.cert_file, tls.key_file, tls.ca_file) if p is not None]
+        self._watch = FileWatch([p for p in (tls.cert_file, tls.key_file, tls.ca_file)
+                                 if p is not None])
         self._lock = threading.Lock()
-        self._stamp: tuple[tuple[int, int, int], ...] | None = self._stat()
         self.cert, self.key, self.ca = self._load()  # bad files at start are the caller's error
-        self._checked = time.monotonic()
 
     def refresh(self) -> bool:
         """True when a changed, valid set was read since the last call."""
         with self._lock:
-            now = time.monotonic()
-            if now - self._checked < CERT_CHECK_INTERVAL_S:
+            if not self._watch.changed():
                 return False
-            self._checked = now
+            paths = ", ".join(self._watch.paths)
             try:
-                stamp: tuple[tuple[int, int, int], ...] | None = self._stat()
-            except OSError as exc:  # a file gone (mid-swap); said once, until it is back
-                stamp, missing = None, exc
-            if stamp == self._stamp:
-                return False
-            self._stamp = stamp  # a bad set is reported once, not at every look
-            try:
-                if stamp is None:
-                    raise missing
                 self.cert, self.key, self.ca = self._load()
             except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
                 logger.warning("TLS files %s changed but do not load (%s); keeping the "
-                               "certificates read before", ", ".join(self._paths), exc)
+                               "certificates read before", paths, exc)
                 return False
-            logger.info("TLS files changed; new connections use them: %s",
-                        ", ".join(self._paths))
+            logger.info("TLS files changed; new connections use them: %s", paths)
             return True
 
     def server_configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -325,10 +310,6 @@ class CertificateFiles:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                             certificate_chain=self.cert)
-
-    def _stat(self) -> tuple[tuple[int, int, int], ...]:
-        return tuple((st.st_ino, st.st_size, st.st_mtime_ns)
-                     for st in (os.stat(p) for p in self._paths))
 
     def _load(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         cert, key, ca = (_read(self.tls.cert_file), _read(self.tls.key_file),
@@ -475,7 +456,7 @@ class ServerSslContext:
 
     async def watch(self) -> None:
         while True:
-            await asyncio.sleep(max(CERT_CHECK_INTERVAL_S, 0.1))
+            await asyncio.sleep(max(file_watch.CHECK_INTERVAL_S, 0.1))
             if self.files.refresh():
                 try:
                     self._load()

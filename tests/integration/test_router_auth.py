@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from pagedserve.client import AsyncClient
+from pagedserve.core import file_watch
 from pagedserve.core.grpc_util import aio_channel
 from protos.pagedserve.v1 import common_pb2, scheduler_pb2_grpc
 from router import generation
@@ -252,3 +253,33 @@ def test_with_isolation_each_key_and_client_salt_reaches_the_scheduler_as_its_ow
     assert len({alice, bob, alice_x}) == 3 and alice_x_http == alice_x
     for salt in (alice, bob, alice_x):
         assert salt and all(s.encode() not in salt for s in (ALICE, BOB, "alice"))
+
+
+def test_a_revoked_key_is_refused_and_a_new_one_served_without_a_restart(
+        tokenizer: Tokenizer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key file is edited while the router runs (as a Kubernetes Secret update lands)."""
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
+    carol = "carol-00112233445566778899"
+
+    async def main() -> dict[str, Any]:
+        async with serving(tokenizer, tmp_path) as router:
+            out: dict[str, Any] = {"alice before": await _grpc_generate(router, ALICE)}
+            staged = tmp_path / "keys.new"
+            staged.write_text(f"carol:{carol}\n")
+            staged.replace(tmp_path / "keys")  # alice revoked, carol added
+            out["alice grpc"] = await _grpc_generate(router, ALICE)
+            out["alice http"] = (await _http(router, "POST", "/v1/completions", ALICE,
+                                             COMPLETION))[0]
+            out["carol grpc"] = await _grpc_generate(router, carol)
+            out["carol http"] = (await _http(router, "POST", "/v1/completions", carol,
+                                             COMPLETION))[0]
+            out["bob"] = await _grpc_generate(router, BOB)  # from the environment: stays
+            assert router.metrics is not None
+            out["metrics"] = generate_latest(router.metrics.registry).decode()
+        return out
+
+    out = asyncio.run(main())
+    assert out["alice before"] == out["carol grpc"] == out["bob"] == ("OK", None)
+    assert out["alice grpc"] == ("UNAUTHENTICATED", None) and out["alice http"] == 401
+    assert out["carol http"] == 200
+    assert 'key_id="carol"' in out["metrics"] and carol not in out["metrics"]

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.certs import ROLES, LocalCA, identity, write_local_pki
 from pagedserve.client import AsyncClient
 from pagedserve.cluster import start_local_cluster
-from pagedserve.core import grpc_util
+from pagedserve.core import file_watch, grpc_util
 from pagedserve.core.grpc_util import TlsConfig, aio_channel
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from router.scheduler_client import SchedulerClient
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(300)
 def look_at_every_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
     """Services look at their files at most once a second; here, at every handshake (the
     router's HTTPS port, which has no handshake hook, every 0.1 s)."""
-    monkeypatch.setattr(grpc_util, "CERT_CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
 
 
 def _swap(path: str | None, data: bytes) -> None:

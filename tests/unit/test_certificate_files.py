@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from pagedserve.certs import LocalCA, identity, write_local_pki
-from pagedserve.core import grpc_util
+from pagedserve.core import file_watch, grpc_util
 from pagedserve.core.grpc_util import CertificateFiles, TlsConfig
 
 
 @pytest.fixture
 def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TlsConfig:
-    monkeypatch.setattr(grpc_util, "CERT_CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
     return write_local_pki(tmp_path)["worker"]
 
 
@@ -64,11 +64,11 @@ def test_a_set_that_does_not_load_keeps_the_old_one_and_says_so_once(
 def test_files_are_looked_at_no_more_than_once_an_interval(
         tls: TlsConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     files = CertificateFiles(tls)
-    monkeypatch.setattr(grpc_util, "CERT_CHECK_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 3600.0)
     ca = LocalCA("the next CA")
     _write(tls.ca_file, ca.cert_pem)
     assert not files.refresh()  # changed, but looked at less than an interval ago
-    monkeypatch.setattr(grpc_util, "CERT_CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
     assert files.refresh() and files.ca == ca.cert_pem
 
 

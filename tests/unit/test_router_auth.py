@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from pagedserve.core import file_watch
 from pagedserve.core.errors import RateLimited, Unauthenticated
 from router.auth import ANONYMOUS, ApiKeys, parse_entry, read_entries
 from router.rate_limit import RateLimitConfig, RateLimiter
@@ -50,6 +53,49 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_an_edited_key_file_takes_effect_without_a_restart(tmp_path, monkeypatch,
+                                                            caplog) -> None:
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{KEY}a\n")
+    keys = ApiKeys.load(str(path), [f"carol:{KEY}c"])
+    reloads: list[list[str]] = []
+    keys.on_reload(reloads.append)
+    assert keys.authenticate(_bearer(f"{KEY}a")) == "alice"
+
+    path.write_text(f"bob:{KEY}b\n")  # alice revoked, bob added; carol (environment) stays
+    with pytest.raises(Unauthenticated):
+        keys.authenticate(_bearer(f"{KEY}a"))
+    assert keys.authenticate(_bearer(f"{KEY}b")) == "bob"
+    assert keys.authenticate(_bearer(f"{KEY}c")) == "carol"
+    assert reloads == [["bob", "carol"]]
+
+    with caplog.at_level(logging.WARNING, logger="router.auth"):
+        for broken in (f"bob:{KEY}b\nshort\n", f"bob:{KEY}b\nbob:{KEY}x\n"):
+            path.write_text(broken)  # a bad line, a repeated id: the keys before stay
+            assert keys.authenticate(_bearer(f"{KEY}b")) == "bob"
+    assert len([r for r in caplog.records if "does not load" in r.getMessage()]) == 2
+    assert all(KEY not in r.getMessage() for r in caplog.records)
+    assert reloads == [["bob", "carol"]]
+
+
+def test_emptying_the_key_file_never_turns_authentication_off(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{KEY}a\n")
+    keys = ApiKeys.load(str(path))
+    path.write_text("# nobody\n")
+    with pytest.raises(Unauthenticated):
+        keys.authenticate({})
+    assert keys.key_ids == ["alice"]
+    path.unlink()  # a missing file, too
+    assert keys.authenticate(_bearer(f"{KEY}a")) == "alice"
 
 
 def test_request_bucket_allows_the_burst_then_refuses_with_the_wait_until_refill() -> None:
