@@ -2,7 +2,9 @@
 
 Keys come from ``--api-key-file`` (one entry a line, ``#`` comments) and from the environment
 (``PAGEDSERVE_API_KEYS``, entries separated by commas). An entry is ``ID:KEY`` or a bare
-``KEY``; a bare key's id is ``key-`` and the first 8 hex digits of its SHA-256. The id, never
+``KEY``; a bare key's id is ``key-`` and the first 8 hex digits of its SHA-256. After the key,
+``NAME=VALUE`` words set that key's own rate limits (``alice:KEY rps=20 tps=5000``;
+``router/rate_limit.py``). The id, never
 the key, is what logs and metrics name. A key is at least 16 characters, without whitespace,
 "#", commas or colons.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from pagedserve.core.errors import Unauthenticated
 from pagedserve.core.file_watch import FileWatch
+from router.rate_limit import LIMIT_NAMES, RateLimitConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +42,12 @@ _FORBIDDEN = (",", ":", "#")
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One key: its id (safe to log) and the SHA-256 of the key (never the key itself)."""
+    """One key: its id (safe to log), the SHA-256 of the key (never the key itself) and the rate
+    limits it sets for itself (``{"rps": "20"}``; checked by ``RateLimitConfig.with_options``)."""
 
     key_id: str
     digest: bytes = field(repr=False)
+    limits: tuple[tuple[str, str], ...] = ()
 
 
 def _digest(key: str) -> bytes:
@@ -50,8 +55,21 @@ def _digest(key: str) -> bytes:
 
 
 def parse_entry(entry: str, where: str) -> ApiKey:
-    """``ID:KEY`` or ``KEY`` -> ``ApiKey``; ``ValueError`` naming ``where`` (not the key)."""
-    key_id, sep, key = entry.strip().partition(":")
+    """``ID:KEY`` or ``KEY``, then ``NAME=VALUE`` limits -> ``ApiKey``; ``ValueError`` naming
+    ``where`` (not the key)."""
+    first, *options = entry.split() or [""]
+    limits = []
+    for number, option in enumerate(options, 1):
+        name, eq, value = option.partition("=")
+        if not eq or name not in LIMIT_NAMES:  # never echoed: it may be a piece of a key
+            raise ValueError(f"{where}: word {number} after the key is not a rate limit "
+                             f"(NAME=VALUE, NAME one of {', '.join(LIMIT_NAMES)})")
+        limits.append((name, value))
+    try:
+        RateLimitConfig().with_options(dict(limits))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    key_id, sep, key = first.partition(":")
     if not sep:
         key_id, key = "", key_id
     if len(key) < MIN_KEY_LENGTH or any(c.isspace() or c in _FORBIDDEN for c in key):
@@ -59,7 +77,8 @@ def parse_entry(entry: str, where: str) -> ApiKey:
                          "without whitespace, '#', commas or colons")
     if sep and (not key_id or any(c.isspace() for c in key_id)):
         raise ValueError(f"{where}: the key id before ':' must be a non-empty word")
-    return ApiKey(key_id or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], _digest(key))
+    return ApiKey(key_id or "key-" + hashlib.sha256(key.encode()).hexdigest()[:8], _digest(key),
+                  tuple(limits))
 
 
 def read_entries(api_key_file: str | None, entries: Sequence[str] = ()) -> list[ApiKey]:
@@ -85,7 +104,7 @@ class ApiKeys:
         self._file: str | None = None
         self._entries: tuple[str, ...] = ()
         self._watch: FileWatch | None = None
-        self._listeners: list[Callable[[list[str]], None]] = []
+        self._listeners: list[Callable[[ApiKeys], None]] = []
 
     @classmethod
     def load(cls, api_key_file: str | None, entries: Sequence[str] = ()) -> ApiKeys:
@@ -96,8 +115,9 @@ class ApiKeys:
             keys._watch = FileWatch([api_key_file])
         return keys
 
-    def on_reload(self, listener: Callable[[list[str]], None]) -> None:
-        """``listener(key_ids)`` after each reload that took (the router's per-key metrics)."""
+    def on_reload(self, listener: Callable[[ApiKeys], None]) -> None:
+        """``listener(self)`` after each reload that took (the router's per-key metrics and
+        rate limits)."""
         self._listeners.append(listener)
 
     def refresh(self) -> bool:
@@ -119,7 +139,7 @@ class ApiKeys:
                     len(keys), ", ".join(sorted(after - before)) or "none",
                     ", ".join(sorted(before - after)) or "none")
         for listener in self._listeners:
-            listener(self.key_ids)
+            listener(self)
         return True
 
     @property
@@ -129,6 +149,10 @@ class ApiKeys:
     @property
     def key_ids(self) -> list[str]:
         return [k.key_id for k in self._keys]
+
+    def rate_limits(self, default: RateLimitConfig) -> dict[str, RateLimitConfig]:
+        """The limits of every key that sets its own (the others have ``default``)."""
+        return {k.key_id: default.with_options(dict(k.limits)) for k in self._keys if k.limits}
 
     def authenticate(self, metadata: Mapping[str, str]) -> str:
         """The calling key's id, from ``authorization: Bearer KEY``; ``ANONYMOUS`` while no

@@ -145,10 +145,16 @@ class GenerationService:
         self._scheduler = scheduler
         self._request_timeout_s = request_timeout_s
         self._keys = api_keys if api_keys is not None else ApiKeys([])
-        self._limiter = RateLimiter(rate_limits or RateLimitConfig())
+        self._rate_limits = rate_limits or RateLimitConfig()
+        self._limiter = RateLimiter(self._rate_limits,
+                                    per_key=self._keys.rate_limits(self._rate_limits))
         self._cache_isolation = cache_isolation
         self.metrics.add_keys(self._keys.key_ids or [ANONYMOUS])
-        self._keys.on_reload(self.metrics.add_keys)
+        self._keys.on_reload(self._keys_reloaded)
+
+    def _keys_reloaded(self, keys: ApiKeys) -> None:
+        self.metrics.add_keys(keys.key_ids)
+        self._limiter.set_per_key(keys.rate_limits(self._rate_limits))
 
     def authenticate(self, metadata: Mapping[str, str]) -> str:
         """The caller's API key id (``router/auth.py``); raises ``Unauthenticated``."""

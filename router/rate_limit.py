@@ -8,14 +8,19 @@ are charged at admission and its generated tokens as they stream; the next reque
 waits until the debt is repaid. Either refusal is ``RateLimited`` (RESOURCE_EXHAUSTED) with
 the seconds until a retry can succeed. Buckets are per key id, created on first use; the set of
 ids is the configured keys (or ``anonymous``), so it stays bounded.
+
+Every key has the router's limits (``--rate-limit-*``) unless its entry in the key file sets its
+own (``alice:KEY rps=20 tps=5000``; ``router/auth.py``): the options are the flags' names, each
+replacing that one setting for that key (0 = that limit off for it). A key file reload applies
+changed limits to the running buckets (a bucket keeps its level, at most its new burst).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 
 from pagedserve.core.errors import RateLimited
 
@@ -46,10 +51,31 @@ class RateLimitConfig:
     def enabled(self) -> bool:
         return self.requests_per_s > 0 or self.tokens_per_s > 0
 
+    def with_options(self, options: Mapping[str, str]) -> RateLimitConfig:
+        """This config with a key's own settings (``{"rps": "20"}``, named as the flags);
+        ``ValueError`` for an unknown name or a bad value."""
+        by_flag = {_flag(f.name): f.name for f in fields(self)}
+        changes: dict[str, float] = {}
+        for flag, text in options.items():
+            if flag not in by_flag:
+                raise ValueError(f"unknown limit {flag!r} (known: {', '.join(by_flag)})")
+            try:
+                changes[by_flag[flag]] = float(text)
+            except ValueError:
+                raise ValueError(f"{flag}={text!r} is not a number") from None
+        try:
+            return replace(self, **changes)
+        except ValueError as exc:  # the flags' messages, for a key's option
+            raise ValueError(str(exc).replace("--rate-limit-", "")) from None
+
+
+_FLAGS = {"requests_per_s": "rps", "request_burst": "burst", "tokens_per_s": "tps",
+          "token_burst": "token-burst"}
+LIMIT_NAMES = tuple(_FLAGS.values())  # a key's own limits in the key file: the flags' names
+
 
 def _flag(name: str) -> str:
-    return {"requests_per_s": "rps", "tokens_per_s": "tps", "request_burst": "burst",
-            "token_burst": "token-burst"}[name]
+    return _FLAGS[name]
 
 
 class TokenBucket:
@@ -81,13 +107,33 @@ def _burst(burst: float | None, rate: float) -> float:
 
 
 class RateLimiter:
-    """The buckets of every key id, and the one admission rule for both limits."""
+    """The buckets of every key id, and the one admission rule for both limits. ``per_key``:
+    the keys whose limits are their own (``RateLimitConfig.with_options``)."""
 
-    def __init__(self, config: RateLimitConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: RateLimitConfig, clock: Clock = time.monotonic,
+                 per_key: Mapping[str, RateLimitConfig] | None = None) -> None:
         self.config = config
+        self._per_key = dict(per_key or {})
         self._clock = clock
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+
+    def config_for(self, key_id: str) -> RateLimitConfig:
+        return self._per_key.get(key_id, self.config)
+
+    def set_per_key(self, per_key: Mapping[str, RateLimitConfig]) -> None:
+        """New per-key limits (a key file reload); running buckets take their key's new rate
+        and burst, keeping their level (at most the new burst)."""
+        self._per_key = dict(per_key)
+        for buckets, rate_of, burst_of in (
+                (self._requests, "requests_per_s", "request_burst"),
+                (self._tokens, "tokens_per_s", "token_burst")):
+            for key_id, bucket in buckets.items():
+                c = self.config_for(key_id)
+                rate = getattr(c, rate_of)
+                if rate > 0:
+                    bucket.rate, bucket.burst = rate, _burst(getattr(c, burst_of), rate)
+                    bucket.level = min(bucket.level, bucket.burst)
 
     def _bucket(self, buckets: dict[str, TokenBucket], key_id: str, rate: float,
                 burst: float | None) -> TokenBucket:
@@ -99,7 +145,7 @@ class RateLimiter:
     def admit_request(self, key_id: str) -> None:
         """Takes one request, or raises ``RateLimited`` (limit "requests" or "tokens": a key
         in token debt is refused before it spends a request)."""
-        c = self.config
+        c = self.config_for(key_id)
         if c.tokens_per_s > 0:
             tokens = self._bucket(self._tokens, key_id, c.tokens_per_s, c.token_burst)
             wait = tokens.wait_s(0.0)  # > 0 while the key is in debt
@@ -114,7 +160,7 @@ class RateLimiter:
 
     def charge_tokens(self, key_id: str, num_tokens: int) -> None:
         """Charges tokens a request used (prompt at admission, generated as they stream)."""
-        c = self.config
+        c = self.config_for(key_id)
         if c.tokens_per_s > 0 and num_tokens > 0:
             self._bucket(self._tokens, key_id, c.tokens_per_s, c.token_burst).take(num_tokens)
 

@@ -283,3 +283,32 @@ def test_a_revoked_key_is_refused_and_a_new_one_served_without_a_restart(
     assert out["alice grpc"] == ("UNAUTHENTICATED", None) and out["alice http"] == 401
     assert out["carol http"] == 200
     assert 'key_id="carol"' in out["metrics"] and carol not in out["metrics"]
+
+
+def test_a_keys_own_limits_from_the_key_file_apply_and_follow_its_edits(
+        tokenizer: Tokenizer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No router-wide limit; alice's entry sets her own, bob (no options) has none."""
+    monkeypatch.setattr(file_watch, "CHECK_INTERVAL_S", 0.0)
+
+    def keys(options: str) -> None:
+        staged = tmp_path / "keys.new"
+        staged.write_text(f"alice:{ALICE} {options}\n")
+        staged.replace(tmp_path / "keys")
+
+    async def main() -> dict[str, Any]:
+        async with serving(tokenizer, tmp_path) as router:
+            keys(f"rps={SLOW} burst=1")
+            out: dict[str, Any] = {
+                "alice": [await _grpc_generate(router, ALICE) for _ in range(2)],
+                "bob": [await _grpc_generate(router, BOB) for _ in range(3)]}
+            keys("rps=1000")
+            await asyncio.sleep(0.05)  # refills at 1000 a second now
+            out["alice after"] = await _grpc_generate(router, ALICE)
+        return out
+
+    out = asyncio.run(main())
+    assert out["alice"][0] == ("OK", None)
+    code, retry_after = out["alice"][1]
+    assert code == "RESOURCE_EXHAUSTED" and retry_after is not None and float(retry_after) > 60
+    assert out["bob"] == [("OK", None)] * 3
+    assert out["alice after"] == ("OK", None)

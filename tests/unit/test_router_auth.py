@@ -66,7 +66,7 @@ def test_an_edited_key_file_takes_effect_without_a_restart(tmp_path, monkeypatch
     path.write_text(f"alice:{KEY}a\n")
     keys = ApiKeys.load(str(path), [f"carol:{KEY}c"])
     reloads: list[list[str]] = []
-    keys.on_reload(reloads.append)
+    keys.on_reload(lambda k: reloads.append(k.key_ids))
     assert keys.authenticate(_bearer(f"{KEY}a")) == "alice"
 
     path.write_text(f"bob:{KEY}b\n")  # alice revoked, bob added; carol (environment) stays
@@ -128,3 +128,40 @@ def test_token_debt_blocks_the_key_until_repaid() -> None:
 def test_rate_limit_config_refuses_nonsense(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="--rate-limit-"):
         RateLimitConfig(**kwargs)
+
+
+def test_a_key_entry_sets_its_own_limits_by_the_flags_names() -> None:
+    key = parse_entry(f"alice:{KEY} rps=0 tps=500 token-burst=2000", "keys line 1")
+    assert key.key_id == "alice" and dict(key.limits) == {"rps": "0", "tps": "500",
+                                                          "token-burst": "2000"}
+    config = RateLimitConfig(requests_per_s=1, tokens_per_s=100).with_options(dict(key.limits))
+    assert (config.requests_per_s, config.tokens_per_s, config.token_burst) == (0, 500, 2000)
+
+
+@pytest.mark.parametrize("options", ["rps=x", "speed=1", "rps=-1", "burst=0", "otherkeyword",
+                                     f"{KEY}"])
+def test_bad_limits_in_an_entry_are_refused_without_echoing_a_key(options: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_entry(f"alice:{KEY} {options}", "keys line 3")
+    assert str(info.value).startswith("keys line 3: ") and KEY not in str(info.value)
+
+
+def test_a_key_with_its_own_limits_is_limited_by_them_and_reload_applies_new_ones() -> None:
+    clock = Clock()
+    default = RateLimitConfig(requests_per_s=1, request_burst=1)
+    limiter = RateLimiter(default, clock, per_key={
+        "free": default.with_options({"rps": "0"}), "slow": default.with_options({"rps": "0.5"})})
+    for _ in range(10):
+        limiter.admit_request("free")  # its requests limit is off
+    for key_id in ("other", "slow"):
+        limiter.admit_request(key_id)
+    with pytest.raises(RateLimited) as other:
+        limiter.admit_request("other")
+    with pytest.raises(RateLimited) as slow:
+        limiter.admit_request("slow")
+    assert (other.value.retry_after_s, slow.value.retry_after_s) == (pytest.approx(1.0),
+                                                                     pytest.approx(2.0))
+    limiter.set_per_key({"slow": default.with_options({"rps": "10"})})  # the key file changed
+    with pytest.raises(RateLimited) as faster:
+        limiter.admit_request("slow")
+    assert faster.value.retry_after_s == pytest.approx(0.1)
