@@ -54,6 +54,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.core.grpc_util import TlsConfig, sync_channel
+from pagedserve.core.logs import add_logging_arguments, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-isolation", choices=("none", "api-key"), default=None,
                         help="the router's: api-key = requests share prefix-cache blocks only "
                              "with requests of the same API key (default none: everyone's)")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)  # --log-level, --log-format: up's and its children's
 
 
 def _positive_int(text: str) -> int:
@@ -296,7 +297,8 @@ class Supervisor:
         supervised service ``name``: if one dies, all of them start again."""
         members = []
         for rank_name, argv, address in ranks:
-            cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
+            cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level,
+                   "--log-format", self.args.log_format]
             members.append(Member(rank_name, cmd, address, self.popen(cmd)))
             say(f"started {rank_name} (pid {members[-1].proc.pid}), to serve on {address}")
         started = time.monotonic()
@@ -514,9 +516,7 @@ def share_cores_between_ranks(num_ranks: int, environ: MutableMapping[str, str] 
 
 
 def run_up(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format, "up")
     if (args.prefix_cache_isolation == "api-key" and not args.api_key_file
             and not os.environ.get("PAGEDSERVE_API_KEYS")):  # the router would refuse to start
         logger.error("--prefix-cache-isolation api-key needs API keys (--api-key-file or "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
+from pagedserve.core.logs import add_logging_arguments, configure_logging
 from router.config import add_router_arguments, router_config_from_args
 from router.server import serve
 
@@ -13,12 +13,9 @@ from router.server import serve
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="router", description="pagedserve router")
     add_router_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format, "router")
     try:
         config = router_config_from_args(args)
     except ValueError as exc:

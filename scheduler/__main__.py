@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
+from pagedserve.core.logs import add_logging_arguments, configure_logging
 from scheduler.config import add_scheduler_arguments, scheduler_config_from_args
 from scheduler.server import serve
 
@@ -13,11 +13,9 @@ from scheduler.server import serve
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pagedserve scheduler")
     add_scheduler_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format, "scheduler")
     try:
         config = scheduler_config_from_args(args)
     except ValueError as exc:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from pagedserve.core.logs import add_logging_arguments, configure_logging
 from worker.config import add_worker_arguments, worker_config_from_args
 from worker.server import serve
 
@@ -15,12 +16,9 @@ from worker.server import serve
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="worker", description="pagedserve worker")
     add_worker_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format, "worker")
     try:
         config = worker_config_from_args(args)
     except ValueError as exc:

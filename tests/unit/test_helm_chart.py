@@ -274,6 +274,7 @@ def _parse(container: dict[str, Any]) -> Any:
     """The container's command line through the service's real parser: its config."""
     import argparse
 
+    from pagedserve.core.logs import add_logging_arguments
     from router.config import add_router_arguments, router_config_from_args
     from scheduler.config import add_scheduler_arguments, scheduler_config_from_args
     from worker.config import add_worker_arguments, worker_config_from_args
@@ -284,7 +285,10 @@ def _parse(container: dict[str, Any]) -> Any:
                   "worker": (add_worker_arguments, worker_config_from_args)}[service]
     parser = argparse.ArgumentParser(exit_on_error=False)
     add(parser)
-    return build(parser.parse_args(argv))
+    add_logging_arguments(parser)  # as each service's __main__ adds them
+    args = parser.parse_args(argv)
+    assert args.log_format in ("text", "json")
+    return build(args)
 
 
 def test_rendered_commands_parse_with_the_real_cli(default_docs, secure_docs) -> None:
@@ -366,10 +370,19 @@ def test_ttft_slo_is_configurable(variant_docs) -> None:
     {"router": {"rateLimit": {"tokenBurst": 0}}},
     {"router": {"apiKeys": {"existingSecret": "keys", "secretKey": ""}}},
     {"router": {"prefixCacheIsolation": "tenant"}},
+    {"logFormat": "xml"},
 ])
 def test_schema_rejects_bad_values(bad) -> None:
     with pytest.raises(helm.HelmValuesError):
         render(bad)
+
+
+def test_log_format_reaches_every_service() -> None:
+    json_logs = containers(render({"logFormat": "json"}))
+    for name in ("router", "scheduler", "worker"):
+        assert _parse(json_logs[name]) is not None
+        args = json_logs[name]["args"]
+        assert args[args.index("--log-format") + 1] == "json", name
 
 
 # ------------------------------------------- tensor parallelism (worker.tensorParallelSize)

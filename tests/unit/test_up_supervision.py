@@ -26,7 +26,8 @@ class Harness:
     def __init__(self, no_restart: bool = False) -> None:
         self.started: list[FakeProc] = []
         self.serving: set[str] = set()
-        self.sup = Supervisor(argparse.Namespace(log_level="INFO", no_restart=no_restart, tls=False,
+        self.sup = Supervisor(argparse.Namespace(log_level="INFO", log_format="text",
+                                                 no_restart=no_restart, tls=False,
                                                  api_key_file=None),
                               popen=self._popen)  # type: ignore[arg-type]
         self.sup.is_serving = lambda address: address in self.serving  # type: ignore[method-assign]
@@ -109,8 +110,8 @@ def test_ports_for_children_avoid_the_ones_given_on_the_command_line(
 
     offered = iter([50051, 8000, 41000, 41000, 42000])
     monkeypatch.setattr(up, "free_port", lambda: next(offered))
-    sup = Supervisor(argparse.Namespace(log_level="INFO", no_restart=False, tls=False,
-                                        api_key_file=None, port=50051, http_port=8000,
+    sup = Supervisor(argparse.Namespace(log_level="INFO", log_format="text", no_restart=False,
+                                        tls=False, api_key_file=None, port=50051, http_port=8000,
                                         scheduler_port=0))
     assert [sup.free_port(), sup.free_port()] == [41000, 42000]
 
@@ -120,7 +121,7 @@ def test_up_refuses_per_key_prefix_caches_without_keys(monkeypatch: pytest.Monke
     from pagedserve.up import run_up
 
     monkeypatch.delenv("PAGEDSERVE_API_KEYS", raising=False)
-    args = argparse.Namespace(log_level="INFO", prefix_cache_isolation="api-key",
+    args = argparse.Namespace(log_level="INFO", log_format="text", prefix_cache_isolation="api-key",
                               api_key_file=None)
     assert run_up(args) == 2
 
@@ -186,12 +187,13 @@ def _flag(cmd: list[str], flag: str) -> list[str]:
 
 def _worker_config(cmd: list[str]):  # type: ignore[no-untyped-def]
     """A rank's command through the worker's real parser (``python -m worker``'s)."""
+    from pagedserve.core.logs import add_logging_arguments
     from worker.config import add_worker_arguments, worker_config_from_args
 
     assert cmd[1:3] == ["-m", "worker"]
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_worker_arguments(parser)
-    parser.add_argument("--log-level")
+    add_logging_arguments(parser)
     return worker_config_from_args(parser.parse_args(cmd[3:]))
 
 

@@ -338,3 +338,9 @@ groups:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* --log-format for every service's container (logFormat). */}}
+{{- define "pagedserve.logArgs" -}}
+- --log-format
+- {{ .Values.logFormat | quote }}
+{{- end -}}

@@ -69,6 +69,7 @@ spec:
         - --swap-space
         - {{ $c.swapSpaceGiB | quote }}
         {{- include "pagedserve.tlsArgs" $ctx | nindent 8 }}
+        {{- include "pagedserve.logArgs" $root | nindent 8 }}
         {{- if $grouped }}
         - --worker-id
         - {{ include "pagedserve.workerGroupName" . | quote }}
