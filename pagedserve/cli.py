@@ -31,6 +31,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--cache-salt", default="",
+                   help="share prefix-cache blocks only with requests sending the same salt")
     add_client_security_arguments(p)
 
 
@@ -57,7 +59,7 @@ async def _generate(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
     if args.ignore_eos:
         sampling["ignore_eos"] = True
-    kwargs: dict = {"timeout": args.timeout, **sampling}
+    kwargs: dict = {"timeout": args.timeout, "cache_salt": args.cache_salt, **sampling}
     if args.raw:
         kwargs["prompt"] = args.prompt
     else:

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from router.cache_salt import MAX_CACHE_SALT_BYTES
 from tests.support.tiny_llama import tiny_llama_dir
 
 
@@ -60,6 +61,13 @@ def test_up_generate_and_ctrl_c(tmp_path):
             [sys.executable, "-m", "pagedserve.cli", "generate", "--address", f"127.0.0.1:{port}",
              "--raw", "--temperature", "-1", "hello"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        salted = [subprocess.run(
+            [sys.executable, "-m", "pagedserve.cli", "generate", "--address", f"127.0.0.1:{port}",
+             "--raw", "--max-tokens", "2", "--cache-salt", salt, "hello"], capture_output=True,
+            text=True, timeout=60) for salt in ("tenant-a", "x" * (MAX_CACHE_SALT_BYTES + 1))]
+        assert salted[0].returncode == 0, salted[0].stderr
+        assert salted[1].returncode == 1 and "INVALID_ARGUMENT" in salted[1].stderr
+        assert "cache_salt" in salted[1].stderr  # the salt reached the router, which checked it
         # The OpenAI-compatible API is on, at the URL it printed, as the README's curl uses it.
         url = f"http://127.0.0.1:{http_port}"
         assert f"OpenAI-compatible HTTP API at {url}/v1 (try: curl" in (
