@@ -6,10 +6,8 @@ scheduler's ``Scheduler`` service)."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 from dataclasses import replace
 
-import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,9 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.certs import LocalCA, write_local_pki
 from pagedserve.client import AsyncClient
 from pagedserve.cluster import start_local_cluster
-from pagedserve.core.grpc_util import TlsConfig, aio_channel, client_ssl_context
+from pagedserve.core.grpc_util import TlsConfig, aio_channel
 from protos.pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.support.tiny_llama import tiny_llama_dir
+from tests.support.tls_calls import https_models, status_code
 from tests.support.worker_factory import cpu_worker, cpu_worker_config
 from worker.server import start_worker_server
 
@@ -42,23 +41,15 @@ def _ca_only(pki: dict[str, TlsConfig]) -> TlsConfig:
     return TlsConfig(ca_file=pki["client"].ca_file)
 
 
-async def _code(call) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 async def _worker_calls(address: str, tls: TlsConfig | None) -> tuple[grpc.StatusCode, ...]:
     """(health, GetInfo, Step, Reset) status codes for a caller with ``tls``."""
     async with aio_channel(address, tls) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        return (await _code(health.Check(health_pb2.HealthCheckRequest(), timeout=10)),
-                await _code(stub.GetInfo(worker_pb2.WorkerInfoRequest(), timeout=10)),
-                await _code(stub.Step(worker_pb2.StepRequest(step_id=1), timeout=10)),
-                await _code(stub.Reset(worker_pb2.ResetRequest(), timeout=10)))
+        return (await status_code(health.Check(health_pb2.HealthCheckRequest(), timeout=10)),
+                await status_code(stub.GetInfo(worker_pb2.WorkerInfoRequest(), timeout=10)),
+                await status_code(stub.Step(worker_pb2.StepRequest(step_id=1), timeout=10)),
+                await status_code(stub.Reset(worker_pb2.ResetRequest(), timeout=10)))
 
 
 def test_worker_mtls_admits_only_the_scheduler_to_the_worker_service(pki, stranger) -> None:
@@ -100,20 +91,20 @@ def test_cluster_over_mtls_serves_grpc_and_https_and_refuses_strangers(pki) -> N
                 out["text"] = await client.generate_text(
                     "hello", max_tokens=4, ignore_eos=True, timeout=60)
             async with AsyncClient(cluster.router_address, tls=_ca_only(pki)) as client:
-                out["no cert"] = await _code(client.model_info(timeout=10))
+                out["no cert"] = await status_code(client.model_info(timeout=10))
             async with AsyncClient(cluster.router_address) as client:
-                out["plaintext"] = await _code(client.model_info(timeout=10))
+                out["plaintext"] = await status_code(client.model_info(timeout=10))
             async with aio_channel(cluster.scheduler_address, pki["client"]) as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                out["scheduler as client"] = await _code(
+                out["scheduler as client"] = await status_code(
                     stub.GetStats(scheduler_pb2.StatsRequest(), timeout=10))
             async with aio_channel(cluster.scheduler_address, pki["router"]) as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                out["scheduler as router"] = await _code(
+                out["scheduler as router"] = await status_code(
                     stub.GetStats(scheduler_pb2.StatsRequest(), timeout=10))
             out["load test"] = await _load_test_statuses(cluster, pki["client"])
-            out["https"] = await _https_models(cluster.http_url, pki["client"])
-            out["https no cert"] = await _https_models(cluster.http_url, _ca_only(pki))
+            out["https"] = await https_models(cluster.http_url, pki["client"])
+            out["https no cert"] = await https_models(cluster.http_url, _ca_only(pki))
         finally:
             await cluster.stop()
         return out
@@ -143,18 +134,6 @@ async def _load_test_statuses(cluster, tls: TlsConfig) -> dict[str, str]:
         finally:
             await backend.close()
     return out
-
-
-async def _https_models(http_url: str | None, tls: TlsConfig) -> int | str:
-    assert http_url is not None and http_url.startswith("https://")
-    context = client_ssl_context(tls)
-    try:
-        async with aiohttp.ClientSession() as session, \
-                session.get(f"{http_url}/v1/models", ssl=context) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
-        return "handshake failed"
 
 
 def test_server_only_tls_needs_no_client_certificate(pki) -> None:

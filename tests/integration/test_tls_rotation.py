@@ -29,8 +29,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.config import ServerConfig as SchedulerServerConfig
 from scheduler.server import build_server as build_scheduler
 from scheduler.worker_handle import GrpcWorkerHandle, InProcessWorkerHandle
-from tests.integration.test_tls import _https_models
 from tests.support.tiny_llama import tiny_llama_dir
+from tests.support.tls_calls import https_models, status_code
 from tests.support.worker_factory import cpu_worker, cpu_worker_config
 from worker.server import start_worker_server
 
@@ -98,12 +98,12 @@ def test_a_running_mtls_cluster_serves_rotated_certificates_on_new_connections(
                 out["text after"] = await client.generate_text(
                     "hello", max_tokens=4, ignore_eos=True, temperature=0.0, timeout=60)
             async with AsyncClient(cluster.router_address, tls=before) as client:
-                out["old client"] = await _code(client.model_info(timeout=10))
+                out["old client"] = await status_code(client.model_info(timeout=10))
             await asyncio.sleep(0.5)  # the HTTPS port looks at its files every 0.1 s here
-            out["https"] = await _https_models(cluster.http_url, pki["client"])
-            out["https old client"] = await _https_models(cluster.http_url, before)
+            out["https"] = await https_models(cluster.http_url, pki["client"])
+            out["https old client"] = await https_models(cluster.http_url, before)
             async with aio_channel(cluster.scheduler_address, pki["router"]) as channel:
-                out["scheduler"] = await _code(scheduler_pb2_grpc.SchedulerStub(channel)
+                out["scheduler"] = await status_code(scheduler_pb2_grpc.SchedulerStub(channel)
                                                .GetStats(scheduler_pb2.StatsRequest(), timeout=10))
             out["worker"] = await _health(f"127.0.0.1:{cluster.workers[0].port}",
                                           pki["scheduler"])
@@ -120,14 +120,6 @@ def test_a_running_mtls_cluster_serves_rotated_certificates_on_new_connections(
     assert out["old client"] == out["worker old client"] == grpc.StatusCode.UNAVAILABLE
     assert out["https"] == 200
     assert out["https old client"] == "handshake failed"
-
-
-async def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def test_a_replacement_that_does_not_load_keeps_the_old_certificate(
