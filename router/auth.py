@@ -4,9 +4,8 @@ Keys come from ``--api-key-file`` (one entry a line, ``#`` comments) and from th
 (``PAGEDSERVE_API_KEYS``, entries separated by commas). An entry is ``ID:KEY`` or a bare
 ``KEY``; a bare key's id is ``key-`` and the first 8 hex digits of its SHA-256. After the key,
 ``NAME=VALUE`` words set that key's own rate limits (``alice:KEY rps=20 tps=5000``;
-``router/rate_limit.py``). The id, never
-the key, is what logs and metrics name. A key is at least 16 characters, without whitespace,
-"#", commas or colons.
+``router/rate_limit.py``). The id, never the key, is what logs and metrics name. A key is at
+least 16 characters, without whitespace, "#", commas or colons.
 
 The file is read again when it changes (``pagedserve.core.file_watch``; looked at, at most once
 a second, when a call authenticates): a key added works and a key removed is refused from then
