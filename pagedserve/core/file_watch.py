@@ -5,6 +5,9 @@ Kubernetes updates a mounted Secret or ConfigMap in place (an atomic swap of the
 symlink, within about a minute of the change); an operator may edit a file directly. Both change
 a file's inode, size or mtime, which is all ``FileWatch`` compares: three ``stat`` calls, at most
 once every ``CHECK_INTERVAL_S``, however often a caller asks (at every handshake, at every call).
+A swap by rename (Kubernetes', cert-manager's, ``mv``) always shows as a new inode; an in-place
+rewrite to the same size within one tick of the file system's clock as the previous write does
+not, until the next change.
 """
 
 from __future__ import annotations

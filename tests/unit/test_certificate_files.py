@@ -20,8 +20,12 @@ def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TlsConfig:
 
 
 def _write(path: str | None, data: bytes) -> None:
+    """Replaces the file by rename, as the kubelet swaps a Secret's files: a new inode, so the
+    change shows even where the size and the (coarse) mtime come out the same."""
     assert path is not None
-    Path(path).write_bytes(data)
+    staged = Path(f"{path}.new")
+    staged.write_bytes(data)
+    staged.replace(path)
 
 
 def test_unchanged_files_are_not_read_again(tls: TlsConfig) -> None:
