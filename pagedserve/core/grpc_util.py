@@ -307,10 +307,6 @@ class CertificateFiles:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)],
                                                          root_certificates=self.ca)
 
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                            certificate_chain=self.cert)
-
     def _load(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         cert, key, ca = (_read(self.tls.cert_file), _read(self.tls.key_file),
                          _read(self.tls.ca_file))
@@ -424,12 +420,9 @@ class ServiceChannel(Generic[StubT]):
             await channel.close()
 
     def _open(self) -> grpc.aio.Channel:
-        if self._files is None:
-            return aio_channel(self.address, None, self._extra_options)
-        assert self._tls is not None
-        return grpc.aio.secure_channel(
-            self.address, self._files.channel_credentials(),
-            options=_override(_channel_options(self._tls), self._extra_options))
+        # aio_channel reads the files the refresh has just checked (changed again since then,
+        # the next refresh sees it and opens another)
+        return aio_channel(self.address, self._tls, self._extra_options)
 
 
 def sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
